@@ -1,0 +1,309 @@
+//! The configuration model, shared by the daemon and the PHP extension (both read the
+//! same YAML file). [`load`] turns a file into a validated [`Config`]; every problem is
+//! reported as `FILE: key.path: what is wrong`.
+//!
+//! Field doc comments are the user reference (README "Configuration").
+
+mod load;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::retry::RetryPolicy;
+
+pub use load::{interpolate, load, parse, ConfigError, ConfigIssue};
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// Broker connections by name.
+    pub transports: BTreeMap<String, TransportConfig>,
+    /// Handlers by name: where messages are delivered.
+    pub handlers: BTreeMap<String, HandlerConfig>,
+    /// What to consume, by name.
+    pub subscriptions: BTreeMap<String, SubscriptionConfig>,
+    /// Ordered routing table; the first matching route wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve `/healthz`, `/readyz` and `/metrics`.
+    pub enabled: bool,
+    /// Address to bind; loopback by default so metrics are not exposed by accident.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `message_router=debug,lapin=warn`); `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT, how long in-flight messages may take to finish. What is
+    /// still running then is handed back to the broker unacked.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// RabbitMQ and other AMQP 0-9-1 brokers.
+    Amqp,
+    /// In-process queues: tests and demos; nothing survives the process.
+    Memory,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportConfig {
+    #[serde(rename = "type")]
+    pub kind: TransportKind,
+    /// `amqp://user:pass@host:port/vhost` (`amqps://` for TLS). Use `${VAR}` for secrets.
+    pub url: Option<String>,
+    /// Longest wait between reconnect attempts (the wait doubles from 100 ms).
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
+    /// Exchanges, queues and bindings to declare at connect (AMQP).
+    #[serde(default)]
+    pub topology: Topology,
+}
+
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topology {
+    pub exchanges: Vec<ExchangeDecl>,
+    pub queues: Vec<QueueDecl>,
+    pub bindings: Vec<BindingDecl>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExchangeType {
+    Direct,
+    #[default]
+    Topic,
+    Fanout,
+    Headers,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeDecl {
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub kind: ExchangeType,
+    #[serde(default = "yes")]
+    pub durable: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueDecl {
+    pub name: String,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    /// Queue arguments (`x-queue-type: quorum`, `x-max-length: 10000` ...).
+    #[serde(default)]
+    pub arguments: BTreeMap<String, ArgValue>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ArgValue {
+    Bool(bool),
+    Int(i64),
+    Text(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingDecl {
+    pub queue: String,
+    pub exchange: String,
+    #[serde(default)]
+    pub routing_key: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Send to the endpoint with the fewest requests in flight.
+    #[default]
+    LeastOutstanding,
+    RoundRobin,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// Base URLs of the handler's instances (daemon mode). Each delivery is a POST.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// A request that takes longer is a failed attempt (retried per policy).
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most deliveries in flight to this handler at once, over all subscriptions.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Sign requests with HMAC-SHA256 so endpoints can refuse other callers.
+    pub signing: Option<SigningConfig>,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_in_flight() -> usize {
+    64
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    pub secret: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    /// Name of an entry under `transports`.
+    pub transport: String,
+    /// Queue to consume.
+    pub queue: String,
+    /// Most unacked messages the broker hands this subscription at once: the bound on
+    /// in-flight work and on memory.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Handle one message at a time, in the broker's order.
+    #[serde(default)]
+    pub ordered: bool,
+    /// Retry policy for failed attempts (a route may override it).
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Where messages go that leave the normal path. Default: the queue
+    /// `<queue>.dlq` through the default exchange, declared by the router.
+    pub dead_letter: Option<DeadLetterConfig>,
+    /// Handler for messages no route matches; without one they are dead-lettered
+    /// with reason "no route".
+    pub default_handler: Option<String>,
+    /// Larger messages are dead-lettered unread.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_prefetch() -> u16 {
+    64
+}
+
+fn default_max_body() -> usize {
+    16 * 1024 * 1024
+}
+
+impl SubscriptionConfig {
+    /// The dead-letter destination, defaults applied.
+    pub fn dead_letter(&self) -> DeadLetterConfig {
+        self.dead_letter
+            .clone()
+            .unwrap_or_else(|| DeadLetterConfig {
+                exchange: String::new(),
+                routing_key: Some(format!("{}.dlq", self.queue)),
+            })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Exchange to publish dead letters to; "" is the default exchange.
+    #[serde(default)]
+    pub exchange: String,
+    /// Routing key; with the default exchange this is the dead-letter queue's name,
+    /// which the router declares. Default: `<queue>.dlq`.
+    pub routing_key: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: MatchConfig,
+    /// Name of an entry under `handlers`.
+    pub handler: String,
+    /// Overrides the subscription's retry policy for this route.
+    pub retry: Option<RetryPolicy>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchConfig {
+    /// Only messages from this subscription.
+    pub subscription: Option<String>,
+    /// AMQP-style glob over the routing key: `*` one word, `#` zero or more words.
+    pub routing_key: Option<String>,
+    /// Every listed header must be present with exactly this value.
+    pub headers: BTreeMap<String, String>,
+}

@@ -1,0 +1,437 @@
+//! The delivery engine: one pipeline per subscription.
+//!
+//! ```text
+//! transport.consume ──(bounded channel)──▶ dispatch: route, limits ──▶ task: target.deliver
+//!        ▲                                                                   │ Outcome
+//!        └──────────── delivery.settle(Settlement) ◀── decide() ◀────────────┘
+//! ```
+//!
+//! Bounds: the broker hands a subscription at most `prefetch` unsettled messages;
+//! `ordered` narrows that to one; each handler has its own `max_in_flight` semaphore
+//! shared by every subscription. A slow handler therefore slows consumption.
+//!
+//! Shutdown: stop taking deliveries, let in-flight work finish within the grace
+//! period, drop (= hand back to the broker) whatever is still running, then let the
+//! transport flush its acks and close.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, SubscriptionConfig};
+use crate::message::{Delivery, Failure, Settlement};
+use crate::metrics::Metrics;
+use crate::retry::{decide, Decision, RetryPolicy};
+use crate::routing::RoutingTable;
+use crate::target::{DeliveryInfo, Target};
+use crate::transport::{self, ConsumeSpec, SourceStatus, Transport};
+
+/// Why a router could not be built from a valid config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("handler {0:?} is used by a route but no target was registered for it")]
+    MissingTarget(String),
+}
+
+/// A handler as the engine sees it: how to reach it and how many may be in flight.
+#[derive(Clone)]
+struct Handler {
+    target: Arc<dyn Target>,
+    limit: Arc<Semaphore>,
+}
+
+/// Everything one subscription pipeline needs, shared by its tasks.
+struct Pipeline {
+    name: String,
+    config: SubscriptionConfig,
+    transport: Arc<dyn Transport>,
+    routes: Arc<RoutingTable>,
+    handlers: Arc<HashMap<String, Handler>>,
+    metrics: Arc<Metrics>,
+    status: Arc<SourceStatus>,
+    grace: Duration,
+}
+
+/// The whole router: every subscription of a config, wired to its targets.
+pub struct Router {
+    pipelines: Vec<Arc<Pipeline>>,
+    transports: Vec<Arc<dyn Transport>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Live readiness of every subscription, for `/readyz`.
+#[derive(Clone)]
+pub struct Readiness(Vec<(String, Arc<SourceStatus>)>);
+
+impl Readiness {
+    /// Names of subscriptions without a live consumer.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(_, s)| !s.is_connected())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+impl Router {
+    /// Wire a validated config to its targets (one per handler name).
+    pub fn new(
+        config: &Config,
+        targets: HashMap<String, Arc<dyn Target>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
+        let mut handlers = HashMap::new();
+        for (name, h) in &config.handlers {
+            let used = config.routes.iter().any(|r| &r.handler == name)
+                || config
+                    .subscriptions
+                    .values()
+                    .any(|s| s.default_handler.as_deref() == Some(name));
+            match targets.get(name) {
+                Some(t) => {
+                    handlers.insert(
+                        name.clone(),
+                        Handler {
+                            target: t.clone(),
+                            limit: Arc::new(Semaphore::new(h.max_in_flight.max(1))),
+                        },
+                    );
+                }
+                None if used => return Err(BuildError::MissingTarget(name.clone())),
+                None => {}
+            }
+        }
+        let handlers = Arc::new(handlers);
+        let routes = Arc::new(RoutingTable::from_config(config));
+        let transports: HashMap<&String, Arc<dyn Transport>> = config
+            .transports
+            .iter()
+            .map(|(name, t)| (name, transport::build(name, t)))
+            .collect();
+        let mut pipelines = Vec::new();
+        for (name, s) in &config.subscriptions {
+            let Some(transport) = transports.get(&s.transport) else {
+                continue;
+            };
+            let gauge = metrics.connected.with_label_values(&[name.as_str()]);
+            pipelines.push(Arc::new(Pipeline {
+                name: name.clone(),
+                config: s.clone(),
+                transport: transport.clone(),
+                routes: routes.clone(),
+                handlers: handlers.clone(),
+                metrics: metrics.clone(),
+                status: Arc::new(SourceStatus::new(Some(gauge))),
+                grace: config.shutdown.grace_period,
+            }));
+        }
+        Ok(Router {
+            pipelines,
+            transports: transports.into_values().collect(),
+            metrics,
+        })
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        Readiness(
+            self.pipelines
+                .iter()
+                .map(|p| (p.name.clone(), p.status.clone()))
+                .collect(),
+        )
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Run every subscription until `shutdown` is cancelled, then drain and return.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut all = JoinSet::new();
+        for p in &self.pipelines {
+            all.spawn(p.clone().run(shutdown.clone()));
+        }
+        while let Some(res) = all.join_next().await {
+            if let Err(e) = res {
+                error!(error = %e, "a subscription pipeline failed");
+            }
+        }
+        for t in &self.transports {
+            t.close().await;
+        }
+        info!("router stopped");
+    }
+}
+
+impl Pipeline {
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let spec = ConsumeSpec {
+            subscription: self.name.clone(),
+            queue: self.config.queue.clone(),
+            prefetch: self.config.prefetch,
+            dead_letter: self.config.dead_letter(),
+        };
+        let window = if self.config.ordered {
+            1
+        } else {
+            usize::from(self.config.prefetch.max(1))
+        };
+        let (tx, mut rx) = mpsc::channel::<Delivery>(window);
+        let stop_consuming = CancellationToken::new();
+        let consumer = tokio::spawn({
+            let (transport, status, stop) = (
+                self.transport.clone(),
+                self.status.clone(),
+                stop_consuming.clone(),
+            );
+            async move { transport.consume(spec, tx, status, stop).await }
+        });
+        let order = Arc::new(Semaphore::new(window));
+        let mut tasks = JoinSet::new();
+        info!(subscription = %self.name, queue = %self.config.queue, "subscription started");
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(res) = tasks.join_next(), if !tasks.is_empty() => log_task_end(&self.name, res),
+                next = rx.recv() => match next {
+                    Some(d) => {
+                        let Some(permit) = acquire(&order, &shutdown).await else { break };
+                        if !self.clone().dispatch(d, permit, &shutdown, &mut tasks).await {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        // Stop taking deliveries; what sits in the channel goes back to the broker.
+        stop_consuming.cancel();
+        drop(rx);
+        let in_flight = tasks.len();
+        if in_flight > 0 {
+            info!(subscription = %self.name, in_flight, grace = ?self.grace, "draining in-flight messages");
+        }
+        let drained = tokio::time::timeout(self.grace, async {
+            while let Some(res) = tasks.join_next().await {
+                log_task_end(&self.name, res);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(subscription = %self.name, left = tasks.len(), "grace period over: handing unfinished messages back to the broker");
+            tasks.shutdown().await;
+        }
+        // Let the transport flush acks of settled messages and close its channel.
+        if tokio::time::timeout(Duration::from_secs(10), consumer)
+            .await
+            .is_err()
+        {
+            warn!(subscription = %self.name, "transport did not stop within 10s");
+        }
+        info!(subscription = %self.name, "subscription stopped");
+    }
+
+    /// Route one delivery and start its task. Returns false when shutdown interrupted
+    /// the wait for a handler slot (the delivery is then handed back).
+    async fn dispatch(
+        self: Arc<Self>,
+        d: Delivery,
+        order: OwnedSemaphorePermit,
+        shutdown: &CancellationToken,
+        tasks: &mut JoinSet<()>,
+    ) -> bool {
+        self.metrics
+            .received
+            .with_label_values(&[self.name.as_str()])
+            .inc();
+        let problem = if let Some(defect) = &d.defect {
+            Some(format!("undecodable message: {defect}"))
+        } else if d.message.body.len() > self.config.max_body_bytes {
+            Some(format!(
+                "message too large: {} bytes (max_body_bytes is {})",
+                d.message.body.len(),
+                self.config.max_body_bytes
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = problem {
+            tasks.spawn(async move {
+                self.dead_letter_unhandled(d, reason).await;
+                drop(order);
+            });
+            return true;
+        }
+        let Some(route) = self.routes.route(&self.name, &d.message) else {
+            let key = d.message.key.clone().unwrap_or_default();
+            tasks.spawn(async move {
+                self.dead_letter_unhandled(d, format!("no route matched (routing key {key:?})"))
+                    .await;
+                drop(order);
+            });
+            return true;
+        };
+        let (route_name, handler_name) = (route.route.to_string(), route.handler.to_string());
+        let policy = route.retry.unwrap_or(&self.config.retry).clone();
+        let Some(handler) = self.handlers.get(&handler_name).cloned() else {
+            // Config validation makes this unreachable; dead-letter rather than panic.
+            tasks.spawn(async move {
+                self.dead_letter_unhandled(d, format!("handler {handler_name:?} has no target"))
+                    .await;
+                drop(order);
+            });
+            return true;
+        };
+        let Some(slot) = acquire(&handler.limit, shutdown).await else {
+            return false;
+        };
+        tasks.spawn(async move {
+            self.handle(d, &route_name, &handler_name, &handler, &policy)
+                .await;
+            drop((slot, order));
+        });
+        true
+    }
+
+    /// One attempt: deliver, decide, settle.
+    async fn handle(
+        &self,
+        d: Delivery,
+        route: &str,
+        handler_name: &str,
+        handler: &Handler,
+        policy: &RetryPolicy,
+    ) {
+        let in_flight = self
+            .metrics
+            .in_flight
+            .with_label_values(&[self.name.as_str()]);
+        in_flight.inc();
+        let started = Instant::now();
+        let outcome = handler
+            .target
+            .deliver(DeliveryInfo {
+                message: &d.message,
+                attempt: d.attempt,
+                subscription: &self.name,
+                route,
+                handler: handler_name,
+            })
+            .await;
+        self.metrics
+            .handler_seconds
+            .with_label_values(&[handler_name])
+            .observe(started.elapsed().as_secs_f64());
+        let now = SystemTime::now();
+        let failure = |reason: String, error: String| Failure {
+            reason,
+            attempts: d.attempt,
+            last_error: error,
+            first_failure: d.first_failure.unwrap_or(now),
+            last_failure: now,
+            route: Some(route.to_string()),
+            handler: Some(handler_name.to_string()),
+        };
+        let settlement = match decide(policy, d.attempt, outcome, fastrand::f64()) {
+            Decision::Ack => Settlement::Ack,
+            Decision::Retry {
+                after,
+                next_attempt,
+                error,
+            } => Settlement::Retry {
+                after,
+                next_attempt,
+                failure: failure(format!("retrying after {after:?}"), error),
+            },
+            Decision::DeadLetter { reason, error } => {
+                Settlement::DeadLetter(failure(reason, error))
+            }
+        };
+        self.settle(d, settlement, route, handler_name).await;
+        in_flight.dec();
+    }
+
+    /// Dead-letter a message that never reached a handler.
+    async fn dead_letter_unhandled(&self, d: Delivery, reason: String) {
+        let now = SystemTime::now();
+        let failure = Failure {
+            reason: reason.clone(),
+            attempts: d.attempt,
+            last_error: reason,
+            first_failure: d.first_failure.unwrap_or(now),
+            last_failure: now,
+            route: None,
+            handler: None,
+        };
+        self.settle(d, Settlement::DeadLetter(failure), "", "")
+            .await;
+    }
+
+    /// The one place a delivery is settled, counted and logged.
+    async fn settle(&self, d: Delivery, settlement: Settlement, route: &str, handler: &str) {
+        let labels = [self.name.as_str(), route, handler];
+        let id = d.message.id.clone();
+        let counter = match &settlement {
+            Settlement::Ack => {
+                debug!(subscription = %self.name, route, %id, attempt = d.attempt, "handled");
+                Some(&self.metrics.acked)
+            }
+            Settlement::Retry {
+                after,
+                next_attempt,
+                failure,
+            } => {
+                warn!(subscription = %self.name, route, %id, attempt = d.attempt, next_attempt, delay = ?after, error = %failure.last_error, "attempt failed; retrying");
+                Some(&self.metrics.retried)
+            }
+            Settlement::DeadLetter(failure) => {
+                warn!(subscription = %self.name, route, %id, attempts = failure.attempts, reason = %failure.reason, error = %failure.last_error, "dead-lettering");
+                Some(&self.metrics.dead_lettered)
+            }
+            Settlement::Release => None,
+        };
+        match d.settle(settlement).await {
+            Ok(()) => {
+                if let Some(c) = counter {
+                    c.with_label_values(&labels).inc();
+                }
+            }
+            Err(e) => {
+                self.metrics
+                    .settle_failures
+                    .with_label_values(&[self.name.as_str()])
+                    .inc();
+                error!(subscription = %self.name, %id, error = %e, "settlement failed; the broker will redeliver the message");
+            }
+        }
+    }
+}
+
+async fn acquire(
+    limit: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        p = limit.clone().acquire_owned() => p.ok(),
+    }
+}
+
+fn log_task_end(subscription: &str, res: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = res {
+        if e.is_panic() {
+            error!(
+                subscription,
+                "a delivery task panicked; its message goes back to the broker"
+            );
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Message Router core: everything between a broker and a handler that does not
+//! depend on how the handler is reached (HTTP in the daemon, PHP in the extension).
+//!
+//! # Layout
+//! - [`message`]: the message model, [`Delivery`] (settled exactly once, handed back
+//!   to the broker when dropped) and [`Settlement`].
+//! - [`retry`]: [`Outcome`] (what a handler said), [`RetryPolicy`] and the one pure
+//!   [`decide`] function that turns an outcome into ack / retry / dead-letter.
+//! - [`routing`]: the routing table (subscription, routing-key globs, headers).
+//! - [`engine`]: the per-subscription pipeline: bounded in-flight, per-handler limits,
+//!   the single settle point, graceful drain. [`Router`] wires a config to targets.
+//! - [`target`]: the [`Target`] trait handlers are reached through.
+//! - [`transport`]: brokers (`amqp`, `memory`) behind the [`Transport`] trait.
+//! - [`config`]: the YAML model shared by daemon and extension; loading, `${ENV}`
+//!   interpolation and validation with key paths.
+//! - [`metrics`]: the Prometheus registry.
+
+pub mod config;
+pub mod engine;
+pub mod message;
+pub mod metrics;
+pub mod retry;
+pub mod routing;
+pub mod target;
+pub mod transport;
+
+pub use engine::{BuildError, Readiness, Router};
+pub use message::{Delivery, Failure, Message, Settlement};
+pub use metrics::Metrics;
+pub use retry::{decide, Decision, Outcome, RetryPolicy};
+pub use target::{DeliveryInfo, Target};
+pub use transport::Transport;

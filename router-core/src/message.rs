@@ -1,0 +1,203 @@
+//! The broker-neutral message, the delivery that carries it through the router, and
+//! the settlement a delivery ends with.
+//!
+//! A [`Delivery`] is settled exactly once: [`Delivery::settle`] consumes it. One that is
+//! dropped unsettled (a task aborted at the end of the shutdown grace period, a panic)
+//! hands its message back to the broker through [`Settle::abandon`], so it is
+//! redelivered rather than lost.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Header names the router writes and reads. They travel with a message through
+/// retries and into dead-letter destinations, on every broker.
+pub mod header {
+    /// Attempt number of the delivery that carries it (1 for the first delivery).
+    pub const ATTEMPT: &str = "x-router-attempt";
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "x-router-reason";
+    /// How many delivery attempts were made before dead-lettering.
+    pub const ATTEMPTS: &str = "x-router-attempts";
+    /// The last failure: HTTP status and body excerpt, or exception, or routing error.
+    pub const LAST_ERROR: &str = "x-router-last-error";
+    /// RFC 3339 time of the first failed attempt.
+    pub const FIRST_FAILURE: &str = "x-router-first-failure";
+    /// RFC 3339 time of the last failed attempt.
+    pub const LAST_FAILURE: &str = "x-router-last-failure";
+    /// Route and handler that failed (absent when no route matched).
+    pub const ROUTE: &str = "x-router-route";
+    pub const HANDLER: &str = "x-router-handler";
+    /// Subscription the message was consumed through.
+    pub const SUBSCRIPTION: &str = "x-router-subscription";
+    /// Where the message originally came from (broker-specific values).
+    pub const ORIGINAL_EXCHANGE: &str = "x-router-original-exchange";
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-router-original-routing-key";
+    pub const ORIGINAL_QUEUE: &str = "x-router-original-queue";
+}
+
+/// One message as the router sees it, whatever broker it came from.
+#[derive(Clone, Debug, Default)]
+pub struct Message {
+    /// Broker message id, or a generated UUID when the producer set none.
+    pub id: String,
+    /// The payload. Never assumed to be UTF-8 or JSON.
+    pub body: Bytes,
+    /// Textual metadata (AMQP headers, Kafka headers, Redis fields).
+    pub headers: BTreeMap<String, String>,
+    /// Routing key (AMQP), record key (Kafka); what route globs match against.
+    pub key: Option<String>,
+    pub content_type: Option<String>,
+    /// Message type (AMQP `type` property); becomes the CloudEvents `type`.
+    pub kind: Option<String>,
+    pub timestamp: Option<SystemTime>,
+    /// Where the message came from, without credentials (CloudEvents `source`).
+    pub source: String,
+}
+
+/// What happens to a delivery at the broker. Produced by the engine from the
+/// handler's [`crate::Outcome`] and the retry policy, applied by the transport.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Settlement {
+    /// Handled: remove it from the broker.
+    Ack,
+    /// Durably re-enqueue for attempt `next_attempt` after `after`, then remove the
+    /// original. The publish must be confirmed before the original is acked.
+    Retry {
+        after: Duration,
+        next_attempt: u32,
+        failure: Failure,
+    },
+    /// Durably write to the dead-letter destination, then remove the original.
+    DeadLetter(Failure),
+    /// Give it back to the broker unsettled (shutdown): it will be redelivered.
+    Release,
+}
+
+/// Everything a dead-letter record or a retried message carries about its failures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// Why the message left the normal path ("max attempts exhausted", "no route" ...).
+    pub reason: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The last error as the handler reported it.
+    pub last_error: String,
+    pub first_failure: SystemTime,
+    pub last_failure: SystemTime,
+    pub route: Option<String>,
+    pub handler: Option<String>,
+}
+
+impl Failure {
+    /// The headers every transport writes for this failure, so retries and
+    /// dead-letter destinations look the same on every broker.
+    pub fn headers(&self, subscription: &str) -> Vec<(&'static str, String)> {
+        let mut out = vec![
+            (header::REASON, self.reason.clone()),
+            (header::ATTEMPTS, self.attempts.to_string()),
+            (header::LAST_ERROR, self.last_error.clone()),
+            (header::FIRST_FAILURE, rfc3339(self.first_failure)),
+            (header::LAST_FAILURE, rfc3339(self.last_failure)),
+            (header::SUBSCRIPTION, subscription.to_string()),
+        ];
+        if let Some(route) = &self.route {
+            out.push((header::ROUTE, route.clone()));
+        }
+        if let Some(handler) = &self.handler {
+            out.push((header::HANDLER, handler.clone()));
+        }
+        out
+    }
+}
+
+/// RFC 3339 with millisecond precision, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Error a transport reports when it could not apply a settlement. The transport has
+/// already handed the message back to the broker (or the broker will redeliver it
+/// because the channel is gone), so nothing is lost; the engine only counts and logs.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SettleError(pub String);
+
+/// The transport's half of a delivery: how to settle it at the broker.
+#[async_trait]
+pub trait Settle: Send + Sync {
+    /// Apply the settlement. Durable publishes (retry, dead-letter) are confirmed by
+    /// the broker before the original is acked.
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), SettleError>;
+
+    /// The delivery was dropped without being settled: hand it back to the broker for
+    /// redelivery. Called from `Drop`, so it must not block.
+    fn abandon(self: Box<Self>);
+}
+
+/// A message in flight, with what the router knows of its history and the handle that
+/// settles it at the broker.
+pub struct Delivery {
+    pub message: Message,
+    /// 1 for a first delivery; carried across durable retries in [`header::ATTEMPT`].
+    pub attempt: u32,
+    /// Time of the first failed attempt, when this is a retry.
+    pub first_failure: Option<SystemTime>,
+    /// Set by the transport when the message could not be decoded (for example a
+    /// header that is not text). The engine dead-letters such a message at once.
+    pub defect: Option<String>,
+    handle: Option<Box<dyn Settle>>,
+}
+
+impl Delivery {
+    /// A delivery for `message`, reading the attempt count and first-failure time from
+    /// the router's own headers.
+    pub fn new(message: Message, handle: Box<dyn Settle>) -> Self {
+        let attempt = message
+            .headers
+            .get(header::ATTEMPT)
+            .and_then(|a| a.trim().parse::<u32>().ok())
+            .filter(|a| *a >= 1)
+            .unwrap_or(1);
+        let first_failure = message
+            .headers
+            .get(header::FIRST_FAILURE)
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+        Delivery {
+            message,
+            attempt,
+            first_failure,
+            defect: None,
+            handle: Some(handle),
+        }
+    }
+
+    /// Settle at the broker. Consumes the delivery: it cannot be settled twice.
+    pub async fn settle(mut self, settlement: Settlement) -> Result<(), SettleError> {
+        match self.handle.take() {
+            Some(handle) => handle.settle(settlement).await,
+            None => Err(SettleError("delivery already settled".into())),
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abandon();
+        }
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.message.id)
+            .field("attempt", &self.attempt)
+            .field("defect", &self.defect)
+            .finish_non_exhaustive()
+    }
+}

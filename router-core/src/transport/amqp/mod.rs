@@ -1,0 +1,351 @@
+//! RabbitMQ (AMQP 0-9-1) through lapin.
+//!
+//! - `mod.rs`: connection (shared by the transport's subscriptions, re-opened after a
+//!   failure), the consume session loop with reconnect backoff, topology, publish.
+//! - `settle.rs`: ack batching, durable retries through per-delay TTL queues, dead
+//!   letters, all publishes confirmed before the original is acked.
+//! - `convert.rs`: AMQP properties and headers ↔ the router's message model.
+//!
+//! Each consume session has its own consume channel (QoS = the subscription's prefetch)
+//! and its own confirm-mode publish channel. Delivery tags belong to a channel, so a
+//! reconnect starts a new session: handles of the old one ack into a dead channel and
+//! fail, and the broker redelivers those messages (duplicates, never losses).
+
+mod convert;
+mod settle;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use settle::delay_bucket;
+use settle::{confirm_publish, declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
+
+use super::{ConsumeSpec, SourceStatus, Transport, TransportError};
+use crate::config::{ArgValue, ExchangeType, Topology, TransportConfig};
+use crate::message::{Delivery, Message};
+
+pub struct AmqpTransport {
+    name: String,
+    url: String,
+    /// The URL without credentials, for logs and CloudEvents `source`.
+    display: String,
+    topology: Topology,
+    reconnect_max: Duration,
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// Publish channel for [`Transport::publish`], opened on first use.
+    publisher: tokio::sync::Mutex<Option<Channel>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl AmqpTransport {
+    pub fn new(name: &str, config: &TransportConfig) -> Self {
+        let url = config.url.clone().unwrap_or_default();
+        let display = match url::Url::parse(&url) {
+            Ok(mut u) => {
+                let _ = u.set_password(None);
+                let _ = u.set_username("");
+                u.to_string()
+            }
+            Err(_) => name.to_string(),
+        };
+        AmqpTransport {
+            name: name.to_string(),
+            url,
+            display,
+            topology: config.topology.clone(),
+            reconnect_max: config.reconnect_max_delay,
+            connection: tokio::sync::Mutex::new(None),
+            publisher: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The shared connection, opened (and topology declared) when there is none or
+    /// the last one failed.
+    async fn connection(&self) -> Result<Arc<Connection>, SessionError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if c.status().connected() {
+                return Ok(c.clone());
+            }
+        }
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("message-router/{}", self.name).into());
+        let conn = Arc::new(Connection::connect(&self.url, props).await?);
+        info!(transport = %self.name, broker = %self.display, "connected");
+        self.declare_topology(&conn).await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn declare_topology(&self, conn: &Connection) -> Result<(), SessionError> {
+        let t = &self.topology;
+        if t.exchanges.is_empty() && t.queues.is_empty() && t.bindings.is_empty() {
+            return Ok(());
+        }
+        let ch = conn.create_channel().await?;
+        for e in &t.exchanges {
+            let kind = match e.kind {
+                ExchangeType::Direct => ExchangeKind::Direct,
+                ExchangeType::Topic => ExchangeKind::Topic,
+                ExchangeType::Fanout => ExchangeKind::Fanout,
+                ExchangeType::Headers => ExchangeKind::Headers,
+            };
+            let opts = ExchangeDeclareOptions {
+                durable: e.durable,
+                ..Default::default()
+            };
+            ch.exchange_declare(e.name.as_str().into(), kind, opts, FieldTable::default())
+                .await
+                .map_err(|err| {
+                    SessionError::Other(format!("declaring exchange {:?}: {err}", e.name))
+                })?;
+        }
+        for q in &t.queues {
+            let mut args = FieldTable::default();
+            for (k, v) in &q.arguments {
+                let v = match v {
+                    ArgValue::Bool(b) => AMQPValue::Boolean(*b),
+                    ArgValue::Int(i) => AMQPValue::LongLongInt(*i),
+                    ArgValue::Text(s) => AMQPValue::LongString(s.as_str().into()),
+                };
+                args.insert(k.as_str().into(), v);
+            }
+            let opts = QueueDeclareOptions {
+                durable: q.durable,
+                ..Default::default()
+            };
+            ch.queue_declare(q.name.as_str().into(), opts, args)
+                .await
+                .map_err(|err| {
+                    SessionError::Other(format!("declaring queue {:?}: {err}", q.name))
+                })?;
+        }
+        for b in &t.bindings {
+            ch.queue_bind(
+                b.queue.as_str().into(),
+                b.exchange.as_str().into(),
+                b.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| {
+                SessionError::Other(format!("binding {:?} to {:?}: {err}", b.queue, b.exchange))
+            })?;
+        }
+        let _ = ch.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+
+    /// One consume session: from connect to failure (Err) or stop (Ok). `up` is set
+    /// once the consumer is live, so the caller can reset its backoff.
+    async fn session(
+        &self,
+        spec: &ConsumeSpec,
+        out: &mpsc::Sender<Delivery>,
+        status: &SourceStatus,
+        stop: &CancellationToken,
+        up: &mut bool,
+    ) -> Result<(), SessionError> {
+        let connection = self.connection().await?;
+        if spec.dead_letter.exchange.is_empty() {
+            if let Some(q) = &spec.dead_letter.routing_key {
+                declare_owned_queue(&connection, q, FieldTable::default())
+                    .await
+                    .map_err(SessionError::Other)?;
+            }
+        }
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(spec.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer_tag = format!(
+            "message-router/{}/{}",
+            spec.subscription,
+            uuid::Uuid::new_v4()
+        );
+        let mut consumer = channel
+            .basic_consume(
+                spec.queue.as_str().into(),
+                consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| SessionError::Other(format!("consuming queue {:?}: {e}", spec.queue)))?;
+        *up = true;
+        status.set_connected(true);
+        info!(subscription = %spec.subscription, queue = %spec.queue, prefetch = spec.prefetch, "consuming");
+
+        let session = Arc::new(Session {
+            connection: connection.clone(),
+            publisher,
+            subscription: spec.subscription.clone(),
+            queue: spec.queue.clone(),
+            dead_letter: spec.dead_letter.clone(),
+            delay_queues: Mutex::new(HashSet::new()),
+            broken: CancellationToken::new(),
+        });
+        let (acks, ack_rx) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(run_acker(channel.clone(), ack_rx));
+        let source = format!("{}{}", self.display, spec.queue);
+        let result = loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break Ok(()),
+                _ = session.broken.cancelled() => break Err(SessionError::Other("publish channel failed".into())),
+                next = consumer.next() => next,
+            };
+            let d = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => break Err(e.into()),
+                None => {
+                    break Err(SessionError::Other(
+                        "consumer cancelled by the broker".into(),
+                    ))
+                }
+            };
+            let _ = acks.send(AckCmd::Delivered(d.delivery_tag));
+            let body = Bytes::from(d.data);
+            let (message, defect) =
+                convert::to_message(&source, d.routing_key.as_str(), &d.properties, body.clone());
+            let handle = AmqpHandle {
+                tag: d.delivery_tag,
+                acks: acks.clone(),
+                session: session.clone(),
+                exchange: d.exchange.as_str().to_string(),
+                routing_key: d.routing_key.as_str().to_string(),
+                properties: d.properties,
+                body,
+            };
+            let mut delivery = Delivery::new(message, Box::new(handle));
+            delivery.defect = defect;
+            if out.send(delivery).await.is_err() {
+                // The pipeline stopped; the delivery was dropped and so handed back.
+                break Ok(());
+            }
+        };
+        status.set_connected(false);
+        if result.is_ok() && channel.status().connected() {
+            let _ = channel
+                .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+        // Wait until every delivery of this session is settled or dropped, so their
+        // acks reach the broker before the channel closes.
+        drop(acks);
+        let _ = acker.await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "subscription stopped".into()).await;
+        }
+        if session.publisher.status().connected() {
+            let _ = session
+                .publisher
+                .close(200, "subscription stopped".into())
+                .await;
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Transport for AmqpTransport {
+    async fn consume(
+        &self,
+        spec: ConsumeSpec,
+        out: mpsc::Sender<Delivery>,
+        status: Arc<SourceStatus>,
+        stop: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut up = false;
+            match self.session(&spec, &out, &status, &stop, &mut up).await {
+                Ok(()) => return,
+                Err(e) => {
+                    status.set_connected(false);
+                    if up {
+                        backoff = Duration::from_millis(100);
+                    }
+                    warn!(subscription = %spec.subscription, transport = %self.name, error = %e, retry_in = ?backoff, "consumer down; reconnecting");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.reconnect_max);
+        }
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+    ) -> Result<(), TransportError> {
+        let mut slot = self.publisher.lock().await;
+        let channel = match slot.as_ref().filter(|c| c.status().connected()) {
+            Some(c) => c.clone(),
+            None => {
+                let conn = self
+                    .connection()
+                    .await
+                    .map_err(|e| TransportError::Broker(e.to_string()))?;
+                let ch = conn
+                    .create_channel()
+                    .await
+                    .map_err(|e| TransportError::Broker(e.to_string()))?;
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(|e| TransportError::Broker(e.to_string()))?;
+                *slot = Some(ch.clone());
+                ch
+            }
+        };
+        drop(slot);
+        let props = convert::publish_properties(message);
+        confirm_publish(&channel, exchange, routing_key, &message.body, props)
+            .await
+            .map_err(|reason| TransportError::NotConfirmed {
+                destination: format!("exchange {exchange:?} routing key {routing_key:?}"),
+                reason,
+            })
+    }
+
+    async fn close(&self) {
+        if let Some(c) = self.connection.lock().await.take() {
+            if c.status().connected() {
+                let _ = c
+                    .close(200, ShortString::from("message-router stopping"))
+                    .await;
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Brokers. A transport consumes a subscription's source into [`Delivery`] values and
+//! settles them (ack, durable retry, durable dead-letter, release); it also publishes.
+//! It knows nothing of routing, HTTP or PHP: adding a broker touches only this folder
+//! and [`build`].
+
+pub mod amqp;
+pub mod memory;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DeadLetterConfig, TransportConfig, TransportKind};
+use crate::message::{Delivery, Message};
+
+/// What a transport needs to consume one subscription.
+#[derive(Clone, Debug)]
+pub struct ConsumeSpec {
+    pub subscription: String,
+    pub queue: String,
+    /// Most unsettled deliveries at once (broker-side flow control).
+    pub prefetch: u16,
+    pub dead_letter: DeadLetterConfig,
+}
+
+/// Whether a subscription currently has a live consumer; read by `/readyz`.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    connected: AtomicBool,
+    on_change: Option<prometheus::IntGauge>,
+}
+
+impl SourceStatus {
+    pub fn new(gauge: Option<prometheus::IntGauge>) -> Self {
+        SourceStatus {
+            connected: AtomicBool::new(false),
+            on_change: gauge,
+        }
+    }
+
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        if let Some(g) = &self.on_change {
+            g.set(i64::from(up));
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{0}")]
+    Broker(String),
+    #[error("publish to {destination} not confirmed: {reason}")]
+    NotConfirmed { destination: String, reason: String },
+}
+
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Consume `spec.queue` into `out` until `stop` is cancelled, reconnecting on its
+    /// own after broker failures. After `stop`, no new deliveries are taken; it returns
+    /// once the deliveries already handed out are settled or dropped (so their acks
+    /// reach the broker).
+    async fn consume(
+        &self,
+        spec: ConsumeSpec,
+        out: mpsc::Sender<Delivery>,
+        status: Arc<SourceStatus>,
+        stop: CancellationToken,
+    );
+
+    /// Publish `message` durably (confirmed) to `exchange` with `routing_key`.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Message,
+    ) -> Result<(), TransportError>;
+
+    /// Close connections cleanly; called once every subscription has stopped.
+    async fn close(&self) {}
+}
+
+/// The transport a config entry describes.
+pub fn build(name: &str, config: &TransportConfig) -> Arc<dyn Transport> {
+    match config.kind {
+        TransportKind::Amqp => Arc::new(amqp::AmqpTransport::new(name, config)),
+        TransportKind::Memory => Arc::new(memory::MemoryBroker::named(name)),
+    }
+}

@@ -1,0 +1,243 @@
+//! The delivery engine end to end over the memory transport, with scripted targets:
+//! outcomes become acks, retries (with the attempt carried along) and dead letters
+//! with their headers; shutdown hands unfinished work back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use router_core::config::parse;
+use router_core::message::header;
+use router_core::transport::memory::MemoryBroker;
+use router_core::{DeliveryInfo, Message, Metrics, Outcome, Router, Target};
+use tokio_util::sync::CancellationToken;
+
+/// Answers from a script keyed by message id; records every attempt it saw.
+#[derive(Default)]
+struct Scripted {
+    script: HashMap<String, Vec<Outcome>>,
+    seen: Mutex<Vec<(String, u32, String)>>,
+    delay: Option<Duration>,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+}
+
+#[async_trait]
+impl Target for Scripted {
+    async fn deliver(&self, d: DeliveryInfo<'_>) -> Outcome {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        self.seen
+            .lock()
+            .push((d.message.id.clone(), d.attempt, d.route.to_string()));
+        if let Some(delay) = self.delay {
+            tokio::time::sleep(delay).await;
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        let answers = self.script.get(&d.message.id);
+        answers
+            .and_then(|a| a.get(d.attempt as usize - 1).or(a.last()).cloned())
+            .unwrap_or(Outcome::Ack)
+    }
+}
+
+fn config(broker: &str, extra_sub: &str) -> router_core::config::Config {
+    let yaml = format!(
+        r#"
+shutdown: {{ grace_period: 2s }}
+transports: {{ {broker}: {{ type: memory }} }}
+handlers: {{ h: {{ max_in_flight: 4 }} }}
+subscriptions:
+  s: {{ transport: {broker}, queue: q, prefetch: 16, retry: {{ max_attempts: 3, initial_delay: 10ms, max_delay: 50ms, jitter: 0 }} {extra_sub} }}
+routes:
+  - {{ name: orders, match: {{ routing_key: "order.#" }}, handler: h }}
+"#
+    );
+    parse(&yaml, "test.yaml", &|_| None).expect("valid config")
+}
+
+fn msg(id: &str, key: &str) -> Message {
+    Message {
+        id: id.into(),
+        key: Some(key.into()),
+        body: bytes::Bytes::from_static(b"\x00body"),
+        ..Message::default()
+    }
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn start(
+    cfg: &router_core::config::Config,
+    target: Arc<Scripted>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let targets: HashMap<String, Arc<dyn Target>> =
+        HashMap::from([("h".to_string(), target as Arc<dyn Target>)]);
+    let router = Router::new(cfg, targets, metrics.clone()).expect("router");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(router.run(stop.clone()));
+    (stop, task, metrics)
+}
+
+#[tokio::test]
+async fn acks_retries_and_dead_letters_by_outcome() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    let fail = || Outcome::Retry {
+        after: None,
+        error: "HTTP 500: boom".into(),
+    };
+    let target = Arc::new(Scripted {
+        script: HashMap::from([
+            ("flaky".to_string(), vec![fail(), Outcome::Ack]),
+            ("broken".to_string(), vec![fail()]),
+            (
+                "poison".to_string(),
+                vec![Outcome::Reject {
+                    reason: "HTTP 422: bad".into(),
+                }],
+            ),
+        ]),
+        ..Scripted::default()
+    });
+    let cfg = config(&name, "");
+    for (id, key) in [
+        ("ok", "order.created"),
+        ("flaky", "order.x"),
+        ("broken", "order.y"),
+        ("poison", "order.z"),
+        ("stray", "invoice.paid"),
+    ] {
+        broker.push("q", msg(id, key));
+    }
+    let (stop, task, metrics) = start(&cfg, target.clone());
+    wait_until("all settled", || {
+        broker.len("q.dlq") == 3 && target.seen.lock().len() == 7
+    })
+    .await;
+    stop.cancel();
+    task.await.expect("router task");
+
+    let seen = target.seen.lock().clone();
+    let attempts = |id: &str| {
+        seen.iter()
+            .filter(|(i, _, _)| i == id)
+            .map(|(_, a, _)| *a)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(attempts("ok"), vec![1]);
+    assert_eq!(attempts("flaky"), vec![1, 2]);
+    assert_eq!(attempts("broken"), vec![1, 2, 3]);
+    assert_eq!(attempts("poison"), vec![1]);
+    assert_eq!(
+        attempts("stray"),
+        Vec::<u32>::new(),
+        "no route: never reaches a handler"
+    );
+
+    let dead: HashMap<String, Message> = broker
+        .drain("q.dlq")
+        .into_iter()
+        .map(|m| (m.id.clone(), m))
+        .collect();
+    assert_eq!(dead.len(), 3);
+    let broken = &dead["broken"];
+    assert_eq!(
+        broken.headers[header::REASON],
+        "max attempts exhausted (3 of 3)"
+    );
+    assert_eq!(broken.headers[header::ATTEMPTS], "3");
+    assert_eq!(broken.headers[header::LAST_ERROR], "HTTP 500: boom");
+    assert_eq!(broken.headers[header::ROUTE], "orders");
+    assert_eq!(broken.headers[header::ORIGINAL_QUEUE], "q");
+    assert!(broken.headers[header::FIRST_FAILURE] <= broken.headers[header::LAST_FAILURE]);
+    assert_eq!(&broken.body[..], b"\x00body", "body survives untouched");
+    assert_eq!(
+        dead["poison"].headers[header::REASON],
+        "rejected by handler: HTTP 422: bad"
+    );
+    assert!(
+        dead["stray"].headers[header::REASON].starts_with("no route matched"),
+        "{:?}",
+        dead["stray"].headers
+    );
+    assert!(broker.is_empty("q"));
+    let acked = metrics.acked.with_label_values(&["s", "orders", "h"]).get();
+    assert_eq!(acked, 2);
+    assert_eq!(
+        metrics
+            .retried
+            .with_label_values(&["s", "orders", "h"])
+            .get(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn handler_limit_bounds_concurrency_and_ordered_runs_one_at_a_time() {
+    for (extra, limit) in [("", 4), (", ordered: true", 1)] {
+        let name = format!("mem-{}", uuid::Uuid::new_v4());
+        let broker = MemoryBroker::named(&name);
+        let target = Arc::new(Scripted {
+            delay: Some(Duration::from_millis(5)),
+            ..Scripted::default()
+        });
+        for i in 0..40 {
+            broker.push("q", msg(&format!("m{i}"), "order.a"));
+        }
+        let (stop, task, _) = start(&config(&name, extra), target.clone());
+        wait_until("all handled", || target.seen.lock().len() == 40).await;
+        stop.cancel();
+        task.await.expect("router task");
+        assert_eq!(
+            target.max_running.load(Ordering::SeqCst),
+            limit,
+            "config extra {extra:?}"
+        );
+        if limit == 1 {
+            let order: Vec<String> = target.seen.lock().iter().map(|s| s.0.clone()).collect();
+            let want: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+            assert_eq!(order, want, "ordered subscription keeps the queue's order");
+        }
+    }
+}
+
+#[tokio::test]
+async fn shutdown_hands_unfinished_messages_back() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    // Handler slower than the 2 s grace period.
+    let target = Arc::new(Scripted {
+        delay: Some(Duration::from_secs(30)),
+        ..Scripted::default()
+    });
+    for i in 0..10 {
+        broker.push("q", msg(&format!("m{i}"), "order.a"));
+    }
+    let (stop, task, _) = start(&config(&name, ""), target.clone());
+    wait_until("handler busy", || target.seen.lock().len() == 4).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops within grace + margin")
+        .expect("task");
+    assert_eq!(
+        broker.len("q"),
+        10,
+        "every unfinished message is back in the queue"
+    );
+    assert!(broker.is_empty("q.dlq"));
+}

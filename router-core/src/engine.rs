@@ -71,11 +71,7 @@ pub struct Readiness(Vec<(String, Arc<SourceStatus>)>);
 impl Readiness {
     /// Names of subscriptions without a live consumer.
     pub fn not_ready(&self) -> Vec<String> {
-        self.0
-            .iter()
-            .filter(|(_, s)| !s.is_connected())
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.0.iter().filter(|(_, s)| !s.is_connected()).map(|(n, _)| n.clone()).collect()
     }
 }
 
@@ -89,18 +85,12 @@ impl Router {
         let mut handlers = HashMap::new();
         for (name, h) in &config.handlers {
             let used = config.routes.iter().any(|r| &r.handler == name)
-                || config
-                    .subscriptions
-                    .values()
-                    .any(|s| s.default_handler.as_deref() == Some(name));
+                || config.subscriptions.values().any(|s| s.default_handler.as_deref() == Some(name));
             match targets.get(name) {
                 Some(t) => {
                     handlers.insert(
                         name.clone(),
-                        Handler {
-                            target: t.clone(),
-                            limit: Arc::new(Semaphore::new(h.max_in_flight.max(1))),
-                        },
+                        Handler { target: t.clone(), limit: Arc::new(Semaphore::new(h.max_in_flight.max(1))) },
                     );
                 }
                 None if used => return Err(BuildError::MissingTarget(name.clone())),
@@ -109,11 +99,8 @@ impl Router {
         }
         let handlers = Arc::new(handlers);
         let routes = Arc::new(RoutingTable::from_config(config));
-        let transports: HashMap<&String, Arc<dyn Transport>> = config
-            .transports
-            .iter()
-            .map(|(name, t)| (name, transport::build(name, t)))
-            .collect();
+        let transports: HashMap<&String, Arc<dyn Transport>> =
+            config.transports.iter().map(|(name, t)| (name, transport::build(name, t))).collect();
         let mut pipelines = Vec::new();
         for (name, s) in &config.subscriptions {
             let Some(transport) = transports.get(&s.transport) else {
@@ -131,20 +118,11 @@ impl Router {
                 grace: config.shutdown.grace_period,
             }));
         }
-        Ok(Router {
-            pipelines,
-            transports: transports.into_values().collect(),
-            metrics,
-        })
+        Ok(Router { pipelines, transports: transports.into_values().collect(), metrics })
     }
 
     pub fn readiness(&self) -> Readiness {
-        Readiness(
-            self.pipelines
-                .iter()
-                .map(|p| (p.name.clone(), p.status.clone()))
-                .collect(),
-        )
+        Readiness(self.pipelines.iter().map(|p| (p.name.clone(), p.status.clone())).collect())
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -177,19 +155,11 @@ impl Pipeline {
             prefetch: self.config.prefetch,
             dead_letter: self.config.dead_letter(),
         };
-        let window = if self.config.ordered {
-            1
-        } else {
-            usize::from(self.config.prefetch.max(1))
-        };
+        let window = if self.config.ordered { 1 } else { usize::from(self.config.prefetch.max(1)) };
         let (tx, mut rx) = mpsc::channel::<Delivery>(window);
         let stop_consuming = CancellationToken::new();
         let consumer = tokio::spawn({
-            let (transport, status, stop) = (
-                self.transport.clone(),
-                self.status.clone(),
-                stop_consuming.clone(),
-            );
+            let (transport, status, stop) = (self.transport.clone(), self.status.clone(), stop_consuming.clone());
             async move { transport.consume(spec, tx, status, stop).await }
         });
         let order = Arc::new(Semaphore::new(window));
@@ -229,10 +199,7 @@ impl Pipeline {
             tasks.shutdown().await;
         }
         // Let the transport flush acks of settled messages and close its channel.
-        if tokio::time::timeout(Duration::from_secs(10), consumer)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(10), consumer).await.is_err() {
             warn!(subscription = %self.name, "transport did not stop within 10s");
         }
         info!(subscription = %self.name, "subscription stopped");
@@ -247,10 +214,7 @@ impl Pipeline {
         shutdown: &CancellationToken,
         tasks: &mut JoinSet<()>,
     ) -> bool {
-        self.metrics
-            .received
-            .with_label_values(&[self.name.as_str()])
-            .inc();
+        self.metrics.received.with_label_values(&[self.name.as_str()]).inc();
         let problem = if let Some(defect) = &d.defect {
             Some(format!("undecodable message: {defect}"))
         } else if d.message.body.len() > self.config.max_body_bytes {
@@ -272,8 +236,7 @@ impl Pipeline {
         let Some(route) = self.routes.route(&self.name, &d.message) else {
             let key = d.message.key.clone().unwrap_or_default();
             tasks.spawn(async move {
-                self.dead_letter_unhandled(d, format!("no route matched (routing key {key:?})"))
-                    .await;
+                self.dead_letter_unhandled(d, format!("no route matched (routing key {key:?})")).await;
                 drop(order);
             });
             return true;
@@ -283,8 +246,7 @@ impl Pipeline {
         let Some(handler) = self.handlers.get(&handler_name).cloned() else {
             // Config validation makes this unreachable; dead-letter rather than panic.
             tasks.spawn(async move {
-                self.dead_letter_unhandled(d, format!("handler {handler_name:?} has no target"))
-                    .await;
+                self.dead_letter_unhandled(d, format!("handler {handler_name:?} has no target")).await;
                 drop(order);
             });
             return true;
@@ -293,26 +255,15 @@ impl Pipeline {
             return false;
         };
         tasks.spawn(async move {
-            self.handle(d, &route_name, &handler_name, &handler, &policy)
-                .await;
+            self.handle(d, &route_name, &handler_name, &handler, &policy).await;
             drop((slot, order));
         });
         true
     }
 
     /// One attempt: deliver, decide, settle.
-    async fn handle(
-        &self,
-        d: Delivery,
-        route: &str,
-        handler_name: &str,
-        handler: &Handler,
-        policy: &RetryPolicy,
-    ) {
-        let in_flight = self
-            .metrics
-            .in_flight
-            .with_label_values(&[self.name.as_str()]);
+    async fn handle(&self, d: Delivery, route: &str, handler_name: &str, handler: &Handler, policy: &RetryPolicy) {
+        let in_flight = self.metrics.in_flight.with_label_values(&[self.name.as_str()]);
         in_flight.inc();
         let started = Instant::now();
         let outcome = handler
@@ -325,10 +276,7 @@ impl Pipeline {
                 handler: handler_name,
             })
             .await;
-        self.metrics
-            .handler_seconds
-            .with_label_values(&[handler_name])
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.handler_seconds.with_label_values(&[handler_name]).observe(started.elapsed().as_secs_f64());
         let now = SystemTime::now();
         let failure = |reason: String, error: String| Failure {
             reason,
@@ -341,18 +289,10 @@ impl Pipeline {
         };
         let settlement = match decide(policy, d.attempt, outcome, fastrand::f64()) {
             Decision::Ack => Settlement::Ack,
-            Decision::Retry {
-                after,
-                next_attempt,
-                error,
-            } => Settlement::Retry {
-                after,
-                next_attempt,
-                failure: failure(format!("retrying after {after:?}"), error),
-            },
-            Decision::DeadLetter { reason, error } => {
-                Settlement::DeadLetter(failure(reason, error))
+            Decision::Retry { after, next_attempt, error } => {
+                Settlement::Retry { after, next_attempt, failure: failure(format!("retrying after {after:?}"), error) }
             }
+            Decision::DeadLetter { reason, error } => Settlement::DeadLetter(failure(reason, error)),
         };
         self.settle(d, settlement, route, handler_name).await;
         in_flight.dec();
@@ -370,8 +310,7 @@ impl Pipeline {
             route: None,
             handler: None,
         };
-        self.settle(d, Settlement::DeadLetter(failure), "", "")
-            .await;
+        self.settle(d, Settlement::DeadLetter(failure), "", "").await;
     }
 
     /// The one place a delivery is settled, counted and logged.
@@ -383,11 +322,7 @@ impl Pipeline {
                 debug!(subscription = %self.name, route, %id, attempt = d.attempt, "handled");
                 Some(&self.metrics.acked)
             }
-            Settlement::Retry {
-                after,
-                next_attempt,
-                failure,
-            } => {
+            Settlement::Retry { after, next_attempt, failure } => {
                 warn!(subscription = %self.name, route, %id, attempt = d.attempt, next_attempt, delay = ?after, error = %failure.last_error, "attempt failed; retrying");
                 Some(&self.metrics.retried)
             }
@@ -404,20 +339,14 @@ impl Pipeline {
                 }
             }
             Err(e) => {
-                self.metrics
-                    .settle_failures
-                    .with_label_values(&[self.name.as_str()])
-                    .inc();
+                self.metrics.settle_failures.with_label_values(&[self.name.as_str()]).inc();
                 error!(subscription = %self.name, %id, error = %e, "settlement failed; the broker will redeliver the message");
             }
         }
     }
 }
 
-async fn acquire(
-    limit: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
-) -> Option<OwnedSemaphorePermit> {
+async fn acquire(limit: &Arc<Semaphore>, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => None,
@@ -428,10 +357,7 @@ async fn acquire(
 fn log_task_end(subscription: &str, res: Result<(), tokio::task::JoinError>) {
     if let Err(e) = res {
         if e.is_panic() {
-            error!(
-                subscription,
-                "a delivery task panicked; its message goes back to the broker"
-            );
+            error!(subscription, "a delivery task panicked; its message goes back to the broker");
         }
     }
 }

@@ -66,11 +66,7 @@ pub enum Settlement {
     Ack,
     /// Durably re-enqueue for attempt `next_attempt` after `after`, then remove the
     /// original. The publish must be confirmed before the original is acked.
-    Retry {
-        after: Duration,
-        next_attempt: u32,
-        failure: Failure,
-    },
+    Retry { after: Duration, next_attempt: u32, failure: Failure },
     /// Durably write to the dead-letter destination, then remove the original.
     DeadLetter(Failure),
     /// Give it back to the broker unsettled (shutdown): it will be redelivered.
@@ -162,17 +158,9 @@ impl Delivery {
             .and_then(|a| a.trim().parse::<u32>().ok())
             .filter(|a| *a >= 1)
             .unwrap_or(1);
-        let first_failure = message
-            .headers
-            .get(header::FIRST_FAILURE)
-            .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-        Delivery {
-            message,
-            attempt,
-            first_failure,
-            defect: None,
-            handle: Some(handle),
-        }
+        let first_failure =
+            message.headers.get(header::FIRST_FAILURE).and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+        Delivery { message, attempt, first_failure, defect: None, handle: Some(handle) }
     }
 
     /// Settle at the broker. Consumes the delivery: it cannot be settled twice.

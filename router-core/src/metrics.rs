@@ -23,32 +23,21 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let route_labels = &["subscription", "route", "handler"];
-        let counter =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
         let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
             let g = IntGaugeVec::new(Opts::new(name, help), &["subscription"])?;
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let received = counter(
-            "router_messages_received_total",
-            "Deliveries received from the broker",
-            &["subscription"],
-        )?;
-        let acked = counter(
-            "router_messages_acked_total",
-            "Messages handled and acked",
-            route_labels,
-        )?;
-        let retried = counter(
-            "router_messages_retried_total",
-            "Messages durably re-enqueued for a later attempt",
-            route_labels,
-        )?;
+        let received =
+            counter("router_messages_received_total", "Deliveries received from the broker", &["subscription"])?;
+        let acked = counter("router_messages_acked_total", "Messages handled and acked", route_labels)?;
+        let retried =
+            counter("router_messages_retried_total", "Messages durably re-enqueued for a later attempt", route_labels)?;
         let dead_lettered = counter(
             "router_messages_dead_lettered_total",
             "Messages durably written to a dead-letter destination",
@@ -60,25 +49,15 @@ impl Metrics {
             &["subscription"],
         )?;
         let handler_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "router_handler_duration_seconds",
-                "Time from delivery to the handler's answer",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0, 30.0,
-            ]),
+            HistogramOpts::new("router_handler_duration_seconds", "Time from delivery to the handler's answer")
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
             &["handler"],
         )?;
         registry.register(Box::new(handler_seconds.clone()))?;
-        let in_flight = gauge(
-            "router_in_flight",
-            "Messages taken from the broker and not yet settled",
-        )?;
-        let connected = gauge(
-            "router_subscription_connected",
-            "1 while the subscription is consuming",
-        )?;
+        let in_flight = gauge("router_in_flight", "Messages taken from the broker and not yet settled")?;
+        let connected = gauge("router_subscription_connected", "1 while the subscription is consuming")?;
         Ok(Metrics {
             registry,
             received,
@@ -95,8 +74,6 @@ impl Metrics {
     /// The text exposition format, for `/metrics`.
     pub fn render(&self) -> String {
         let encoder = prometheus::TextEncoder::new();
-        encoder
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+        encoder.encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
     }
 }

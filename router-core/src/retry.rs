@@ -14,10 +14,7 @@ pub enum Outcome {
     Ack,
     /// The attempt failed, try again: after `after` when the handler named a delay
     /// (HTTP `Retry-After`, `RetryLater(delay)`), else after the policy's backoff.
-    Retry {
-        after: Option<Duration>,
-        error: String,
-    },
+    Retry { after: Option<Duration>, error: String },
     /// Poison message: dead-letter now, whatever attempts are left.
     Reject { reason: String },
 }
@@ -89,25 +86,16 @@ impl RetryPolicy {
 pub fn decide(policy: &RetryPolicy, attempt: u32, outcome: Outcome, draw: f64) -> Decision {
     match outcome {
         Outcome::Ack => Decision::Ack,
-        Outcome::Reject { reason } => Decision::DeadLetter {
-            reason: format!("rejected by handler: {reason}"),
-            error: reason,
-        },
+        Outcome::Reject { reason } => {
+            Decision::DeadLetter { reason: format!("rejected by handler: {reason}"), error: reason }
+        }
         Outcome::Retry { error, .. } if attempt >= policy.max_attempts => Decision::DeadLetter {
-            reason: format!(
-                "max attempts exhausted ({attempt} of {})",
-                policy.max_attempts
-            ),
+            reason: format!("max attempts exhausted ({attempt} of {})", policy.max_attempts),
             error,
         },
-        Outcome::Retry {
-            after: Some(after),
-            error,
-        } => Decision::Retry {
-            after: after.min(MAX_HANDLER_DELAY),
-            next_attempt: attempt + 1,
-            error,
-        },
+        Outcome::Retry { after: Some(after), error } => {
+            Decision::Retry { after: after.min(MAX_HANDLER_DELAY), next_attempt: attempt + 1, error }
+        }
         Outcome::Retry { after: None, error } => {
             let base = policy.base_delay(attempt).as_secs_f64();
             let jitter = policy.jitter.clamp(0.0, 1.0);
@@ -136,18 +124,11 @@ mod tests {
     }
 
     fn fail() -> Outcome {
-        Outcome::Retry {
-            after: None,
-            error: "HTTP 500".into(),
-        }
+        Outcome::Retry { after: None, error: "HTTP 500".into() }
     }
 
     fn retry_after(ms: u64, next: u32) -> Decision {
-        Decision::Retry {
-            after: Duration::from_millis(ms),
-            next_attempt: next,
-            error: "HTTP 500".into(),
-        }
+        Decision::Retry { after: Duration::from_millis(ms), next_attempt: next, error: "HTTP 500".into() }
     }
 
     #[test]
@@ -165,44 +146,26 @@ mod tests {
                 4,
                 fail(),
                 0.5,
-                Decision::DeadLetter {
-                    reason: "max attempts exhausted (4 of 4)".into(),
-                    error: "HTTP 500".into(),
-                },
+                Decision::DeadLetter { reason: "max attempts exhausted (4 of 4)".into(), error: "HTTP 500".into() },
             ),
             // a handler-named delay wins over the policy
             (
                 1,
-                Outcome::Retry {
-                    after: Some(Duration::from_secs(7)),
-                    error: "HTTP 429".into(),
-                },
+                Outcome::Retry { after: Some(Duration::from_secs(7)), error: "HTTP 429".into() },
                 0.5,
-                Decision::Retry {
-                    after: Duration::from_secs(7),
-                    next_attempt: 2,
-                    error: "HTTP 429".into(),
-                },
+                Decision::Retry { after: Duration::from_secs(7), next_attempt: 2, error: "HTTP 429".into() },
             ),
             // ... but not over the attempt limit
             (
                 4,
-                Outcome::Retry {
-                    after: Some(Duration::from_secs(7)),
-                    error: "HTTP 429".into(),
-                },
+                Outcome::Retry { after: Some(Duration::from_secs(7)), error: "HTTP 429".into() },
                 0.5,
-                Decision::DeadLetter {
-                    reason: "max attempts exhausted (4 of 4)".into(),
-                    error: "HTTP 429".into(),
-                },
+                Decision::DeadLetter { reason: "max attempts exhausted (4 of 4)".into(), error: "HTTP 429".into() },
             ),
             // reject dead-letters at once, even on the first attempt
             (
                 1,
-                Outcome::Reject {
-                    reason: "HTTP 422: bad order".into(),
-                },
+                Outcome::Reject { reason: "HTTP 422: bad order".into() },
                 0.5,
                 Decision::DeadLetter {
                     reason: "rejected by handler: HTTP 422: bad order".into(),
@@ -218,10 +181,7 @@ mod tests {
 
     #[test]
     fn caps_delay_at_max_delay() {
-        let p = RetryPolicy {
-            max_attempts: 50,
-            ..policy()
-        };
+        let p = RetryPolicy { max_attempts: 50, ..policy() };
         assert_eq!(decide(&p, 10, fail(), 0.5), retry_after(1000, 11));
         // huge exponents stay finite
         assert_eq!(p.base_delay(u32::MAX), Duration::from_secs(1));
@@ -229,10 +189,7 @@ mod tests {
 
     #[test]
     fn jitter_spreads_within_bounds() {
-        let p = RetryPolicy {
-            jitter: 0.2,
-            ..policy()
-        };
+        let p = RetryPolicy { jitter: 0.2, ..policy() };
         let low = decide(&p, 1, fail(), 0.0);
         let high = decide(&p, 1, fail(), 0.999_999);
         assert_eq!(low, retry_after(80, 2));
@@ -246,34 +203,14 @@ mod tests {
 
     #[test]
     fn caps_handler_named_delay() {
-        let d = decide(
-            &policy(),
-            1,
-            Outcome::Retry {
-                after: Some(Duration::from_secs(1 << 40)),
-                error: "x".into(),
-            },
-            0.5,
-        );
-        assert_eq!(
-            d,
-            Decision::Retry {
-                after: MAX_HANDLER_DELAY,
-                next_attempt: 2,
-                error: "x".into()
-            }
-        );
+        let d =
+            decide(&policy(), 1, Outcome::Retry { after: Some(Duration::from_secs(1 << 40)), error: "x".into() }, 0.5);
+        assert_eq!(d, Decision::Retry { after: MAX_HANDLER_DELAY, next_attempt: 2, error: "x".into() });
     }
 
     #[test]
     fn max_attempts_one_never_retries() {
-        let p = RetryPolicy {
-            max_attempts: 1,
-            ..policy()
-        };
-        assert!(matches!(
-            decide(&p, 1, fail(), 0.5),
-            Decision::DeadLetter { .. }
-        ));
+        let p = RetryPolicy { max_attempts: 1, ..policy() };
+        assert!(matches!(decide(&p, 1, fail(), 0.5), Decision::DeadLetter { .. }));
     }
 }

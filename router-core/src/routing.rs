@@ -53,17 +53,9 @@ impl RoutingTable {
         self.routes
             .iter()
             .find(|r| r.matches(subscription, message))
-            .map(|r| RouteMatch {
-                route: &r.name,
-                handler: &r.handler,
-                retry: r.retry.as_ref(),
-            })
+            .map(|r| RouteMatch { route: &r.name, handler: &r.handler, retry: r.retry.as_ref() })
             .or_else(|| {
-                self.defaults.get(subscription).map(|h| RouteMatch {
-                    route: DEFAULT_ROUTE,
-                    handler: h,
-                    retry: None,
-                })
+                self.defaults.get(subscription).map(|h| RouteMatch { route: DEFAULT_ROUTE, handler: h, retry: None })
             })
     }
 }
@@ -73,44 +65,25 @@ impl Route {
         Route {
             name: c.name.clone(),
             subscription: c.matcher.subscription.clone(),
-            key: c
-                .matcher
-                .routing_key
-                .as_deref()
-                .map(|g| g.split('.').map(str::to_string).collect()),
-            headers: c
-                .matcher
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            key: c.matcher.routing_key.as_deref().map(|g| g.split('.').map(str::to_string).collect()),
+            headers: c.matcher.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             handler: c.handler.clone(),
             retry: c.retry.clone(),
         }
     }
 
     fn matches(&self, subscription: &str, m: &Message) -> bool {
-        if self
-            .subscription
-            .as_deref()
-            .is_some_and(|s| s != subscription)
-        {
+        if self.subscription.as_deref().is_some_and(|s| s != subscription) {
             return false;
         }
         if let Some(glob) = &self.key {
             let key = m.key.as_deref().unwrap_or("");
-            let words: Vec<&str> = if key.is_empty() {
-                Vec::new()
-            } else {
-                key.split('.').collect()
-            };
+            let words: Vec<&str> = if key.is_empty() { Vec::new() } else { key.split('.').collect() };
             if !glob_match(glob, &words) {
                 return false;
             }
         }
-        self.headers
-            .iter()
-            .all(|(k, v)| m.headers.get(k) == Some(v))
+        self.headers.iter().all(|(k, v)| m.headers.get(k) == Some(v))
     }
 }
 
@@ -118,9 +91,7 @@ impl Route {
 fn glob_match(pattern: &[String], words: &[&str]) -> bool {
     match pattern.split_first() {
         None => words.is_empty(),
-        Some((p, rest)) if p == "#" => {
-            (0..=words.len()).any(|skip| glob_match(rest, &words[skip..]))
-        }
+        Some((p, rest)) if p == "#" => (0..=words.len()).any(|skip| glob_match(rest, &words[skip..])),
         Some((p, rest)) => match words.split_first() {
             Some((w, wrest)) if p == "*" || p == w => glob_match(rest, wrest),
             _ => false,
@@ -151,10 +122,7 @@ routes:
     fn msg(key: &str, headers: &[(&str, &str)]) -> Message {
         Message {
             key: Some(key.into()),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Message::default()
         }
     }
@@ -163,27 +131,11 @@ routes:
     fn first_match_wins_and_defaults_apply() {
         let t = table();
         let cases = [
-            (
-                "orders",
-                msg("order.eu.created", &[]),
-                Some(("created", "a")),
-            ),
-            (
-                "orders",
-                msg("order.eu.created", &[("tier", "gold")]),
-                Some(("vip", "c")),
-            ),
-            (
-                "orders",
-                msg("order.eu.deleted", &[("tier", "silver")]),
-                Some((DEFAULT_ROUTE, "fallback")),
-            ),
+            ("orders", msg("order.eu.created", &[]), Some(("created", "a"))),
+            ("orders", msg("order.eu.created", &[("tier", "gold")]), Some(("vip", "c"))),
+            ("orders", msg("order.eu.deleted", &[("tier", "silver")]), Some((DEFAULT_ROUTE, "fallback"))),
             ("audit", msg("anything", &[]), Some(("audit-all", "b"))),
-            (
-                "audit",
-                msg("order", &[("tier", "gold")]),
-                Some(("vip", "c")),
-            ),
+            ("audit", msg("order", &[("tier", "gold")]), Some(("vip", "c"))),
             ("other", msg("x", &[]), None),
         ];
         for (sub, m, want) in cases {

@@ -30,17 +30,13 @@ impl Target for Scripted {
     async fn deliver(&self, d: DeliveryInfo<'_>) -> Outcome {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
-        self.seen
-            .lock()
-            .push((d.message.id.clone(), d.attempt, d.route.to_string()));
+        self.seen.lock().push((d.message.id.clone(), d.attempt, d.route.to_string()));
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
         }
         self.running.fetch_sub(1, Ordering::SeqCst);
         let answers = self.script.get(&d.message.id);
-        answers
-            .and_then(|a| a.get(d.attempt as usize - 1).or(a.last()).cloned())
-            .unwrap_or(Outcome::Ack)
+        answers.and_then(|a| a.get(d.attempt as usize - 1).or(a.last()).cloned()).unwrap_or(Outcome::Ack)
     }
 }
 
@@ -60,21 +56,13 @@ routes:
 }
 
 fn msg(id: &str, key: &str) -> Message {
-    Message {
-        id: id.into(),
-        key: Some(key.into()),
-        body: bytes::Bytes::from_static(b"\x00body"),
-        ..Message::default()
-    }
+    Message { id: id.into(), key: Some(key.into()), body: bytes::Bytes::from_static(b"\x00body"), ..Message::default() }
 }
 
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -84,8 +72,7 @@ fn start(
     target: Arc<Scripted>,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let targets: HashMap<String, Arc<dyn Target>> =
-        HashMap::from([("h".to_string(), target as Arc<dyn Target>)]);
+    let targets: HashMap<String, Arc<dyn Target>> = HashMap::from([("h".to_string(), target as Arc<dyn Target>)]);
     let router = Router::new(cfg, targets, metrics.clone()).expect("router");
     let stop = CancellationToken::new();
     let task = tokio::spawn(router.run(stop.clone()));
@@ -96,20 +83,12 @@ fn start(
 async fn acks_retries_and_dead_letters_by_outcome() {
     let name = format!("mem-{}", uuid::Uuid::new_v4());
     let broker = MemoryBroker::named(&name);
-    let fail = || Outcome::Retry {
-        after: None,
-        error: "HTTP 500: boom".into(),
-    };
+    let fail = || Outcome::Retry { after: None, error: "HTTP 500: boom".into() };
     let target = Arc::new(Scripted {
         script: HashMap::from([
             ("flaky".to_string(), vec![fail(), Outcome::Ack]),
             ("broken".to_string(), vec![fail()]),
-            (
-                "poison".to_string(),
-                vec![Outcome::Reject {
-                    reason: "HTTP 422: bad".into(),
-                }],
-            ),
+            ("poison".to_string(), vec![Outcome::Reject { reason: "HTTP 422: bad".into() }]),
         ]),
         ..Scripted::default()
     });
@@ -124,66 +103,34 @@ async fn acks_retries_and_dead_letters_by_outcome() {
         broker.push("q", msg(id, key));
     }
     let (stop, task, metrics) = start(&cfg, target.clone());
-    wait_until("all settled", || {
-        broker.len("q.dlq") == 3 && target.seen.lock().len() == 7
-    })
-    .await;
+    wait_until("all settled", || broker.len("q.dlq") == 3 && target.seen.lock().len() == 7).await;
     stop.cancel();
     task.await.expect("router task");
 
     let seen = target.seen.lock().clone();
-    let attempts = |id: &str| {
-        seen.iter()
-            .filter(|(i, _, _)| i == id)
-            .map(|(_, a, _)| *a)
-            .collect::<Vec<_>>()
-    };
+    let attempts = |id: &str| seen.iter().filter(|(i, _, _)| i == id).map(|(_, a, _)| *a).collect::<Vec<_>>();
     assert_eq!(attempts("ok"), vec![1]);
     assert_eq!(attempts("flaky"), vec![1, 2]);
     assert_eq!(attempts("broken"), vec![1, 2, 3]);
     assert_eq!(attempts("poison"), vec![1]);
-    assert_eq!(
-        attempts("stray"),
-        Vec::<u32>::new(),
-        "no route: never reaches a handler"
-    );
+    assert_eq!(attempts("stray"), Vec::<u32>::new(), "no route: never reaches a handler");
 
-    let dead: HashMap<String, Message> = broker
-        .drain("q.dlq")
-        .into_iter()
-        .map(|m| (m.id.clone(), m))
-        .collect();
+    let dead: HashMap<String, Message> = broker.drain("q.dlq").into_iter().map(|m| (m.id.clone(), m)).collect();
     assert_eq!(dead.len(), 3);
     let broken = &dead["broken"];
-    assert_eq!(
-        broken.headers[header::REASON],
-        "max attempts exhausted (3 of 3)"
-    );
+    assert_eq!(broken.headers[header::REASON], "max attempts exhausted (3 of 3)");
     assert_eq!(broken.headers[header::ATTEMPTS], "3");
     assert_eq!(broken.headers[header::LAST_ERROR], "HTTP 500: boom");
     assert_eq!(broken.headers[header::ROUTE], "orders");
     assert_eq!(broken.headers[header::ORIGINAL_QUEUE], "q");
     assert!(broken.headers[header::FIRST_FAILURE] <= broken.headers[header::LAST_FAILURE]);
     assert_eq!(&broken.body[..], b"\x00body", "body survives untouched");
-    assert_eq!(
-        dead["poison"].headers[header::REASON],
-        "rejected by handler: HTTP 422: bad"
-    );
-    assert!(
-        dead["stray"].headers[header::REASON].starts_with("no route matched"),
-        "{:?}",
-        dead["stray"].headers
-    );
+    assert_eq!(dead["poison"].headers[header::REASON], "rejected by handler: HTTP 422: bad");
+    assert!(dead["stray"].headers[header::REASON].starts_with("no route matched"), "{:?}", dead["stray"].headers);
     assert!(broker.is_empty("q"));
     let acked = metrics.acked.with_label_values(&["s", "orders", "h"]).get();
     assert_eq!(acked, 2);
-    assert_eq!(
-        metrics
-            .retried
-            .with_label_values(&["s", "orders", "h"])
-            .get(),
-        3
-    );
+    assert_eq!(metrics.retried.with_label_values(&["s", "orders", "h"]).get(), 3);
 }
 
 #[tokio::test]
@@ -191,10 +138,7 @@ async fn handler_limit_bounds_concurrency_and_ordered_runs_one_at_a_time() {
     for (extra, limit) in [("", 4), (", ordered: true", 1)] {
         let name = format!("mem-{}", uuid::Uuid::new_v4());
         let broker = MemoryBroker::named(&name);
-        let target = Arc::new(Scripted {
-            delay: Some(Duration::from_millis(5)),
-            ..Scripted::default()
-        });
+        let target = Arc::new(Scripted { delay: Some(Duration::from_millis(5)), ..Scripted::default() });
         for i in 0..40 {
             broker.push("q", msg(&format!("m{i}"), "order.a"));
         }
@@ -202,11 +146,7 @@ async fn handler_limit_bounds_concurrency_and_ordered_runs_one_at_a_time() {
         wait_until("all handled", || target.seen.lock().len() == 40).await;
         stop.cancel();
         task.await.expect("router task");
-        assert_eq!(
-            target.max_running.load(Ordering::SeqCst),
-            limit,
-            "config extra {extra:?}"
-        );
+        assert_eq!(target.max_running.load(Ordering::SeqCst), limit, "config extra {extra:?}");
         if limit == 1 {
             let order: Vec<String> = target.seen.lock().iter().map(|s| s.0.clone()).collect();
             let want: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
@@ -220,24 +160,14 @@ async fn shutdown_hands_unfinished_messages_back() {
     let name = format!("mem-{}", uuid::Uuid::new_v4());
     let broker = MemoryBroker::named(&name);
     // Handler slower than the 2 s grace period.
-    let target = Arc::new(Scripted {
-        delay: Some(Duration::from_secs(30)),
-        ..Scripted::default()
-    });
+    let target = Arc::new(Scripted { delay: Some(Duration::from_secs(30)), ..Scripted::default() });
     for i in 0..10 {
         broker.push("q", msg(&format!("m{i}"), "order.a"));
     }
     let (stop, task, _) = start(&config(&name, ""), target.clone());
     wait_until("handler busy", || target.seen.lock().len() == 4).await;
     stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("stops within grace + margin")
-        .expect("task");
-    assert_eq!(
-        broker.len("q"),
-        10,
-        "every unfinished message is back in the queue"
-    );
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops within grace + margin").expect("task");
+    assert_eq!(broker.len("q"), 10, "every unfinished message is back in the queue");
     assert!(broker.is_empty("q.dlq"));
 }

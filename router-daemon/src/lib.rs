@@ -1,1 +1,129 @@
+//! The `message-router` daemon: consumes every subscription of a YAML config and
+//! delivers over HTTP to pools of handler endpoints.
+//!
+//! # Layout
+//! - `main.rs`: the CLI (`run`, `validate`, `publish`); thin.
+//! - [`http`]: the HTTP target: the delivery contract (`http/contract.rs`) and endpoint
+//!   pools with load balancing and passive health (`http/pool.rs`).
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`telemetry`]: tracing set-up (text or JSON).
+//! - this file: loading a config for the daemon (core validation plus what only the
+//!   daemon needs), running it until SIGTERM/SIGINT, and publishing test messages.
+//!
+//! Everything broker-side (transports, routing, retry, dead-letter, settlement) lives
+//! in `router-core`.
 
+pub mod admin;
+pub mod http;
+pub mod telemetry;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use router_core::config::{Config, ConfigError, ConfigIssue, TransportKind};
+use router_core::{Metrics, Router, Target};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Load a config file and check it for daemon use. Errors name the file, key path
+/// and problem.
+pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let config = router_core::config::load(path)?;
+    let issues = daemon_issues(&config);
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid { file: path.display().to_string(), issues })
+    }
+}
+
+/// What the daemon needs beyond the shared model: HTTP endpoints for every handler in
+/// use, a transport the outside world can feed, a valid log filter.
+pub fn daemon_issues(config: &Config) -> Vec<ConfigIssue> {
+    let mut issues = Vec::new();
+    for (name, h) in &config.handlers {
+        if h.endpoints.is_empty() {
+            issues.push(ConfigIssue::new(
+                format!("handlers.{name}.endpoints"),
+                "the daemon delivers over HTTP: list at least one endpoint URL",
+            ));
+        }
+    }
+    for (name, t) in &config.transports {
+        if t.kind == TransportKind::Memory {
+            issues.push(ConfigIssue::new(
+                format!("transports.{name}.type"),
+                "the memory transport lives inside one process and nothing outside the daemon can publish to it; use it from tests or the PHP extension",
+            ));
+        }
+    }
+    if let Err(e) = telemetry::check_filter(&config.log.level) {
+        issues.push(ConfigIssue::new("log.level", e));
+    }
+    issues
+}
+
+/// Build the HTTP targets of every handler.
+pub fn http_targets(config: &Config, metrics: &Metrics) -> anyhow::Result<HashMap<String, Arc<dyn Target>>> {
+    let up = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new("router_endpoint_up", "1 while a handler endpoint accepts connections"),
+        &["handler", "endpoint"],
+    )?;
+    metrics.registry.register(Box::new(up.clone()))?;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .user_agent(concat!("message-router/", env!("CARGO_PKG_VERSION")))
+        .build()?;
+    let mut targets = HashMap::new();
+    for (name, h) in &config.handlers {
+        let target = http::HttpTarget::new(name, h, client.clone(), &up).map_err(anyhow::Error::msg)?;
+        targets.insert(name.clone(), Arc::new(target) as Arc<dyn Target>);
+    }
+    Ok(targets)
+}
+
+/// Run until SIGTERM or SIGINT, then drain within the grace period and return.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new()?);
+    let targets = http_targets(&config, &metrics)?;
+    let router = Router::new(&config, targets, metrics.clone())?;
+    let shutdown = CancellationToken::new();
+    let admin = if config.admin.enabled {
+        let (addr, task) = admin::start(&config.admin.listen, metrics, router.readiness(), shutdown.clone()).await?;
+        info!(%addr, "admin server listening (/healthz, /readyz, /metrics)");
+        Some(task)
+    } else {
+        None
+    };
+    tokio::spawn(watch_signals(shutdown.clone(), config.shutdown.grace_period));
+    info!(
+        subscriptions = config.subscriptions.len(),
+        routes = config.routes.len(),
+        handlers = config.handlers.len(),
+        "message-router running"
+    );
+    router.run(shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(task) = admin {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. A second one: exit at once (messages in
+/// flight are redelivered by the broker).
+async fn watch_signals(shutdown: CancellationToken, grace: std::time::Duration) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers; stop the router with SIGKILL");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    info!(?grace, "shutdown requested: finishing in-flight messages (signal again to exit now)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    warn!("second signal: exiting now; unsettled messages will be redelivered");
+    std::process::exit(130);
+}

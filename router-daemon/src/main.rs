@@ -1,1 +1,140 @@
-fn main() {}
+//! `message-router`: see `lib.rs` for the layout.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+use router_core::transport;
+use router_core::Message;
+
+/// One process that owns every broker connection and delivers messages to HTTP handlers.
+#[derive(Parser)]
+#[command(name = "message-router", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume every subscription and deliver until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a config file and exit: 0 if valid, 2 with every problem listed if not.
+    Validate {
+        #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Publish messages (confirmed, persistent) through a transport of the config.
+    Publish {
+        #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
+        config: PathBuf,
+        /// Transport name from the config.
+        #[arg(long)]
+        transport: String,
+        /// Exchange ("" is the default exchange, where the routing key is a queue name).
+        #[arg(long, default_value = "")]
+        exchange: String,
+        #[arg(long)]
+        routing_key: String,
+        /// Message body.
+        #[arg(long, default_value = "{}")]
+        body: String,
+        /// Header as NAME=VALUE; repeatable.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
+        /// Message id; with --count > 1 the index is appended.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_path = match &cli.command {
+        Command::Run { config } | Command::Validate { config } | Command::Publish { config, .. } => config.clone(),
+    };
+    let config = match router_daemon::load_config(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("message-router: the configuration is invalid; nothing was started");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::Validate { .. } = cli.command {
+        println!(
+            "{}: OK ({} transports, {} handlers, {} subscriptions, {} routes)",
+            config_path.display(),
+            config.transports.len(),
+            config.handlers.len(),
+            config.subscriptions.len(),
+            config.routes.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    router_daemon::telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("message-router: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run { .. } => router_daemon::run(config).await,
+            Command::Publish {
+                transport: name, exchange, routing_key, body, headers, content_type, id, count, ..
+            } => {
+                let Some(t) = config.transports.get(&name) else {
+                    anyhow::bail!("--transport {name:?} is not defined in {}", config_path.display());
+                };
+                let t = transport::build(&name, t);
+                for i in 0..count {
+                    let id = match (&id, count) {
+                        (Some(id), 1) => id.clone(),
+                        (Some(id), _) => format!("{id}-{i}"),
+                        (None, _) => uuid_like(i),
+                    };
+                    let message = Message {
+                        id,
+                        body: body.clone().into_bytes().into(),
+                        headers: headers.iter().cloned().collect(),
+                        content_type: Some(content_type.clone()),
+                        timestamp: Some(SystemTime::now()),
+                        ..Message::default()
+                    };
+                    t.publish(&exchange, &routing_key, &message).await?;
+                }
+                t.close().await;
+                println!("published {count} message(s) to exchange {exchange:?} with routing key {routing_key:?}");
+                Ok(())
+            }
+            Command::Validate { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("message-router: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn uuid_like(i: u32) -> String {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("msg-{nanos:x}-{i}")
+}

@@ -18,10 +18,7 @@ pub struct ConfigIssue {
 
 impl ConfigIssue {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigIssue {
-            path: path.into(),
-            message: message.into(),
-        }
+        ConfigIssue { path: path.into(), message: message.into() }
     }
 }
 
@@ -30,17 +27,11 @@ impl ConfigIssue {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
+    Read { file: String, source: std::io::Error },
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
     #[error("{}", render(.file, .issues))]
-    Invalid {
-        file: String,
-        issues: Vec<ConfigIssue>,
-    },
+    Invalid { file: String, issues: Vec<ConfigIssue> },
 }
 
 fn render(file: &str, issues: &[ConfigIssue]) -> String {
@@ -68,47 +59,29 @@ impl fmt::Display for ConfigIssue {
 /// the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
     parse(&text, &file, &|name| std::env::var(name).ok())
 }
 
 /// Parse and validate config text; `file` names it in errors, `env` resolves `${VAR}`.
-pub fn parse(
-    text: &str,
-    file: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Config, ConfigError> {
-    let mut value: Value = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax {
-        file: file.to_string(),
-        message: format!("invalid YAML: {e}"),
-    })?;
+pub fn parse(text: &str, file: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let mut value: Value = serde_yaml_ng::from_str(text)
+        .map_err(|e| ConfigError::Syntax { file: file.to_string(), message: format!("invalid YAML: {e}") })?;
     let mut issues = Vec::new();
     interpolate_value(&mut value, "", env, &mut issues);
     if !issues.is_empty() {
-        return Err(ConfigError::Invalid {
-            file: file.to_string(),
-            issues,
-        });
+        return Err(ConfigError::Invalid { file: file.to_string(), issues });
     }
     let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        ConfigError::Invalid {
-            file: file.to_string(),
-            issues: vec![ConfigIssue::new(path, e.inner().to_string())],
-        }
+        ConfigError::Invalid { file: file.to_string(), issues: vec![ConfigIssue::new(path, e.inner().to_string())] }
     })?;
     let issues = config.validate();
     if issues.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigError::Invalid {
-            file: file.to_string(),
-            issues,
-        })
+        Err(ConfigError::Invalid { file: file.to_string(), issues })
     }
 }
 
@@ -134,11 +107,7 @@ fn interpolate_value(
                     Value::String(s) => s.clone(),
                     other => format!("{other:?}"),
                 };
-                let sub = if path.is_empty() {
-                    key
-                } else {
-                    format!("{path}.{key}")
-                };
+                let sub = if path.is_empty() { key } else { format!("{path}.{key}") };
                 interpolate_value(v, &sub, env, issues);
             }
         }
@@ -159,9 +128,7 @@ pub fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Stri
             out.push('$');
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
-            let end = body
-                .find('}')
-                .ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
+            let end = body.find('}').ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
             let expr = &body[..end];
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),

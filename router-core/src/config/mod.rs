@@ -48,10 +48,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig {
-            enabled: true,
-            listen: "127.0.0.1:9090".into(),
-        }
+        AdminConfig { enabled: true, listen: "127.0.0.1:9090".into() }
     }
 }
 
@@ -73,10 +70,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
+        LogConfig { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -91,9 +85,7 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig {
-            grace_period: Duration::from_secs(30),
-        }
+        ShutdownConfig { grace_period: Duration::from_secs(30) }
     }
 }
 
@@ -265,12 +257,10 @@ fn default_max_body() -> usize {
 impl SubscriptionConfig {
     /// The dead-letter destination, defaults applied.
     pub fn dead_letter(&self) -> DeadLetterConfig {
-        self.dead_letter
-            .clone()
-            .unwrap_or_else(|| DeadLetterConfig {
-                exchange: String::new(),
-                routing_key: Some(format!("{}.dlq", self.queue)),
-            })
+        self.dead_letter.clone().unwrap_or_else(|| DeadLetterConfig {
+            exchange: String::new(),
+            routing_key: Some(format!("{}.dlq", self.queue)),
+        })
     }
 }
 

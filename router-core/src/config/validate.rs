@@ -14,46 +14,25 @@ impl Config {
         let mut add = |path: String, message: String| issues.push(ConfigIssue::new(path, message));
 
         if self.admin.enabled && self.admin.listen.parse::<SocketAddr>().is_err() {
-            add(
-                "admin.listen".into(),
-                format!(
-                    "{:?} is not an address like 127.0.0.1:9090",
-                    self.admin.listen
-                ),
-            );
+            add("admin.listen".into(), format!("{:?} is not an address like 127.0.0.1:9090", self.admin.listen));
         }
         if self.shutdown.grace_period.is_zero() {
-            add(
-                "shutdown.grace_period".into(),
-                "must be greater than 0".into(),
-            );
+            add("shutdown.grace_period".into(), "must be greater than 0".into());
         }
 
         for (name, t) in &self.transports {
             let p = format!("transports.{name}");
             match (t.kind, &t.url) {
-                (TransportKind::Amqp, None) => {
-                    add(format!("{p}.url"), "an amqp transport needs a url".into())
-                }
+                (TransportKind::Amqp, None) => add(format!("{p}.url"), "an amqp transport needs a url".into()),
                 (TransportKind::Amqp, Some(url)) => match url::Url::parse(url) {
                     Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {}
-                    Ok(u) => add(
-                        format!("{p}.url"),
-                        format!("scheme must be amqp or amqps, not {:?}", u.scheme()),
-                    ),
+                    Ok(u) => add(format!("{p}.url"), format!("scheme must be amqp or amqps, not {:?}", u.scheme())),
                     Err(e) => add(format!("{p}.url"), format!("not a valid URL: {e}")),
                 },
-                (TransportKind::Memory, Some(_)) => {
-                    add(format!("{p}.url"), "a memory transport takes no url".into())
-                }
+                (TransportKind::Memory, Some(_)) => add(format!("{p}.url"), "a memory transport takes no url".into()),
                 (TransportKind::Memory, None) => {}
             }
-            let declared: BTreeSet<&str> = t
-                .topology
-                .exchanges
-                .iter()
-                .map(|e| e.name.as_str())
-                .collect();
+            let declared: BTreeSet<&str> = t.topology.exchanges.iter().map(|e| e.name.as_str()).collect();
             for (i, e) in t.topology.exchanges.iter().enumerate() {
                 if e.name.is_empty() || e.name.starts_with("amq.") {
                     add(
@@ -64,22 +43,15 @@ impl Config {
             }
             for (i, q) in t.topology.queues.iter().enumerate() {
                 if q.name.is_empty() {
-                    add(
-                        format!("{p}.topology.queues[{i}].name"),
-                        "must not be empty".into(),
-                    );
+                    add(format!("{p}.topology.queues[{i}].name"), "must not be empty".into());
                 }
             }
             for (i, b) in t.topology.bindings.iter().enumerate() {
-                let known =
-                    declared.contains(b.exchange.as_str()) || b.exchange.starts_with("amq.");
+                let known = declared.contains(b.exchange.as_str()) || b.exchange.starts_with("amq.");
                 if !known {
                     add(
                         format!("{p}.topology.bindings[{i}].exchange"),
-                        format!(
-                            "exchange {:?} is not declared under topology.exchanges",
-                            b.exchange
-                        ),
+                        format!("exchange {:?} is not declared under topology.exchanges", b.exchange),
                     );
                 }
             }
@@ -90,7 +62,13 @@ impl Config {
             for (i, endpoint) in h.endpoints.iter().enumerate() {
                 match url::Url::parse(endpoint) {
                     Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
-                    Ok(u) => add(format!("{p}.endpoints[{i}]"), format!("{endpoint:?} must be an http:// or https:// URL with a host (scheme was {:?})", u.scheme())),
+                    Ok(u) => add(
+                        format!("{p}.endpoints[{i}]"),
+                        format!(
+                            "{endpoint:?} must be an http:// or https:// URL with a host (scheme was {:?})",
+                            u.scheme()
+                        ),
+                    ),
                     Err(e) => add(format!("{p}.endpoints[{i}]"), format!("{endpoint:?} is not a valid URL: {e}")),
                 }
             }
@@ -102,10 +80,7 @@ impl Config {
             }
             if let Some(s) = &h.signing {
                 if s.secret.len() < 16 {
-                    add(
-                        format!("{p}.signing.secret"),
-                        "must be at least 16 characters".into(),
-                    );
+                    add(format!("{p}.signing.secret"), "must be at least 16 characters".into());
                 }
             }
         }
@@ -119,11 +94,7 @@ impl Config {
                     format!(
                         "unknown transport {:?} (defined: {})",
                         s.transport,
-                        self.transports
-                            .keys()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        self.transports.keys().cloned().collect::<Vec<_>>().join(", ")
                     ),
                 );
             }
@@ -160,12 +131,7 @@ impl Config {
                 }
             }
             let routed = s.default_handler.is_some()
-                || self.routes.iter().any(|r| {
-                    r.matcher
-                        .subscription
-                        .as_deref()
-                        .is_none_or(|sub| sub == name)
-                });
+                || self.routes.iter().any(|r| r.matcher.subscription.as_deref().is_none_or(|sub| sub == name));
             if !routed {
                 add(p.clone(), "no route matches this subscription and it has no default_handler: every message would be dead-lettered".into());
             }
@@ -177,35 +143,19 @@ impl Config {
             if r.name.is_empty() {
                 add(format!("{p}.name"), "must not be empty".into());
             } else if !seen.insert(r.name.as_str()) {
-                add(
-                    format!("{p}.name"),
-                    format!("duplicate route name {:?}", r.name),
-                );
+                add(format!("{p}.name"), format!("duplicate route name {:?}", r.name));
             }
             if !self.handlers.contains_key(&r.handler) {
-                add(
-                    format!("{p}.handler"),
-                    format!(
-                        "unknown handler {:?} (defined: {})",
-                        r.handler,
-                        handler_names()
-                    ),
-                );
+                add(format!("{p}.handler"), format!("unknown handler {:?} (defined: {})", r.handler, handler_names()));
             }
             if let Some(sub) = &r.matcher.subscription {
                 if !self.subscriptions.contains_key(sub) {
-                    add(
-                        format!("{p}.match.subscription"),
-                        format!("unknown subscription {sub:?}"),
-                    );
+                    add(format!("{p}.match.subscription"), format!("unknown subscription {sub:?}"));
                 }
             }
             if let Some(glob) = &r.matcher.routing_key {
                 if glob.is_empty() {
-                    add(
-                        format!("{p}.match.routing_key"),
-                        "must not be empty (omit it to match any key)".into(),
-                    );
+                    add(format!("{p}.match.routing_key"), "must not be empty (omit it to match any key)".into());
                 }
             }
             if let Some(retry) = &r.retry {
@@ -218,28 +168,16 @@ impl Config {
 
 fn check_retry(r: &RetryPolicy, p: &str, add: &mut impl FnMut(String, String)) {
     if r.max_attempts == 0 {
-        add(
-            format!("{p}.max_attempts"),
-            "must be at least 1 (1 = no retries)".into(),
-        );
+        add(format!("{p}.max_attempts"), "must be at least 1 (1 = no retries)".into());
     }
     if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
-        add(
-            format!("{p}.multiplier"),
-            format!("must be a number >= 1, got {}", r.multiplier),
-        );
+        add(format!("{p}.multiplier"), format!("must be a number >= 1, got {}", r.multiplier));
     }
     if !(0.0..=1.0).contains(&r.jitter) {
-        add(
-            format!("{p}.jitter"),
-            format!("must be between 0 and 1, got {}", r.jitter),
-        );
+        add(format!("{p}.jitter"), format!("must be between 0 and 1, got {}", r.jitter));
     }
     if r.initial_delay > r.max_delay {
-        add(
-            format!("{p}.initial_delay"),
-            "must not be greater than max_delay".into(),
-        );
+        add(format!("{p}.initial_delay"), "must not be greater than max_delay".into());
     }
 }
 
@@ -272,29 +210,41 @@ routes:
     #[test]
     fn accepts_good_config_and_interpolates_env() {
         let c = parse(GOOD, "router.yaml", &env).expect("valid");
-        assert_eq!(
-            c.transports["rabbit"].url.as_deref(),
-            Some("amqp://guest:s3cret@127.0.0.1:5672/%2f")
-        );
-        assert_eq!(
-            c.subscriptions["orders"]
-                .dead_letter()
-                .routing_key
-                .as_deref(),
-            Some("orders.dlq")
-        );
+        assert_eq!(c.transports["rabbit"].url.as_deref(), Some("amqp://guest:s3cret@127.0.0.1:5672/%2f"));
+        assert_eq!(c.subscriptions["orders"].dead_letter().routing_key.as_deref(), Some("orders.dlq"));
     }
 
     #[test]
     fn names_file_path_and_problem() {
         let cases = [
-            (GOOD.replace("queue: orders", "queue: orders, prefetc: 5"), "router.yaml: subscriptions.orders.prefetc: unknown field `prefetc`, expected one of"),
-            (GOOD.replace("type: amqp", "type: kafkaa"), "router.yaml: transports.rabbit.type: unknown variant `kafkaa`"),
-            (GOOD.replace("http://127.0.0.1:8080/", "ftp://x/"), "router.yaml: handlers.orders.endpoints[0]: \"ftp://x/\" must be an http:// or https:// URL"),
-            (GOOD.replace("transport: rabbit", "transport: rabit"), "router.yaml: subscriptions.orders.transport: unknown transport \"rabit\""),
-            (GOOD.replace("handler: orders", "handler: order"), "router.yaml: routes[0].handler: unknown handler \"order\""),
-            (GOOD.replace("queue: orders", "queue: orders, retry: { initial_delay: 5 parsecs }"), "router.yaml: subscriptions.orders.retry.initial_delay: "),
-            (GOOD.replace("${PASS}", "${MISSING}"), "router.yaml: transports.rabbit.url: environment variable MISSING is not set"),
+            (
+                GOOD.replace("queue: orders", "queue: orders, prefetc: 5"),
+                "router.yaml: subscriptions.orders.prefetc: unknown field `prefetc`, expected one of",
+            ),
+            (
+                GOOD.replace("type: amqp", "type: kafkaa"),
+                "router.yaml: transports.rabbit.type: unknown variant `kafkaa`",
+            ),
+            (
+                GOOD.replace("http://127.0.0.1:8080/", "ftp://x/"),
+                "router.yaml: handlers.orders.endpoints[0]: \"ftp://x/\" must be an http:// or https:// URL",
+            ),
+            (
+                GOOD.replace("transport: rabbit", "transport: rabit"),
+                "router.yaml: subscriptions.orders.transport: unknown transport \"rabit\"",
+            ),
+            (
+                GOOD.replace("handler: orders", "handler: order"),
+                "router.yaml: routes[0].handler: unknown handler \"order\"",
+            ),
+            (
+                GOOD.replace("queue: orders", "queue: orders, retry: { initial_delay: 5 parsecs }"),
+                "router.yaml: subscriptions.orders.retry.initial_delay: ",
+            ),
+            (
+                GOOD.replace("${PASS}", "${MISSING}"),
+                "router.yaml: transports.rabbit.url: environment variable MISSING is not set",
+            ),
         ];
         for (text, want) in cases {
             let got = errors(&text);
@@ -304,29 +254,17 @@ routes:
 
     #[test]
     fn reports_every_problem_at_once() {
-        let text = GOOD.replace(
-            "queue: orders",
-            "queue: orders, prefetch: 0, retry: { jitter: 2 }",
-        );
+        let text = GOOD.replace("queue: orders", "queue: orders, prefetch: 0, retry: { jitter: 2 }");
         let got = errors(&text);
-        assert!(
-            got.contains("subscriptions.orders.prefetch: must be at least 1"),
-            "{got}"
-        );
-        assert!(
-            got.contains("subscriptions.orders.retry.jitter: must be between 0 and 1"),
-            "{got}"
-        );
+        assert!(got.contains("subscriptions.orders.prefetch: must be at least 1"), "{got}");
+        assert!(got.contains("subscriptions.orders.retry.jitter: must be between 0 and 1"), "{got}");
     }
 
     #[test]
     fn rejects_unroutable_subscription_and_bad_yaml() {
         let got = errors(&GOOD.replace("  - { name: all, handler: orders }", ""));
         assert!(got.contains("no route matches this subscription"), "{got}");
-        assert!(matches!(
-            parse("a: [", "f.yaml", &env),
-            Err(ConfigError::Syntax { .. })
-        ));
+        assert!(matches!(parse("a: [", "f.yaml", &env), Err(ConfigError::Syntax { .. })));
     }
 
     #[test]
@@ -334,10 +272,7 @@ routes:
         use crate::config::interpolate;
         assert_eq!(interpolate("a$$b", &env).as_deref(), Ok("a$b"));
         assert_eq!(interpolate("${NOPE:-x}", &env).as_deref(), Ok("x"));
-        assert_eq!(
-            interpolate("${PASS}-$HOME", &env).as_deref(),
-            Ok("s3cret-$HOME")
-        );
+        assert_eq!(interpolate("${PASS}-$HOME", &env).as_deref(), Ok("s3cret-$HOME"));
         assert!(interpolate("${PASS", &env).is_err());
     }
 }

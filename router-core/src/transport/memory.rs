@@ -26,8 +26,7 @@ struct Queue {
     ready: Notify,
 }
 
-static BROKERS: LazyLock<Mutex<HashMap<String, Arc<MemoryBroker>>>> =
-    LazyLock::new(Default::default);
+static BROKERS: LazyLock<Mutex<HashMap<String, Arc<MemoryBroker>>>> = LazyLock::new(Default::default);
 
 impl MemoryBroker {
     pub fn named(name: &str) -> Arc<MemoryBroker> {
@@ -35,11 +34,7 @@ impl MemoryBroker {
     }
 
     fn queue(&self, name: &str) -> Arc<Queue> {
-        self.queues
-            .lock()
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        self.queues.lock().entry(name.to_string()).or_default().clone()
     }
 
     /// Append a message to a queue (exchanges do not exist here: the routing key names
@@ -106,11 +101,7 @@ impl Transport for Arc<MemoryBroker> {
                 message: message.clone(),
                 _permit: permit,
             };
-            if out
-                .send(Delivery::new(message, Box::new(handle)))
-                .await
-                .is_err()
-            {
+            if out.send(Delivery::new(message, Box::new(handle))).await.is_err() {
                 break;
             }
         }
@@ -119,12 +110,7 @@ impl Transport for Arc<MemoryBroker> {
         let _ = window.acquire_many(u32::from(spec.prefetch.max(1))).await;
     }
 
-    async fn publish(
-        &self,
-        _exchange: &str,
-        routing_key: &str,
-        message: &Message,
-    ) -> Result<(), TransportError> {
+    async fn publish(&self, _exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {
         self.push(routing_key, message.clone());
         Ok(())
     }
@@ -142,25 +128,12 @@ struct MemoryHandle {
 #[async_trait]
 impl Settle for MemoryHandle {
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), SettleError> {
-        let MemoryHandle {
-            broker,
-            queue,
-            subscription,
-            dead_letter_queue,
-            mut message,
-            _permit,
-        } = *self;
+        let MemoryHandle { broker, queue, subscription, dead_letter_queue, mut message, _permit } = *self;
         match settlement {
             Settlement::Ack => {}
             Settlement::Release => requeue_front(&broker, &queue, message),
-            Settlement::Retry {
-                after,
-                next_attempt,
-                failure,
-            } => {
-                message
-                    .headers
-                    .insert(header::ATTEMPT.into(), next_attempt.to_string());
+            Settlement::Retry { after, next_attempt, failure } => {
+                message.headers.insert(header::ATTEMPT.into(), next_attempt.to_string());
                 for (k, v) in failure.headers(&subscription) {
                     message.headers.insert(k.into(), v);
                 }

@@ -35,10 +35,7 @@ pub struct SourceStatus {
 
 impl SourceStatus {
     pub fn new(gauge: Option<prometheus::IntGauge>) -> Self {
-        SourceStatus {
-            connected: AtomicBool::new(false),
-            on_change: gauge,
-        }
+        SourceStatus { connected: AtomicBool::new(false), on_change: gauge }
     }
 
     pub fn set_connected(&self, up: bool) {
@@ -76,12 +73,7 @@ pub trait Transport: Send + Sync {
     );
 
     /// Publish `message` durably (confirmed) to `exchange` with `routing_key`.
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: &Message,
-    ) -> Result<(), TransportError>;
+    async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError>;
 
     /// Close connections cleanly; called once every subscription has stopped.
     async fn close(&self) {}

@@ -33,10 +33,7 @@ pub fn to_message(
         }
     }
     // A message coming back from a retry queue carries its original routing key.
-    let key = headers
-        .get(header::ORIGINAL_ROUTING_KEY)
-        .cloned()
-        .unwrap_or_else(|| routing_key.to_string());
+    let key = headers.get(header::ORIGINAL_ROUTING_KEY).cloned().unwrap_or_else(|| routing_key.to_string());
     let message = Message {
         id: properties
             .message_id()
@@ -47,14 +44,9 @@ pub fn to_message(
         body,
         headers,
         key: Some(key),
-        content_type: properties
-            .content_type()
-            .as_ref()
-            .map(|s| s.as_str().to_string()),
+        content_type: properties.content_type().as_ref().map(|s| s.as_str().to_string()),
         kind: properties.kind().as_ref().map(|s| s.as_str().to_string()),
-        timestamp: properties
-            .timestamp()
-            .map(|t| UNIX_EPOCH + Duration::from_secs(t)),
+        timestamp: properties.timestamp().map(|t| UNIX_EPOCH + Duration::from_secs(t)),
         source: source.to_string(),
     };
     (message, defect)
@@ -90,20 +82,13 @@ fn to_json(v: &AMQPValue) -> Result<Json, String> {
         AMQPValue::Timestamp(n) => (*n).into(),
         AMQPValue::Float(f) => Json::from(f64::from(*f)),
         AMQPValue::Double(f) => Json::from(*f),
-        AMQPValue::DecimalValue(d) => {
-            Json::from(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
-        }
+        AMQPValue::DecimalValue(d) => Json::from(f64::from(d.value) / 10f64.powi(i32::from(d.scale))),
         AMQPValue::ShortString(s) => Json::String(s.as_str().to_string()),
         AMQPValue::LongString(s) => Json::String(utf8(s.as_bytes())?),
         AMQPValue::ByteArray(b) => Json::String(utf8(b.as_slice())?),
-        AMQPValue::FieldArray(a) => {
-            Json::Array(a.as_slice().iter().map(to_json).collect::<Result<_, _>>()?)
-        }
+        AMQPValue::FieldArray(a) => Json::Array(a.as_slice().iter().map(to_json).collect::<Result<_, _>>()?),
         AMQPValue::FieldTable(t) => Json::Object(
-            t.inner()
-                .iter()
-                .map(|(k, v)| Ok((k.as_str().to_string(), to_json(v)?)))
-                .collect::<Result<_, String>>()?,
+            t.inner().iter().map(|(k, v)| Ok((k.as_str().to_string(), to_json(v)?))).collect::<Result<_, String>>()?,
         ),
         AMQPValue::Void => Json::Null,
     })
@@ -113,20 +98,12 @@ fn to_json(v: &AMQPValue) -> Result<Json, String> {
 /// made persistent, for a durable re-publish. Dropped on purpose: `expiration` (a
 /// per-message TTL would expire the retry) and `user_id` (RabbitMQ refuses a publish
 /// whose user_id is not the router's own user).
-pub fn republish_properties(
-    original: &BasicProperties,
-    extra: &[(&str, String)],
-) -> BasicProperties {
+pub fn republish_properties(original: &BasicProperties, extra: &[(&str, String)]) -> BasicProperties {
     let mut table = original.headers().clone().unwrap_or_default();
     for (k, v) in extra {
-        table.insert(
-            ShortString::from(*k),
-            AMQPValue::LongString(v.as_str().into()),
-        );
+        table.insert(ShortString::from(*k), AMQPValue::LongString(v.as_str().into()));
     }
-    let mut props = BasicProperties::default()
-        .with_headers(table)
-        .with_delivery_mode(2);
+    let mut props = BasicProperties::default().with_headers(table).with_delivery_mode(2);
     let o = original;
     if let Some(v) = o.content_type() {
         props = props.with_content_type(v.clone());
@@ -162,10 +139,7 @@ pub fn republish_properties(
 pub fn publish_properties(message: &Message) -> BasicProperties {
     let mut table = FieldTable::default();
     for (k, v) in &message.headers {
-        table.insert(
-            ShortString::from(k.as_str()),
-            AMQPValue::LongString(v.as_str().into()),
-        );
+        table.insert(ShortString::from(k.as_str()), AMQPValue::LongString(v.as_str().into()));
     }
     let mut props = BasicProperties::default()
         .with_message_id(ShortString::from(message.id.as_str()))
@@ -201,23 +175,10 @@ mod tests {
         t.insert("s".into(), AMQPValue::LongString(LongString::from("héllo")));
         let mut death = FieldTable::default();
         death.insert("count".into(), AMQPValue::LongLongInt(2));
-        t.insert(
-            "x-death".into(),
-            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
-        );
-        t.insert(
-            header::ORIGINAL_ROUTING_KEY.into(),
-            AMQPValue::LongString("order.created".into()),
-        );
-        let props = BasicProperties::default()
-            .with_headers(t.clone())
-            .with_message_id("m1".into());
-        let (m, defect) = to_message(
-            "rabbit/q",
-            "q.retry.100ms",
-            &props,
-            Bytes::from_static(b"\xff\x00"),
-        );
+        t.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])));
+        t.insert(header::ORIGINAL_ROUTING_KEY.into(), AMQPValue::LongString("order.created".into()));
+        let props = BasicProperties::default().with_headers(t.clone()).with_message_id("m1".into());
+        let (m, defect) = to_message("rabbit/q", "q.retry.100ms", &props, Bytes::from_static(b"\xff\x00"));
         assert_eq!(defect, None);
         assert_eq!(m.id, "m1");
         assert_eq!(m.headers["n"], "-5");
@@ -227,32 +188,21 @@ mod tests {
         assert_eq!(m.key.as_deref(), Some("order.created"));
         assert_eq!(&m.body[..], b"\xff\x00");
 
-        t.insert(
-            "bin".into(),
-            AMQPValue::ByteArray(ByteArray::from(vec![0xff, 0xfe])),
-        );
+        t.insert("bin".into(), AMQPValue::ByteArray(ByteArray::from(vec![0xff, 0xfe])));
         let props = BasicProperties::default().with_headers(t);
         let (m, defect) = to_message("rabbit/q", "k", &props, Bytes::new());
-        assert_eq!(
-            defect.as_deref(),
-            Some("header \"bin\": value is not valid UTF-8 text")
-        );
+        assert_eq!(defect.as_deref(), Some("header \"bin\": value is not valid UTF-8 text"));
         assert!(!m.id.is_empty(), "a generated id");
     }
 
     #[test]
     fn republish_keeps_properties_and_drops_ttl() {
-        let props = BasicProperties::default()
-            .with_expiration("1000".into())
-            .with_message_id("m".into());
+        let props = BasicProperties::default().with_expiration("1000".into()).with_message_id("m".into());
         let out = republish_properties(&props, &[(header::ATTEMPT, "2".into())]);
         assert_eq!(out.expiration(), &None);
         assert_eq!(out.delivery_mode(), &Some(2));
         assert_eq!(out.message_id().as_ref().map(|s| s.as_str()), Some("m"));
         let h = out.headers().clone().unwrap_or_default();
-        assert_eq!(
-            h.inner().get(header::ATTEMPT),
-            Some(&AMQPValue::LongString("2".into()))
-        );
+        assert_eq!(h.inner().get(header::ATTEMPT), Some(&AMQPValue::LongString("2".into())));
     }
 }

@@ -14,7 +14,7 @@
 mod convert;
 mod settle;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -90,8 +90,8 @@ impl AmqpTransport {
                 return Ok(c.clone());
             }
         }
-        let props = ConnectionProperties::default()
-            .with_connection_name(format!("message-router/{}", self.name).into());
+        let props =
+            ConnectionProperties::default().with_connection_name(format!("message-router/{}", self.name).into());
         let conn = Arc::new(Connection::connect(&self.url, props).await?);
         info!(transport = %self.name, broker = %self.display, "connected");
         self.declare_topology(&conn).await?;
@@ -112,15 +112,10 @@ impl AmqpTransport {
                 ExchangeType::Fanout => ExchangeKind::Fanout,
                 ExchangeType::Headers => ExchangeKind::Headers,
             };
-            let opts = ExchangeDeclareOptions {
-                durable: e.durable,
-                ..Default::default()
-            };
+            let opts = ExchangeDeclareOptions { durable: e.durable, ..Default::default() };
             ch.exchange_declare(e.name.as_str().into(), kind, opts, FieldTable::default())
                 .await
-                .map_err(|err| {
-                    SessionError::Other(format!("declaring exchange {:?}: {err}", e.name))
-                })?;
+                .map_err(|err| SessionError::Other(format!("declaring exchange {:?}: {err}", e.name)))?;
         }
         for q in &t.queues {
             let mut args = FieldTable::default();
@@ -132,15 +127,10 @@ impl AmqpTransport {
                 };
                 args.insert(k.as_str().into(), v);
             }
-            let opts = QueueDeclareOptions {
-                durable: q.durable,
-                ..Default::default()
-            };
+            let opts = QueueDeclareOptions { durable: q.durable, ..Default::default() };
             ch.queue_declare(q.name.as_str().into(), opts, args)
                 .await
-                .map_err(|err| {
-                    SessionError::Other(format!("declaring queue {:?}: {err}", q.name))
-                })?;
+                .map_err(|err| SessionError::Other(format!("declaring queue {:?}: {err}", q.name)))?;
         }
         for b in &t.bindings {
             ch.queue_bind(
@@ -151,9 +141,7 @@ impl AmqpTransport {
                 FieldTable::default(),
             )
             .await
-            .map_err(|err| {
-                SessionError::Other(format!("binding {:?} to {:?}: {err}", b.queue, b.exchange))
-            })?;
+            .map_err(|err| SessionError::Other(format!("binding {:?} to {:?}: {err}", b.queue, b.exchange)))?;
         }
         let _ = ch.close(200, "topology declared".into()).await;
         Ok(())
@@ -172,24 +160,14 @@ impl AmqpTransport {
         let connection = self.connection().await?;
         if spec.dead_letter.exchange.is_empty() {
             if let Some(q) = &spec.dead_letter.routing_key {
-                declare_owned_queue(&connection, q, FieldTable::default())
-                    .await
-                    .map_err(SessionError::Other)?;
+                declare_owned_queue(&connection, q, FieldTable::default()).await.map_err(SessionError::Other)?;
             }
         }
         let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
         let channel = connection.create_channel().await?;
-        channel
-            .basic_qos(spec.prefetch, BasicQosOptions::default())
-            .await?;
-        let consumer_tag = format!(
-            "message-router/{}/{}",
-            spec.subscription,
-            uuid::Uuid::new_v4()
-        );
+        channel.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
+        let consumer_tag = format!("message-router/{}/{}", spec.subscription, uuid::Uuid::new_v4());
         let mut consumer = channel
             .basic_consume(
                 spec.queue.as_str().into(),
@@ -209,7 +187,7 @@ impl AmqpTransport {
             subscription: spec.subscription.clone(),
             queue: spec.queue.clone(),
             dead_letter: spec.dead_letter.clone(),
-            delay_queues: Mutex::new(HashSet::new()),
+            delay_queues: Mutex::new(HashMap::new()),
             broken: CancellationToken::new(),
         });
         let (acks, ack_rx) = mpsc::unbounded_channel();
@@ -225,16 +203,11 @@ impl AmqpTransport {
             let d = match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => break Err(e.into()),
-                None => {
-                    break Err(SessionError::Other(
-                        "consumer cancelled by the broker".into(),
-                    ))
-                }
+                None => break Err(SessionError::Other("consumer cancelled by the broker".into())),
             };
             let _ = acks.send(AckCmd::Delivered(d.delivery_tag));
             let body = Bytes::from(d.data);
-            let (message, defect) =
-                convert::to_message(&source, d.routing_key.as_str(), &d.properties, body.clone());
+            let (message, defect) = convert::to_message(&source, d.routing_key.as_str(), &d.properties, body.clone());
             let handle = AmqpHandle {
                 tag: d.delivery_tag,
                 acks: acks.clone(),
@@ -253,9 +226,7 @@ impl AmqpTransport {
         };
         status.set_connected(false);
         if result.is_ok() && channel.status().connected() {
-            let _ = channel
-                .basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            let _ = channel.basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default()).await;
         }
         // Wait until every delivery of this session is settled or dropped, so their
         // acks reach the broker before the channel closes.
@@ -265,10 +236,7 @@ impl AmqpTransport {
             let _ = channel.close(200, "subscription stopped".into()).await;
         }
         if session.publisher.status().connected() {
-            let _ = session
-                .publisher
-                .close(200, "subscription stopped".into())
-                .await;
+            let _ = session.publisher.close(200, "subscription stopped".into()).await;
         }
         result
     }
@@ -304,24 +272,13 @@ impl Transport for AmqpTransport {
         }
     }
 
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: &Message,
-    ) -> Result<(), TransportError> {
+    async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {
         let mut slot = self.publisher.lock().await;
         let channel = match slot.as_ref().filter(|c| c.status().connected()) {
             Some(c) => c.clone(),
             None => {
-                let conn = self
-                    .connection()
-                    .await
-                    .map_err(|e| TransportError::Broker(e.to_string()))?;
-                let ch = conn
-                    .create_channel()
-                    .await
-                    .map_err(|e| TransportError::Broker(e.to_string()))?;
+                let conn = self.connection().await.map_err(|e| TransportError::Broker(e.to_string()))?;
+                let ch = conn.create_channel().await.map_err(|e| TransportError::Broker(e.to_string()))?;
                 ch.confirm_select(ConfirmSelectOptions::default())
                     .await
                     .map_err(|e| TransportError::Broker(e.to_string()))?;
@@ -331,20 +288,18 @@ impl Transport for AmqpTransport {
         };
         drop(slot);
         let props = convert::publish_properties(message);
-        confirm_publish(&channel, exchange, routing_key, &message.body, props)
-            .await
-            .map_err(|reason| TransportError::NotConfirmed {
+        confirm_publish(&channel, exchange, routing_key, &message.body, props).await.map_err(|reason| {
+            TransportError::NotConfirmed {
                 destination: format!("exchange {exchange:?} routing key {routing_key:?}"),
                 reason,
-            })
+            }
+        })
     }
 
     async fn close(&self) {
         if let Some(c) = self.connection.lock().await.take() {
             if c.status().connected() {
-                let _ = c
-                    .close(200, ShortString::from("message-router stopping"))
-                    .await;
+                let _ = c.close(200, ShortString::from("message-router stopping")).await;
             }
         }
     }

@@ -11,9 +11,9 @@
 //! publish: a crash between the two leaves the original unacked, so it is redelivered
 //! (a duplicate, never a loss).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -82,15 +82,7 @@ async fn flush(
     requeue: &[u64],
 ) -> lapin::Result<()> {
     for &tag in requeue {
-        channel
-            .basic_nack(
-                tag,
-                BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                },
-            )
-            .await?;
+        channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await?;
     }
     let mut upto = None;
     for tag in outstanding.iter() {
@@ -102,18 +94,14 @@ async fn flush(
     }
     if let Some(upto) = upto {
         // Every unacked tag <= upto on this channel is in `done`: safe to cover them all.
-        channel
-            .basic_ack(upto, BasicAckOptions { multiple: true })
-            .await?;
+        channel.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
         let rest = outstanding.split_off(&(upto + 1));
         *outstanding = rest;
         let rest = done.split_off(&(upto + 1));
         *done = rest;
     }
     for tag in std::mem::take(done) {
-        channel
-            .basic_ack(tag, BasicAckOptions { multiple: false })
-            .await?;
+        channel.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
         outstanding.remove(&tag);
     }
     Ok(())
@@ -127,8 +115,8 @@ pub struct Session {
     pub subscription: String,
     pub queue: String,
     pub dead_letter: DeadLetterConfig,
-    /// Retry queues already declared in this session.
-    pub delay_queues: Mutex<HashSet<String>>,
+    /// Retry queues declared in this session, with when (see [`DELAY_QUEUE_IDLE`]).
+    pub delay_queues: Mutex<HashMap<String, Instant>>,
     /// Cancelled when a publish fails in a way that leaves the channel unusable; the
     /// consumer then reconnects instead of looping redeliveries into a dead channel.
     pub broken: CancellationToken,
@@ -154,11 +142,7 @@ impl Settle for AmqpHandle {
                 let _ = self.acks.send(AckCmd::Requeue(self.tag));
                 return Ok(());
             }
-            Settlement::Retry {
-                after,
-                next_attempt,
-                failure,
-            } => {
+            Settlement::Retry { after, next_attempt, failure } => {
                 let mut extra = self.origin_headers();
                 extra.push((header::ATTEMPT, next_attempt.to_string()));
                 extra.extend(failure.headers(&self.session.subscription));
@@ -168,10 +152,7 @@ impl Settle for AmqpHandle {
                 let mut extra = self.origin_headers();
                 extra.extend(failure.headers(&self.session.subscription));
                 let dl = &self.session.dead_letter;
-                let key = dl
-                    .routing_key
-                    .clone()
-                    .unwrap_or_else(|| format!("{}.dlq", self.session.queue));
+                let key = dl.routing_key.clone().unwrap_or_else(|| format!("{}.dlq", self.session.queue));
                 self.publish(&dl.exchange, &key, &extra).await
             }
         };
@@ -198,18 +179,13 @@ impl AmqpHandle {
     fn origin_headers(&self) -> Vec<(&'static str, String)> {
         let existing = |name: &str| -> Option<String> {
             match self.properties.headers().as_ref()?.inner().get(name)? {
-                AMQPValue::LongString(s) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
+                AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
                 AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
                 _ => None,
             }
         };
         vec![
-            (
-                header::ORIGINAL_EXCHANGE,
-                existing(header::ORIGINAL_EXCHANGE).unwrap_or_else(|| self.exchange.clone()),
-            ),
+            (header::ORIGINAL_EXCHANGE, existing(header::ORIGINAL_EXCHANGE).unwrap_or_else(|| self.exchange.clone())),
             (
                 header::ORIGINAL_ROUTING_KEY,
                 existing(header::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| self.routing_key.clone()),
@@ -218,17 +194,13 @@ impl AmqpHandle {
         ]
     }
 
-    async fn publish_retry(
-        &self,
-        after: Duration,
-        extra: &[(&'static str, String)],
-    ) -> Result<(), SettleError> {
+    async fn publish_retry(&self, after: Duration, extra: &[(&'static str, String)]) -> Result<(), SettleError> {
         let ttl = delay_bucket(after);
         let name = format!("{}.retry.{ttl}ms", self.session.queue);
-        let known = self.session.delay_queues.lock().contains(&name);
-        if !known {
+        let fresh = self.session.delay_queues.lock().get(&name).is_some_and(|at| at.elapsed() < REDECLARE_AFTER);
+        if !fresh {
             declare_delay_queue(&self.session, &name, ttl).await?;
-            self.session.delay_queues.lock().insert(name.clone());
+            self.session.delay_queues.lock().insert(name.clone(), Instant::now());
         }
         self.publish("", &name, extra).await
     }
@@ -241,15 +213,7 @@ impl AmqpHandle {
     ) -> Result<(), SettleError> {
         let props = republish_properties(&self.properties, extra);
         let destination = format!("exchange {exchange:?} routing key {routing_key:?}");
-        confirm_publish(
-            &self.session.publisher,
-            exchange,
-            routing_key,
-            &self.body,
-            props,
-        )
-        .await
-        .map_err(|e| {
+        confirm_publish(&self.session.publisher, exchange, routing_key, &self.body, props).await.map_err(|e| {
             if !self.session.publisher.status().connected() {
                 self.session.broken.cancel();
             }
@@ -271,10 +235,7 @@ pub async fn confirm_publish(
         .basic_publish(
             ShortString::from(exchange),
             ShortString::from(routing_key),
-            BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            },
+            BasicPublishOptions { mandatory: true, immediate: false },
             body,
             props,
         )
@@ -307,29 +268,24 @@ pub fn delay_bucket(after: Duration) -> u64 {
     ms.div_ceil(unit) * unit
 }
 
+/// How long an unused retry queue lives on after its TTL: long enough that every
+/// message in it has expired back to its queue first. RabbitMQ's `x-expires` counts
+/// from the last declare, not the last publish, so the router re-declares a queue it
+/// keeps using every [`REDECLARE_AFTER`]; a queue is deleted only after no retry went
+/// into it for `ttl + DELAY_QUEUE_IDLE`, when it is empty.
+pub const DELAY_QUEUE_IDLE: Duration = Duration::from_secs(3600);
+const REDECLARE_AFTER: Duration = Duration::from_secs(600);
+
 /// A durable queue whose messages expire after `ttl_ms` and are then dead-lettered by
 /// the broker back to the subscription's queue (through the default exchange).
-async fn declare_delay_queue(
-    session: &Session,
-    name: &str,
-    ttl_ms: u64,
-) -> Result<(), SettleError> {
+async fn declare_delay_queue(session: &Session, name: &str, ttl_ms: u64) -> Result<(), SettleError> {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongLongInt(ttl_ms as i64),
-    );
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(session.queue.as_str().into()),
-    );
-    declare_owned_queue(&session.connection, name, args)
-        .await
-        .map_err(SettleError)?;
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms as i64));
+    let expires = ttl_ms.saturating_add(DELAY_QUEUE_IDLE.as_millis() as u64);
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(expires as i64));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(session.queue.as_str().into()));
+    declare_owned_queue(&session.connection, name, args).await.map_err(SettleError)?;
     debug!(queue = name, ttl_ms, "declared retry queue");
     Ok(())
 }
@@ -337,24 +293,10 @@ async fn declare_delay_queue(
 /// Declare a queue the router owns (retry and default dead-letter queues) on a channel
 /// of its own, so a conflict cannot close a channel that carries traffic. A queue that
 /// already exists with other arguments is the operator's: it is used as it is.
-pub async fn declare_owned_queue(
-    connection: &Connection,
-    name: &str,
-    args: FieldTable,
-) -> Result<(), String> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn declare_owned_queue(connection: &Connection, name: &str, args: FieldTable) -> Result<(), String> {
+    let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     let result = channel
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
+        .queue_declare(ShortString::from(name), QueueDeclareOptions { durable: true, ..Default::default() }, args)
         .await;
     let outcome = match result {
         Ok(_) => Ok(()),
@@ -370,7 +312,7 @@ pub async fn declare_owned_queue(
 #[cfg(test)]
 mod tests {
     use super::delay_bucket;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn buckets_delays_to_two_significant_digits() {

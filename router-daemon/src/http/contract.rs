@@ -1,0 +1,186 @@
+//! The HTTP delivery contract (README "HTTP contract"; shared/DESIGN.md).
+//!
+//! Request: `POST`, body = message body, CloudEvents binary-mode `ce-*` headers,
+//! router metadata in `x-router-*`, message headers as `x-message-header-<name>`,
+//! W3C `traceparent`/`tracestate` passed through, optional HMAC signature.
+//!
+//! Response → [`Outcome`]:
+//!
+//! | status                  | outcome                                           |
+//! |-------------------------|---------------------------------------------------|
+//! | 2xx                     | ack                                               |
+//! | 429, 503                | retry after `Retry-After` (or the policy's delay) |
+//! | 408, other 5xx          | retry per policy                                  |
+//! | other 4xx               | reject: dead-letter now                           |
+//! | 1xx, 3xx                | retry per policy (a misconfigured endpoint)       |
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::StatusCode;
+use router_core::message::rfc3339;
+use router_core::{DeliveryInfo, Outcome};
+use sha2::Sha256;
+
+/// Prefix under which message headers travel as HTTP headers.
+pub const MESSAGE_HEADER_PREFIX: &str = "x-message-header-";
+/// How much of an error response body goes into the failure reason.
+pub const EXCERPT_BYTES: usize = 512;
+
+/// Headers for one delivery. A message header that cannot be expressed in HTTP
+/// (control characters, a name that is not a token) is an error: the caller rejects
+/// the message with this reason rather than dropping the header silently.
+pub fn request_headers(d: &DeliveryInfo<'_>, secret: Option<&[u8]>) -> Result<HeaderMap, String> {
+    let m = d.message;
+    let mut h = HeaderMap::new();
+    let mut put = |name: &str, value: &str| -> Result<(), String> {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("header name {name:?} cannot be sent over HTTP"))?;
+        let v =
+            HeaderValue::from_str(value).map_err(|_| format!("value of header {name:?} cannot be sent over HTTP"))?;
+        h.insert(n, v);
+        Ok(())
+    };
+    put(CONTENT_TYPE.as_str(), m.content_type.as_deref().unwrap_or("application/octet-stream"))?;
+    put("ce-specversion", "1.0")?;
+    put("ce-id", &m.id)?;
+    put("ce-source", &m.source)?;
+    put(
+        "ce-type",
+        m.kind.as_deref().or(m.key.as_deref()).filter(|t| !t.is_empty()).unwrap_or("message-router.message"),
+    )?;
+    if let Some(t) = m.timestamp {
+        put("ce-time", &rfc3339(t))?;
+    }
+    if let Some(key) = &m.key {
+        put("x-router-key", key)?;
+    }
+    put("x-router-attempt", &d.attempt.to_string())?;
+    put("x-router-route", d.route)?;
+    put("x-router-subscription", d.subscription)?;
+    put("x-router-handler", d.handler)?;
+    for (k, v) in &m.headers {
+        let lower = k.to_ascii_lowercase();
+        if lower == "traceparent" || lower == "tracestate" {
+            put(&lower, v)?;
+        }
+        put(&format!("{MESSAGE_HEADER_PREFIX}{lower}"), v)?;
+    }
+    if let Some(secret) = secret {
+        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0).to_string();
+        put("x-router-timestamp", &ts)?;
+        put("x-router-signature", &sign(secret, &ts, &m.body))?;
+    }
+    Ok(h)
+}
+
+/// `v1=` + hex(HMAC-SHA256(secret, "<timestamp>." + body)). Endpoints recompute it and
+/// refuse requests whose timestamp is too old (replays).
+pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    // HMAC accepts keys of any length; the error branch cannot happen.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { return String::new() };
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Map a response onto an outcome. `excerpt` is the start of the response body.
+pub fn outcome(status: StatusCode, retry_after: Option<&HeaderValue>, excerpt: &[u8], now: SystemTime) -> Outcome {
+    let describe = || {
+        let text = String::from_utf8_lossy(excerpt);
+        let text = text.trim();
+        if text.is_empty() {
+            format!("HTTP {}", status.as_u16())
+        } else {
+            format!("HTTP {}: {text}", status.as_u16())
+        }
+    };
+    match status.as_u16() {
+        200..=299 => Outcome::Ack,
+        429 | 503 => Outcome::Retry { after: retry_after.and_then(|v| parse_retry_after(v, now)), error: describe() },
+        408 | 500..=599 => Outcome::Retry { after: None, error: describe() },
+        400..=499 => Outcome::Reject { reason: describe() },
+        _ => Outcome::Retry { after: None, error: format!("unexpected {}", describe()) },
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+pub fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let s = v.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use router_core::Message;
+
+    #[test]
+    fn maps_statuses_per_contract() {
+        let now = SystemTime::now();
+        let st = |c: u16| StatusCode::from_u16(c).expect("status");
+        let ra = HeaderValue::from_static("7");
+        assert_eq!(outcome(st(200), None, b"", now), Outcome::Ack);
+        assert_eq!(outcome(st(204), None, b"", now), Outcome::Ack);
+        assert_eq!(
+            outcome(st(429), Some(&ra), b"slow down", now),
+            Outcome::Retry { after: Some(Duration::from_secs(7)), error: "HTTP 429: slow down".into() }
+        );
+        assert_eq!(outcome(st(503), None, b"", now), Outcome::Retry { after: None, error: "HTTP 503".into() });
+        assert_eq!(
+            outcome(st(500), Some(&ra), b"boom", now),
+            Outcome::Retry { after: None, error: "HTTP 500: boom".into() }
+        );
+        assert_eq!(outcome(st(408), None, b"", now), Outcome::Retry { after: None, error: "HTTP 408".into() });
+        assert_eq!(
+            outcome(st(422), None, b"bad order\n", now),
+            Outcome::Reject { reason: "HTTP 422: bad order".into() }
+        );
+        assert_eq!(outcome(st(404), None, b"", now), Outcome::Reject { reason: "HTTP 404".into() });
+        assert!(matches!(outcome(st(302), None, b"", now), Outcome::Retry { .. }));
+    }
+
+    #[test]
+    fn parses_retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let date = HeaderValue::from_str(&httpdate::fmt_http_date(now + Duration::from_secs(90))).expect("date");
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(90)));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("120"), now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon"), now), None);
+    }
+
+    #[test]
+    fn builds_cloudevents_headers_and_refuses_unsendable_ones() {
+        let mut m = Message {
+            id: "m-1".into(),
+            key: Some("order.created".into()),
+            source: "amqp://h/orders".into(),
+            ..Message::default()
+        };
+        m.headers.insert("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        m.headers.insert("Tenant".into(), "acme".into());
+        let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
+        let h = request_headers(&d, Some(b"0123456789abcdef")).expect("headers");
+        assert_eq!(h["ce-id"], "m-1");
+        assert_eq!(h["ce-specversion"], "1.0");
+        assert_eq!(h["ce-type"], "order.created");
+        assert_eq!(h["x-router-attempt"], "2");
+        assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(h["x-message-header-tenant"], "acme");
+        let ts = h["x-router-timestamp"].to_str().expect("ascii");
+        assert_eq!(h["x-router-signature"], sign(b"0123456789abcdef", ts, b"").as_str());
+
+        m.headers.insert("bad".into(), "line\nbreak".into());
+        let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
+        assert_eq!(
+            request_headers(&d, None).err().as_deref(),
+            Some("value of header \"x-message-header-bad\" cannot be sent over HTTP")
+        );
+    }
+}

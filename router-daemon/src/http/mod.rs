@@ -1,0 +1,110 @@
+//! The HTTP target: delivers to a pool of handler endpoints (PHP-FPM pods, `php -S`,
+//! anything that speaks HTTP).
+//!
+//! - `contract.rs`: request headers and the status → outcome table.
+//! - `pool.rs`: endpoint selection and passive health.
+//!
+//! A connection failure means the request never reached a handler, so it is safe to
+//! try the next endpoint within the same attempt: a dead pod costs a retry of the
+//! connect, not an attempt of the message.
+
+pub mod contract;
+pub mod pool;
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use router_core::config::HandlerConfig;
+use router_core::{DeliveryInfo, Outcome, Target};
+use tracing::warn;
+
+use pool::{Endpoint, Pool};
+
+pub struct HttpTarget {
+    name: String,
+    client: reqwest::Client,
+    pool: Pool,
+    timeout: Duration,
+    secret: Option<Vec<u8>>,
+}
+
+impl HttpTarget {
+    /// A target for one handler. `up` is the `router_endpoint_up` gauge family.
+    pub fn new(
+        name: &str,
+        config: &HandlerConfig,
+        client: reqwest::Client,
+        up: &prometheus::IntGaugeVec,
+    ) -> Result<Self, String> {
+        let mut endpoints = Vec::new();
+        for e in &config.endpoints {
+            let url = reqwest::Url::parse(e).map_err(|err| format!("handlers.{name}.endpoints: {e:?}: {err}"))?;
+            endpoints.push(Endpoint::new(url, up.with_label_values(&[name, e.as_str()])));
+        }
+        Ok(HttpTarget {
+            name: name.to_string(),
+            client,
+            pool: Pool::new(endpoints, config.balance),
+            timeout: config.timeout,
+            secret: config.signing.as_ref().map(|s| s.secret.clone().into_bytes()),
+        })
+    }
+}
+
+#[async_trait]
+impl Target for HttpTarget {
+    async fn deliver(&self, d: DeliveryInfo<'_>) -> Outcome {
+        let headers = match contract::request_headers(&d, self.secret.as_deref()) {
+            Ok(h) => h,
+            Err(reason) => return Outcome::Reject { reason },
+        };
+        let mut tried = Vec::new();
+        let mut last_error = String::from("no endpoints configured");
+        while let Some(i) = self.pool.pick(&tried) {
+            tried.push(i);
+            let endpoint = &self.pool.endpoints[i];
+            let _in_flight = endpoint.start();
+            let sent = self
+                .client
+                .post(endpoint.url.clone())
+                .headers(headers.clone())
+                .body(d.message.body.clone())
+                .timeout(self.timeout)
+                .send()
+                .await;
+            let mut response = match sent {
+                Ok(r) => r,
+                Err(e) if e.is_connect() => {
+                    endpoint.mark_down();
+                    warn!(handler = %self.name, endpoint = %endpoint.url, error = %e, "endpoint unreachable; trying another");
+                    last_error = format!("{}: cannot connect: {e}", endpoint.url);
+                    continue;
+                }
+                Err(e) if e.is_timeout() => {
+                    return Outcome::Retry {
+                        after: None,
+                        error: format!("{}: no answer within {:?}", endpoint.url, self.timeout),
+                    };
+                }
+                Err(e) => {
+                    return Outcome::Retry { after: None, error: format!("{}: request failed: {e}", endpoint.url) }
+                }
+            };
+            endpoint.mark_up();
+            let status = response.status();
+            let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).cloned();
+            // Read (a bounded part of) the body: the excerpt explains failures, and a
+            // fully read small body lets the connection be reused.
+            let mut excerpt = Vec::new();
+            while excerpt.len() < 64 * 1024 {
+                match tokio::time::timeout(self.timeout, response.chunk()).await {
+                    Ok(Ok(Some(chunk))) => excerpt.extend_from_slice(&chunk),
+                    _ => break,
+                }
+            }
+            excerpt.truncate(contract::EXCERPT_BYTES);
+            return contract::outcome(status, retry_after.as_ref(), &excerpt, SystemTime::now());
+        }
+        Outcome::Retry { after: None, error: format!("no endpoint of handler {:?} reachable: {last_error}", self.name) }
+    }
+}

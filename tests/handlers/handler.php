@@ -1,0 +1,62 @@
+<?php
+// Test handler for the daemon's end-to-end tests, served by `php -S` (the honest
+// stand-in for a PHP-FPM pod). Behaviour is chosen per message by the message header
+// `behave` (arriving as X-Message-Header-Behave):
+//   ok (default)     200
+//   fail             500 with a body
+//   fail-until:N     500 until attempt N, then 200
+//   reject           422 with a body (poison message)
+//   busy:S           429 with Retry-After: S, until attempt 2, then 200
+//   slow:MS          sleep MS milliseconds, then 200
+// Every request is appended as one JSON line to $HANDLER_LOG (flock'ed), so tests can
+// count what each message id went through.
+
+$headers = [];
+foreach ($_SERVER as $k => $v) {
+    if (str_starts_with($k, 'HTTP_')) {
+        $headers[strtolower(str_replace('_', '-', substr($k, 5)))] = $v;
+    }
+}
+$headers['content-type'] = $_SERVER['CONTENT_TYPE'] ?? '';
+$body = file_get_contents('php://input');
+$attempt = (int)($headers['x-router-attempt'] ?? 1);
+$behave = $headers['x-message-header-behave'] ?? 'ok';
+[$mode, $arg] = array_pad(explode(':', $behave, 2), 2, '');
+
+$status = 200;
+$out = "ok\n";
+$extra = [];
+switch ($mode) {
+    case 'fail':
+        $status = 500; $out = "handler failed on purpose\n"; break;
+    case 'fail-until':
+        if ($attempt < (int)$arg) { $status = 500; $out = "not yet\n"; }
+        break;
+    case 'reject':
+        $status = 422; $out = "invalid order payload\n"; break;
+    case 'busy':
+        if ($attempt < 2) { $status = 429; $extra[] = 'Retry-After: ' . (int)$arg; $out = "slow down\n"; }
+        break;
+    case 'slow':
+        usleep((int)$arg * 1000); break;
+}
+
+$log = getenv('HANDLER_LOG');
+if ($log) {
+    $line = json_encode([
+        'id' => $headers['ce-id'] ?? null,
+        'attempt' => $attempt,
+        'status' => $status,
+        'port' => (int)$_SERVER['SERVER_PORT'],
+        'time' => microtime(true),
+        'body_sha1' => sha1($body),
+        'headers' => $headers,
+    ]) . "\n";
+    file_put_contents($log, $line, FILE_APPEND | LOCK_EX);
+}
+http_response_code($status);
+foreach ($extra as $h) {
+    header($h);
+}
+header('Content-Type: text/plain');
+echo $out;

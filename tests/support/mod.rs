@@ -1,1 +1,430 @@
+//! Shared parts of the end-to-end tests: the real `message-router` binary, real PHP
+//! handlers served by `php -S`, and a real RabbitMQ.
+//!
+//! Every test names its queues with a fresh suffix ([`unique`]), so runs never see each
+//! other's messages (the suite passes twice in a row and after a killed run). Waits are
+//! polls with a deadline ([`wait_for`]), never fixed sleeps.
 
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufRead;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Workspace root (this crate lives in `tests/`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The daemon binary: `MESSAGE_ROUTER_BIN`, else the workspace's debug build
+/// (`scripts/test` builds it first).
+pub fn router_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MESSAGE_ROUTER_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join("target"));
+    let bin = target.join("debug").join("message-router");
+    assert!(bin.exists(), "{} not found: run `cargo build -p router-daemon` first (scripts/test does)", bin.display());
+    bin
+}
+
+/// A name no other test run uses.
+pub fn unique(prefix: &str) -> String {
+    format!("e2e-{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A scratch directory removed at drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique(name));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Poll `cond` every 20 ms until it holds or `timeout` passes (then panic with `what`).
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for exit up to `timeout`; the exit code, or None if it did not exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A PHP handler served by `php -S` with `tests/handlers/handler.php`; requests are
+/// logged as JSON lines to `log`.
+pub struct PhpHandler {
+    pub proc: Proc,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl PhpHandler {
+    pub async fn start(log: &Path, workers: u32) -> Self {
+        let port = free_port();
+        let script = root().join("tests/handlers/handler.php");
+        let child = Command::new("php")
+            .args(["-S", &format!("127.0.0.1:{port}"), script.to_str().unwrap_or_default()])
+            .env("HANDLER_LOG", log)
+            .env("PHP_CLI_SERVER_WORKERS", workers.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("php -S starts (is php8.2-cli installed? scripts/setup installs it)");
+        let handler = PhpHandler { proc: Proc { child, name: format!("php:{port}") }, port, log: log.to_path_buf() };
+        wait_for("php -S to listen", Duration::from_secs(10), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        handler
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+}
+
+/// One request as the PHP handler logged it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub id: String,
+    pub attempt: u32,
+    pub status: u16,
+    pub port: u16,
+    pub time: f64,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Every request logged so far to `log` (missing file = none yet).
+pub fn seen(log: &Path) -> Vec<Seen> {
+    let Ok(f) = std::fs::File::open(log) else { return Vec::new() };
+    std::io::BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .map(|v| Seen {
+            id: v["id"].as_str().unwrap_or_default().to_string(),
+            attempt: v["attempt"].as_u64().unwrap_or(0) as u32,
+            status: v["status"].as_u64().unwrap_or(0) as u16,
+            port: v["port"].as_u64().unwrap_or(0) as u16,
+            time: v["time"].as_f64().unwrap_or(0.0),
+            headers: v["headers"]
+                .as_object()
+                .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The `message-router` daemon running a config written to a scratch file.
+pub struct Router {
+    pub proc: Proc,
+    pub admin: u16,
+    pub config: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Router {
+    /// Start with `yaml` (which must use `{admin}` where the admin port goes) and wait
+    /// until `/readyz` says every subscription consumes.
+    pub async fn start(dir: &Scratch, yaml: &str) -> Self {
+        let admin = free_port();
+        let config = dir.path(&format!("router-{admin}.yaml"));
+        std::fs::write(&config, yaml.replace("{admin}", &admin.to_string())).expect("write config");
+        let router = Self::spawn(&config, admin, dir);
+        router.wait_ready().await;
+        router
+    }
+
+    /// Start again on the same config (after a kill).
+    pub async fn restart(dir: &Scratch, previous: &Router) -> Self {
+        let router = Self::spawn(&previous.config, previous.admin, dir);
+        router.wait_ready().await;
+        router
+    }
+
+    fn spawn(config: &Path, admin: u16, dir: &Scratch) -> Self {
+        let stderr = dir.path(&format!("router-{admin}-{}.log", uuid::Uuid::new_v4().simple()));
+        let log = std::fs::File::create(&stderr).expect("router log");
+        let child = Command::new(router_bin())
+            .args(["run", "--config", config.to_str().unwrap_or_default()])
+            .env("RUST_LOG", "info,router_core=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("message-router starts");
+        Router { proc: Proc { child, name: format!("router:{admin}") }, admin, config: config.to_path_buf(), stderr }
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.admin);
+        wait_for(&format!("router ready ({})", self.stderr.display()), Duration::from_secs(30), || {
+            let url = url.clone();
+            async move { matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success()) }
+        })
+        .await;
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin);
+        match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGTERM, and the exit code within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        self.proc.signal("TERM");
+        self.proc.wait_exit(timeout)
+    }
+}
+
+/// A test's own RabbitMQ connection: publish with confirms, count, read queues.
+pub struct Rabbit {
+    pub conn: Connection,
+    pub channel: Channel,
+    queues: Vec<String>,
+}
+
+/// A message read back from a queue.
+#[derive(Clone, Debug)]
+pub struct Got {
+    pub id: String,
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub headers: HashMap<String, String>,
+}
+
+impl Rabbit {
+    pub async fn connect() -> Self {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at AMQP_URL (default 127.0.0.1:5672): scripts/test starts it");
+        let channel = conn.create_channel().await.expect("channel");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        Rabbit { conn, channel, queues: Vec::new() }
+    }
+
+    /// Declare a durable queue, remembered for deletion (with its `.dlq`) at the end.
+    pub async fn queue(&mut self, name: &str) {
+        self.channel
+            .queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+            .await
+            .expect("declare queue");
+        self.queues.push(name.to_string());
+        self.queues.push(format!("{name}.dlq"));
+    }
+
+    /// Publish persistent messages through the default exchange to `queue`, each with
+    /// its id and headers; waits for every confirm.
+    pub async fn publish(&self, queue: &str, messages: &[(String, Vec<u8>, Vec<(&str, String)>)]) {
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (id, body, headers) in messages {
+            let mut table = FieldTable::default();
+            for (k, v) in headers {
+                table.insert((*k).into(), AMQPValue::LongString(v.as_str().into()));
+            }
+            let props = BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+                .with_headers(table);
+            let c = self
+                .channel
+                .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props)
+                .await
+                .expect("publish");
+            confirms.push(c);
+        }
+        for c in confirms {
+            assert!(c.await.expect("confirm").is_ack(), "broker nacked a test publish");
+        }
+    }
+
+    /// Messages ready in `queue` (passive declare: exact, unlike the management API).
+    pub async fn count(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let n = ch
+            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0);
+        let _ = ch.close(200, "".into()).await;
+        n
+    }
+
+    /// Take every message currently in `queue` (acked: the queue is emptied).
+    pub async fn drain(&self, queue: &str) -> Vec<Got> {
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = self.channel.basic_get(queue.into(), BasicGetOptions::default()).await {
+            let d = m.delivery;
+            let headers = d
+                .properties
+                .headers()
+                .as_ref()
+                .map(|t| {
+                    t.inner()
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                                AMQPValue::ShortString(s) => s.as_str().to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (k.as_str().to_string(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            out.push(Got {
+                id: d.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default(),
+                body: d.data,
+                routing_key: d.routing_key.as_str().to_string(),
+                headers,
+            });
+        }
+        out
+    }
+
+    /// Consume-count helper for large queues (faster than basic_get).
+    pub async fn drain_ids(&self, queue: &str, expect_at_least: usize, timeout: Duration) -> Vec<String> {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let mut consumer = ch
+            .basic_consume(queue.into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .await
+            .expect("consume");
+        let mut ids = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while ids.len() < expect_at_least {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(Some(Ok(d))) => ids.push(d.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default()),
+                _ => break,
+            }
+        }
+        let _ = ch.close(200, "".into()).await;
+        ids
+    }
+
+    /// Delete the queues this test declared (and their dead-letter queues).
+    pub async fn cleanup(self) {
+        for q in &self.queues {
+            let _ = self.channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        let _ = self.conn.close(200, "".into()).await;
+    }
+}
+
+/// `n` messages with ids `{prefix}-{i}`, a JSON body, and `headers(i)`.
+pub fn batch(prefix: &str, n: usize, headers: impl Fn(usize) -> Vec<(&'static str, String)>) -> Vec<(String, Vec<u8>, Vec<(&'static str, String)>)> {
+    (0..n).map(|i| (format!("{prefix}-{i}"), format!("{{\"n\":{i}}}").into_bytes(), headers(i))).collect()
+}
+
+/// A router config for one subscription on `queue` delivering to `endpoints`.
+pub fn config(queue: &str, endpoints: &[String], extra_handler: &str, extra_sub: &str) -> String {
+    let eps = endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{{admin}}" }}
+shutdown: {{ grace_period: 10s }}
+transports:
+  rabbit: {{ type: amqp, url: "{url}", reconnect_max_delay: 1s }}
+handlers:
+  php: {{ endpoints: [{eps}], timeout: 5s {extra_handler} }}
+subscriptions:
+  main:
+    transport: rabbit
+    queue: {queue}
+    prefetch: 32
+    retry: {{ max_attempts: 3, initial_delay: 200ms, multiplier: 2, max_delay: 2s, jitter: 0 }}
+    {extra_sub}
+routes:
+  - {{ name: work, match: {{ routing_key: "{queue}" }}, handler: php }}
+"#,
+        url = amqp_url()
+    )
+}

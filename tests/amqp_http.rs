@@ -76,7 +76,8 @@ async fn retries_5xx_with_backoff_then_dead_letters_with_every_header() {
     s.rabbit.publish(&s.queue, &[("flaky".into(), b"{}".to_vec(), vec![("behave", "fail-until:3".into())])]).await;
 
     wait_for("dead letter", WAIT, || async { s.rabbit.count(&dlq).await == 1 }).await;
-    wait_for("flaky handled", WAIT, || async { seen(&s.php.log).iter().any(|x| x.id == "flaky" && x.status == 200) }).await;
+    wait_for("flaky handled", WAIT, || async { seen(&s.php.log).iter().any(|x| x.id == "flaky" && x.status == 200) })
+        .await;
 
     let got = by_id(&seen(&s.php.log));
     let doomed: Vec<u32> = got["doomed"].iter().map(|x| x.attempt).collect();
@@ -106,7 +107,10 @@ async fn retries_5xx_with_backoff_then_dead_letters_with_every_header() {
     let (first, last) = (&d.headers["x-router-first-failure"], &d.headers["x-router-last-failure"]);
     assert!(first < last, "first failure {first} before last {last}");
     assert_eq!(s.rabbit.count(&s.queue).await, 0);
-    assert!(router.metrics().await.contains("router_messages_dead_lettered_total{handler=\"php\",route=\"work\",subscription=\"main\"} 1"));
+    assert!(router
+        .metrics()
+        .await
+        .contains("router_messages_dead_lettered_total{handler=\"php\",route=\"work\",subscription=\"main\"} 1"));
     s.rabbit.cleanup().await;
 }
 
@@ -199,7 +203,10 @@ async fn balances_two_endpoints_and_loses_nothing_when_one_is_dead() {
     assert_eq!(ids.len(), 200, "every message delivered once the dead endpoint is skipped");
     assert_eq!(rabbit.count(&format!("{queue2}.dlq")).await, 0, "nothing dead-lettered for a dead pod");
     let m = router.metrics().await;
-    assert!(m.contains(&format!("router_endpoint_up{{endpoint=\"http://127.0.0.1:{dead_port}/\",handler=\"php\"}} 0")), "{m}");
+    assert!(
+        m.contains(&format!("router_endpoint_up{{endpoint=\"http://127.0.0.1:{dead_port}/\",handler=\"php\"}} 0")),
+        "{m}"
+    );
     rabbit.cleanup().await;
     s.rabbit.cleanup().await;
 }
@@ -211,12 +218,19 @@ async fn sigterm_finishes_in_flight_and_leaves_the_rest_queued() {
     let mut router = Router::start(&s.dir, &yaml).await;
     s.rabbit.publish(&s.queue, &batch("d", 40, |_| vec![("behave", "slow:700".into())])).await;
     // PHP logs after sleeping: wait until two requests are in their sleep.
-    wait_for("handler busy", WAIT, || async { router.metrics().await.contains("router_in_flight{subscription=\"main\"} 2") }).await;
+    wait_for("handler busy", WAIT, || async {
+        router.metrics().await.contains("router_in_flight{subscription=\"main\"} 2")
+    })
+    .await;
     let code = router.terminate(Duration::from_secs(20));
     assert_eq!(code, Some(0), "graceful exit");
     let handled = seen(&s.php.log).len();
     assert!((2..40).contains(&handled), "in-flight finished, the rest untouched: {handled}");
-    assert_eq!(s.rabbit.count(&s.queue).await as usize, 40 - handled, "unhandled messages are back in the queue, handled ones acked");
+    assert_eq!(
+        s.rabbit.count(&s.queue).await as usize,
+        40 - handled,
+        "unhandled messages are back in the queue, handled ones acked"
+    );
     assert!(router.logs().contains("draining in-flight messages"));
     s.rabbit.cleanup().await;
 }

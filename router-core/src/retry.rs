@@ -26,12 +26,12 @@ pub struct RetryPolicy {
     /// Attempts in all, the first delivery included. 1 means never retry.
     pub max_attempts: u32,
     /// Delay before the second attempt.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "crate::config::duration::deserialize")]
     pub initial_delay: Duration,
     /// Each further delay is the previous one times this (>= 1).
     pub multiplier: f64,
     /// Upper bound for a computed delay.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "crate::config::duration::deserialize")]
     pub max_delay: Duration,
     /// Spread each delay uniformly by ±jitter (0 to 1), so retries of a burst of
     /// failures do not return together.

@@ -262,6 +262,9 @@ impl Router {
     }
 }
 
+/// A message to publish: id, body, headers.
+pub type Outgoing = (String, Vec<u8>, Vec<(&'static str, String)>);
+
 /// A test's own RabbitMQ connection: publish with confirms, count, read queues.
 pub struct Rabbit {
     pub conn: Connection,
@@ -291,7 +294,11 @@ impl Rabbit {
     /// Declare a durable queue, remembered for deletion (with its `.dlq`) at the end.
     pub async fn queue(&mut self, name: &str) {
         self.channel
-            .queue_declare(name.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .expect("declare queue");
         self.queues.push(name.to_string());
@@ -300,7 +307,7 @@ impl Rabbit {
 
     /// Publish persistent messages through the default exchange to `queue`, each with
     /// its id and headers; waits for every confirm.
-    pub async fn publish(&self, queue: &str, messages: &[(String, Vec<u8>, Vec<(&str, String)>)]) {
+    pub async fn publish(&self, queue: &str, messages: &[Outgoing]) {
         let mut confirms = Vec::with_capacity(messages.len());
         for (id, body, headers) in messages {
             let mut table = FieldTable::default();
@@ -311,7 +318,12 @@ impl Rabbit {
                 .with_message_id(id.as_str().into())
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
-                .with_timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+                .with_timestamp(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                )
                 .with_headers(table);
             let c = self
                 .channel
@@ -329,7 +341,11 @@ impl Rabbit {
     pub async fn count(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.expect("channel");
         let n = ch
-            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .map(|q| q.message_count())
             .unwrap_or(0);
@@ -375,14 +391,21 @@ impl Rabbit {
     pub async fn drain_ids(&self, queue: &str, expect_at_least: usize, timeout: Duration) -> Vec<String> {
         let ch = self.conn.create_channel().await.expect("channel");
         let mut consumer = ch
-            .basic_consume(queue.into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .expect("consume");
         let mut ids = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
         while ids.len() < expect_at_least {
             match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(Some(Ok(d))) => ids.push(d.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default()),
+                Ok(Some(Ok(d))) => {
+                    ids.push(d.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default())
+                }
                 _ => break,
             }
         }
@@ -400,7 +423,7 @@ impl Rabbit {
 }
 
 /// `n` messages with ids `{prefix}-{i}`, a JSON body, and `headers(i)`.
-pub fn batch(prefix: &str, n: usize, headers: impl Fn(usize) -> Vec<(&'static str, String)>) -> Vec<(String, Vec<u8>, Vec<(&'static str, String)>)> {
+pub fn batch(prefix: &str, n: usize, headers: impl Fn(usize) -> Vec<(&'static str, String)>) -> Vec<Outgoing> {
     (0..n).map(|i| (format!("{prefix}-{i}"), format!("{{\"n\":{i}}}").into_bytes(), headers(i))).collect()
 }
 

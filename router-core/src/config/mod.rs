@@ -79,7 +79,7 @@ impl Default for LogConfig {
 pub struct ShutdownConfig {
     /// On SIGTERM/SIGINT, how long in-flight messages may take to finish. What is
     /// still running then is handed back to the broker unacked.
-    #[serde(with = "humantime_serde")]
+    #[serde(deserialize_with = "crate::config::duration::deserialize")]
     pub grace_period: Duration,
 }
 
@@ -106,7 +106,7 @@ pub struct TransportConfig {
     /// `amqp://user:pass@host:port/vhost` (`amqps://` for TLS). Use `${VAR}` for secrets.
     pub url: Option<String>,
     /// Longest wait between reconnect attempts (the wait doubles from 100 ms).
-    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    #[serde(default = "default_reconnect_max", deserialize_with = "crate::config::duration::deserialize")]
     pub reconnect_max_delay: Duration,
     /// Exchanges, queues and bindings to declare at connect (AMQP).
     #[serde(default)]
@@ -195,7 +195,7 @@ pub struct HandlerConfig {
     #[serde(default)]
     pub balance: Balance,
     /// A request that takes longer is a failed attempt (retried per policy).
-    #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[serde(default = "default_timeout", deserialize_with = "crate::config::duration::deserialize")]
     pub timeout: Duration,
     /// Most deliveries in flight to this handler at once, over all subscriptions.
     #[serde(default = "default_max_in_flight")]
@@ -296,4 +296,19 @@ pub struct MatchConfig {
     pub routing_key: Option<String>,
     /// Every listed header must be present with exactly this value.
     pub headers: BTreeMap<String, String>,
+}
+
+/// Durations in the config: `250ms`, `5s`, `2m`, `1h 30m` (humantime syntax). The
+/// error keeps humantime's explanation and shows valid examples.
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {text:?}: {e} (write it like 250ms, 5s, 2m or 1h 30m)"))
+        })
+    }
 }

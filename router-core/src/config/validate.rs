@@ -60,17 +60,15 @@ impl Config {
         for (name, h) in &self.handlers {
             let p = format!("handlers.{name}");
             for (i, endpoint) in h.endpoints.iter().enumerate() {
-                match url::Url::parse(endpoint) {
-                    Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
-                    Ok(u) => add(
-                        format!("{p}.endpoints[{i}]"),
-                        format!(
-                            "{endpoint:?} must be an http:// or https:// URL with a host (scheme was {:?})",
-                            u.scheme()
-                        ),
-                    ),
-                    Err(e) => add(format!("{p}.endpoints[{i}]"), format!("{endpoint:?} is not a valid URL: {e}")),
-                }
+                let problem = match url::Url::parse(endpoint) {
+                    Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => continue,
+                    Ok(u) => format!("scheme is {:?}", u.scheme()),
+                    Err(e) => e.to_string(),
+                };
+                add(
+                    format!("{p}.endpoints[{i}]"),
+                    format!("{endpoint:?} must be an http:// or https:// URL with a host, like http://127.0.0.1:8080/ ({problem})"),
+                );
             }
             if h.max_in_flight == 0 {
                 add(format!("{p}.max_in_flight"), "must be at least 1".into());

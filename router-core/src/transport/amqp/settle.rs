@@ -312,7 +312,7 @@ pub async fn declare_owned_queue(connection: &Connection, name: &str, args: Fiel
 #[cfg(test)]
 mod tests {
     use super::delay_bucket;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     #[test]
     fn buckets_delays_to_two_significant_digits() {

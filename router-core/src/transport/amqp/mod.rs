@@ -39,6 +39,9 @@ use super::{ConsumeSpec, SourceStatus, Transport, TransportError};
 use crate::config::{ArgValue, ExchangeType, Topology, TransportConfig};
 use crate::message::{Delivery, Message};
 
+/// A broker that does not answer a connect within this is treated as down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub struct AmqpTransport {
     name: String,
     url: String,
@@ -92,7 +95,11 @@ impl AmqpTransport {
         }
         let props =
             ConnectionProperties::default().with_connection_name(format!("message-router/{}", self.name).into());
-        let conn = Arc::new(Connection::connect(&self.url, props).await?);
+        let conn =
+            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, props)).await.map_err(|_| {
+                SessionError::Other(format!("no answer from {} within {CONNECT_TIMEOUT:?}", self.display))
+            })??;
+        let conn = Arc::new(conn);
         info!(transport = %self.name, broker = %self.display, "connected");
         self.declare_topology(&conn).await?;
         *slot = Some(conn.clone());
@@ -228,16 +235,20 @@ impl AmqpTransport {
         if result.is_ok() && channel.status().connected() {
             let _ = channel.basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default()).await;
         }
-        // Wait until every delivery of this session is settled or dropped, so their
-        // acks reach the broker before the channel closes.
         drop(acks);
-        let _ = acker.await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "subscription stopped".into()).await;
+        if result.is_ok() {
+            // Stopping: wait until every delivery of this session is settled or
+            // dropped, so their acks reach the broker before the channel closes.
+            let _ = acker.await;
+            if channel.status().connected() {
+                let _ = channel.close(200, "subscription stopped".into()).await;
+            }
+            if session.publisher.status().connected() {
+                let _ = session.publisher.close(200, "subscription stopped".into()).await;
+            }
         }
-        if session.publisher.status().connected() {
-            let _ = session.publisher.close(200, "subscription stopped".into()).await;
-        }
+        // On failure the channel is gone: the broker redelivers everything unacked, so
+        // reconnect at once instead of waiting for handlers whose acks cannot land.
         result
     }
 }

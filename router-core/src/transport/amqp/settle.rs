@@ -81,30 +81,43 @@ async fn flush(
     done: &mut BTreeSet<u64>,
     requeue: &[u64],
 ) -> lapin::Result<()> {
+    // Nacks first: once requeued, a tag is no longer unacked on the channel, so a
+    // `multiple` ack sent after it cannot cover it.
     for &tag in requeue {
         channel.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await?;
     }
-    let mut upto = None;
-    for tag in outstanding.iter() {
-        if done.contains(tag) {
-            upto = Some(*tag);
-        } else {
-            break;
-        }
-    }
-    if let Some(upto) = upto {
-        // Every unacked tag <= upto on this channel is in `done`: safe to cover them all.
+    let plan = plan_acks(outstanding, done);
+    if let Some(upto) = plan.multiple_upto {
         channel.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
-        let rest = outstanding.split_off(&(upto + 1));
-        *outstanding = rest;
-        let rest = done.split_off(&(upto + 1));
-        *done = rest;
     }
-    for tag in std::mem::take(done) {
+    for tag in plan.singles {
         channel.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
-        outstanding.remove(&tag);
     }
     Ok(())
+}
+
+/// The acks to send for what is settled so far.
+#[derive(Debug, PartialEq)]
+struct AckPlan {
+    /// One `multiple` ack up to here: every outstanding tag <= it is settled.
+    multiple_upto: Option<u64>,
+    /// Settled tags beyond the first unsettled one, acked one by one.
+    singles: Vec<u64>,
+}
+
+/// Decide the acks for `done` (settled) among `outstanding` (handed out, not yet acked
+/// at the broker), and forget the tags the plan acks.
+fn plan_acks(outstanding: &mut BTreeSet<u64>, done: &mut BTreeSet<u64>) -> AckPlan {
+    let multiple_upto = outstanding.iter().take_while(|t| done.contains(t)).last().copied();
+    if let Some(upto) = multiple_upto {
+        *outstanding = outstanding.split_off(&(upto + 1));
+        *done = done.split_off(&(upto + 1));
+    }
+    let singles: Vec<u64> = std::mem::take(done).into_iter().collect();
+    for t in &singles {
+        outstanding.remove(t);
+    }
+    AckPlan { multiple_upto, singles }
 }
 
 /// What the handles of one consume session share: where durable publishes go.
@@ -311,8 +324,36 @@ pub async fn declare_owned_queue(connection: &Connection, name: &str, args: Fiel
 
 #[cfg(test)]
 mod tests {
-    use super::delay_bucket;
+    use super::{delay_bucket, plan_acks, AckPlan};
+    use std::collections::BTreeSet;
     use std::time::Duration;
+
+    fn set(tags: &[u64]) -> BTreeSet<u64> {
+        tags.iter().copied().collect()
+    }
+
+    #[test]
+    fn multiple_ack_never_covers_an_unsettled_tag() {
+        // 1..=6 handed out; 1, 2, 3 and 5 settled; 4 and 6 still in flight.
+        let (mut out, mut done) = (set(&[1, 2, 3, 4, 5, 6]), set(&[1, 2, 3, 5]));
+        assert_eq!(plan_acks(&mut out, &mut done), AckPlan { multiple_upto: Some(3), singles: vec![5] });
+        assert_eq!(out, set(&[4, 6]), "in-flight tags stay outstanding");
+        assert!(done.is_empty());
+        // The head is still in flight: nothing may be acked with `multiple`.
+        let mut done = set(&[6]);
+        assert_eq!(plan_acks(&mut out, &mut done), AckPlan { multiple_upto: None, singles: vec![6] });
+        assert_eq!(out, set(&[4]));
+        let mut done = set(&[4]);
+        assert_eq!(plan_acks(&mut out, &mut done), AckPlan { multiple_upto: Some(4), singles: vec![] });
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_requeued_tag_breaks_no_run() {
+        // 2 was requeued (removed from outstanding by the acker before planning).
+        let (mut out, mut done) = (set(&[1, 3]), set(&[1, 3]));
+        assert_eq!(plan_acks(&mut out, &mut done), AckPlan { multiple_upto: Some(3), singles: vec![] });
+    }
 
     #[test]
     fn buckets_delays_to_two_significant_digits() {

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -104,8 +105,10 @@ impl Proc {
         let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL the process and its process group (`php -S` forks workers that would
+    /// otherwise outlive it), and reap.
     pub fn kill(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.pid())]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -145,6 +148,7 @@ impl PhpHandler {
             .args(["-S", &format!("127.0.0.1:{port}"), script.to_str().unwrap_or_default()])
             .env("HANDLER_LOG", log)
             .env("PHP_CLI_SERVER_WORKERS", workers.to_string())
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -227,6 +231,7 @@ impl Router {
         let child = Command::new(router_bin())
             .args(["run", "--config", config.to_str().unwrap_or_default()])
             .env("RUST_LOG", "info,router_core=debug")
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

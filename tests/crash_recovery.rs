@@ -75,20 +75,36 @@ fn assert_nothing_lost(t: &Tally, ids: &[String]) {
     }
 }
 
+/// A queue loaded with `n` messages of mixed behaviour, a PHP handler and a router
+/// config for them.
+struct Stream {
+    dir: Scratch,
+    rabbit: Rabbit,
+    queue: String,
+    php: PhpHandler,
+    yaml: String,
+    ids: Vec<String>,
+}
+
+async fn loaded_stream(name: &str, n: usize) -> Stream {
+    let dir = Scratch::new(name);
+    let mut rabbit = Rabbit::connect().await;
+    let queue = unique(name);
+    rabbit.queue(&queue).await;
+    let php = PhpHandler::start(&dir.path("handler.log"), 4).await;
+    let yaml = config(&queue, &[php.url()], "", "");
+    let msgs = batch(name, n, behaviour);
+    let ids = msgs.iter().map(|m| m.0.clone()).collect();
+    rabbit.publish(&queue, &msgs).await;
+    Stream { dir, rabbit, queue, php, yaml, ids }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
     const N: usize = 3000;
     const ROUNDS: usize = 4;
-    let dir = Scratch::new("kill");
-    let mut rabbit = Rabbit::connect().await;
-    let queue = unique("kill");
-    rabbit.queue(&queue).await;
-    let php = PhpHandler::start(&dir.path("handler.log"), 4).await;
-    let yaml = config(&queue, &[php.url()], "", "");
-    let msgs = batch("k", N, behaviour);
-    let ids: Vec<String> = msgs.iter().map(|m| m.0.clone()).collect();
-    rabbit.publish(&queue, &msgs).await;
+    let Stream { dir, rabbit, queue, php, yaml, ids } = loaded_stream("kill", N).await;
 
     let mut router = Router::start(&dir, &yaml).await;
     for round in 0..ROUNDS {
@@ -123,15 +139,7 @@ async fn sigkill_mid_stream_loses_nothing() {
 async fn rabbitmq_restart_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
     const N: usize = 2000;
-    let dir = Scratch::new("restart");
-    let mut rabbit = Rabbit::connect().await;
-    let queue = unique("restart");
-    rabbit.queue(&queue).await;
-    let php = PhpHandler::start(&dir.path("handler.log"), 4).await;
-    let yaml = config(&queue, &[php.url()], "", "");
-    let msgs = batch("r", N, behaviour);
-    let ids: Vec<String> = msgs.iter().map(|m| m.0.clone()).collect();
-    rabbit.publish(&queue, &msgs).await;
+    let Stream { dir, rabbit, queue, php, yaml, ids } = loaded_stream("restart", N).await;
     drop(rabbit);
 
     let router = Router::start(&dir, &yaml).await;

@@ -172,10 +172,9 @@ impl Pipeline {
                 Some(res) = tasks.join_next(), if !tasks.is_empty() => log_task_end(&self.name, res),
                 next = rx.recv() => match next {
                     Some(d) => {
+                        self.metrics.received.with_label_values(&[self.name.as_str()]).inc();
                         let Some(permit) = acquire(&order, &shutdown).await else { break };
-                        if !self.clone().dispatch(d, permit, &shutdown, &mut tasks).await {
-                            break;
-                        }
+                        self.clone().dispatch(d, permit, &shutdown, &mut tasks);
                     }
                     None => break,
                 },
@@ -205,16 +204,16 @@ impl Pipeline {
         info!(subscription = %self.name, "subscription stopped");
     }
 
-    /// Route one delivery and start its task. Returns false when shutdown interrupted
-    /// the wait for a handler slot (the delivery is then handed back).
-    async fn dispatch(
+    /// Route one delivery and start its task. The task waits for a slot of its
+    /// handler itself, so one saturated handler never holds up messages for the
+    /// subscription's other handlers; the subscription window still bounds the tasks.
+    fn dispatch(
         self: Arc<Self>,
         d: Delivery,
         order: OwnedSemaphorePermit,
         shutdown: &CancellationToken,
         tasks: &mut JoinSet<()>,
-    ) -> bool {
-        self.metrics.received.with_label_values(&[self.name.as_str()]).inc();
+    ) {
         let problem = if let Some(defect) = &d.defect {
             Some(format!("undecodable message: {defect}"))
         } else if d.message.body.len() > self.config.max_body_bytes {
@@ -231,7 +230,7 @@ impl Pipeline {
                 self.dead_letter_unhandled(d, reason).await;
                 drop(order);
             });
-            return true;
+            return;
         }
         let Some(route) = self.routes.route(&self.name, &d.message) else {
             let key = d.message.key.clone().unwrap_or_default();
@@ -239,7 +238,7 @@ impl Pipeline {
                 self.dead_letter_unhandled(d, format!("no route matched (routing key {key:?})")).await;
                 drop(order);
             });
-            return true;
+            return;
         };
         let (route_name, handler_name) = (route.route.to_string(), route.handler.to_string());
         let policy = route.retry.unwrap_or(&self.config.retry).clone();
@@ -249,16 +248,17 @@ impl Pipeline {
                 self.dead_letter_unhandled(d, format!("handler {handler_name:?} has no target")).await;
                 drop(order);
             });
-            return true;
+            return;
         };
-        let Some(slot) = acquire(&handler.limit, shutdown).await else {
-            return false;
-        };
+        let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            self.handle(d, &route_name, &handler_name, &handler, &policy).await;
-            drop((slot, order));
+            // Shutdown while waiting: the delivery is dropped, so handed back unhandled.
+            if let Some(slot) = acquire(&handler.limit, &shutdown).await {
+                self.handle(d, &route_name, &handler_name, &handler, &policy).await;
+                drop(slot);
+            }
+            drop(order);
         });
-        true
     }
 
     /// One attempt: deliver, decide, settle.

@@ -171,3 +171,43 @@ async fn shutdown_hands_unfinished_messages_back() {
     assert_eq!(broker.len("q"), 10, "every unfinished message is back in the queue");
     assert!(broker.is_empty("q.dlq"));
 }
+
+#[tokio::test]
+async fn a_saturated_handler_does_not_hold_up_another_handler_of_the_subscription() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    let yaml = format!(
+        r#"
+transports: {{ {name}: {{ type: memory }} }}
+handlers: {{ slow: {{ max_in_flight: 1 }}, fast: {{ max_in_flight: 4 }} }}
+subscriptions:
+  s: {{ transport: {name}, queue: q, prefetch: 32 }}
+routes:
+  - {{ name: slow, match: {{ routing_key: "slow" }}, handler: slow }}
+  - {{ name: fast, match: {{ routing_key: "fast" }}, handler: fast }}
+"#
+    );
+    let cfg = parse(&yaml, "test.yaml", &|_| None).expect("valid config");
+    let slow = Arc::new(Scripted { delay: Some(Duration::from_secs(5)), ..Scripted::default() });
+    let fast = Arc::new(Scripted::default());
+    // Slow messages first: with dispatch waiting on the slow handler, the fast ones
+    // would be stuck behind them for 5 s each.
+    for i in 0..3 {
+        broker.push("q", msg(&format!("slow-{i}"), "slow"));
+    }
+    for i in 0..10 {
+        broker.push("q", msg(&format!("fast-{i}"), "fast"));
+    }
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let targets: HashMap<String, Arc<dyn Target>> =
+        HashMap::from([("slow".to_string(), slow.clone() as Arc<dyn Target>), ("fast".to_string(), fast.clone() as Arc<dyn Target>)]);
+    let router = Router::new(&cfg, targets, metrics).expect("router");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(router.run(stop.clone()));
+    let started = std::time::Instant::now();
+    wait_until("fast messages handled", || fast.seen.lock().len() == 10).await;
+    assert!(started.elapsed() < Duration::from_secs(3), "fast handler waited {:?}", started.elapsed());
+    assert_eq!(slow.seen.lock().len(), 1, "the slow handler works one at a time");
+    stop.cancel();
+    task.await.expect("router task");
+}

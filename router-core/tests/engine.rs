@@ -199,8 +199,10 @@ routes:
         broker.push("q", msg(&format!("fast-{i}"), "fast"));
     }
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let targets: HashMap<String, Arc<dyn Target>> =
-        HashMap::from([("slow".to_string(), slow.clone() as Arc<dyn Target>), ("fast".to_string(), fast.clone() as Arc<dyn Target>)]);
+    let targets: HashMap<String, Arc<dyn Target>> = HashMap::from([
+        ("slow".to_string(), slow.clone() as Arc<dyn Target>),
+        ("fast".to_string(), fast.clone() as Arc<dyn Target>),
+    ]);
     let router = Router::new(&cfg, targets, metrics).expect("router");
     let stop = CancellationToken::new();
     let task = tokio::spawn(router.run(stop.clone()));

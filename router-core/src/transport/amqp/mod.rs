@@ -39,6 +39,9 @@ use super::{ConsumeSpec, SourceStatus, Transport, TransportError};
 use crate::config::{ArgValue, ExchangeType, Topology, TransportConfig};
 use crate::message::{Delivery, Message};
 
+/// A consume session that lasted this long counts as healthy (see `consume`).
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
 /// A broker that does not answer a connect within this is treated as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -265,11 +268,15 @@ impl Transport for AmqpTransport {
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut up = false;
+            let started = std::time::Instant::now();
             match self.session(&spec, &out, &status, &stop, &mut up).await {
                 Ok(()) => return,
                 Err(e) => {
                     status.set_connected(false);
-                    if up {
+                    // Only a session that stayed healthy a while resets the backoff: one
+                    // that fails right after connecting (a dead-letter exchange that does
+                    // not exist, say) must not redeliver into the handler ten times a second.
+                    if up && started.elapsed() >= HEALTHY_SESSION {
                         backoff = Duration::from_millis(100);
                     }
                     warn!(subscription = %spec.subscription, transport = %self.name, error = %e, retry_in = ?backoff, "consumer down; reconnecting");

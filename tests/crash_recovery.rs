@@ -148,6 +148,15 @@ async fn rabbitmq_restart_mid_stream_loses_nothing() {
         let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl");
         assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
+    // Whatever happens below (a failed assertion included), the broker is started
+    // again, so later tests and runs find it up.
+    struct StartAgain;
+    impl Drop for StartAgain {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("rabbitmqctl").args(["-q", "start_app"]).status();
+        }
+    }
+    let _start_again = StartAgain;
     ctl(&["stop_app"]);
     let during = seen(&php.log).len();
     ctl(&["start_app"]);

@@ -471,17 +471,7 @@ async fn reference_drain(
                                 headers.insert(HeaderName::from_static("ce-id"), v);
                             }
                         }
-                        tasks.spawn(async move {
-                            let r = client.post(&url).headers(headers).body(d.data).send().await?;
-                            let status = r.status();
-                            let _ = r.bytes().await;
-                            drop(slot);
-                            if !status.is_success() {
-                                bail!("the handler answered {status}");
-                            }
-                            d.acker.ack(BasicAckOptions::default()).await?;
-                            Ok(())
-                        });
+                        tasks.spawn(post_and_ack(client, url, headers, d, slot));
                         false
                     }
                 }
@@ -781,17 +771,7 @@ async fn ref_consume(
                     headers.insert(HeaderName::from_static("x-message-header-sent-ns"), v);
                 }
                 let (client, url) = (client.clone(), url.clone());
-                tasks.spawn(async move {
-                    let r = client.post(&url).headers(headers).body(d.data).send().await?;
-                    let status = r.status();
-                    let _ = r.bytes().await;
-                    drop(slot);
-                    if !status.is_success() {
-                        bail!("the handler answered {status}");
-                    }
-                    d.acker.ack(BasicAckOptions::default()).await?;
-                    Ok(())
-                });
+                tasks.spawn(post_and_ack(client, url, headers, d, slot));
             }
             _ = tick.tick() => {}
         }
@@ -1956,4 +1936,24 @@ fn git_commit() -> String {
     } else {
         commit
     }
+}
+
+/// What every reference consumer does per message: POST it, release the concurrency
+/// slot, ack only after a 2xx.
+async fn post_and_ack(
+    client: reqwest::Client,
+    url: String,
+    headers: reqwest::header::HeaderMap,
+    d: lapin::message::Delivery,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Result<()> {
+    let r = client.post(&url).headers(headers).body(d.data).send().await?;
+    let status = r.status();
+    let _ = r.bytes().await;
+    drop(slot);
+    if !status.is_success() {
+        bail!("the handler answered {status}");
+    }
+    d.acker.ack(BasicAckOptions::default()).await?;
+    Ok(())
 }

@@ -1,14 +1,16 @@
 //! The delivery engine: one pipeline per subscription.
 //!
 //! ```text
-//! transport.consume ──(bounded channel)──▶ dispatch: route, limits ──▶ task: target.deliver
+//! transport.consume ──inbox.put()──▶ window slot, route ──▶ task: handler slot, target.deliver
 //!        ▲                                                                   │ Outcome
 //!        └──────────── delivery.settle(Settlement) ◀── decide() ◀────────────┘
 //! ```
 //!
-//! Bounds: the broker hands a subscription at most `prefetch` unsettled messages;
-//! `ordered` narrows that to one; each handler has its own `max_in_flight` semaphore
-//! shared by every subscription. A slow handler therefore slows consumption.
+//! Bounds: the broker hands a subscription at most `prefetch` unsettled messages, and
+//! the pipeline's window admits as many (one when `ordered`): `inbox.put` waits for a
+//! window slot on the transport's own task, so a full window stops consumption. Each
+//! handler has its own `max_in_flight` semaphore shared by every subscription; a task
+//! waits for it without holding up messages bound for other handlers.
 //!
 //! Shutdown: stop taking deliveries, let in-flight work finish within the grace
 //! period, drop (= hand back to the broker) whatever is still running, then let the
@@ -18,9 +20,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use async_trait::async_trait;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, SubscriptionConfig};
@@ -29,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::retry::{decide, Decision, RetryPolicy};
 use crate::routing::RoutingTable;
 use crate::target::{DeliveryInfo, Target};
-use crate::transport::{self, ConsumeSpec, SourceStatus, Transport};
+use crate::transport::{self, ConsumeSpec, Inbox, SourceStatus, Transport};
 
 /// Why a router could not be built from a valid config.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +134,7 @@ impl Router {
 
     /// Run every subscription until `shutdown` is cancelled, then drain and return.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut all = JoinSet::new();
+        let mut all = tokio::task::JoinSet::new();
         for p in &self.pipelines {
             all.spawn(p.clone().run(shutdown.clone()));
         }
@@ -147,6 +150,31 @@ impl Router {
     }
 }
 
+/// The pipeline's side of the hand-over from its transport (see [`Inbox`]).
+struct PipelineInbox {
+    pipeline: Arc<Pipeline>,
+    /// Bounds the messages between hand-over and settlement (prefetch, or 1 if ordered).
+    window: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    /// Cancelled when the grace period is over: unfinished tasks drop their deliveries,
+    /// which hands them back to the broker.
+    abort: CancellationToken,
+}
+
+#[async_trait]
+impl Inbox for PipelineInbox {
+    async fn put(&self, d: Delivery) -> Result<(), Delivery> {
+        if self.shutdown.is_cancelled() {
+            return Err(d);
+        }
+        self.pipeline.metrics.received.with_label_values(&[self.pipeline.name.as_str()]).inc();
+        let Some(slot) = acquire(&self.window, &self.shutdown).await else { return Err(d) };
+        self.pipeline.clone().dispatch(d, slot, self);
+        Ok(())
+    }
+}
+
 impl Pipeline {
     async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let spec = ConsumeSpec {
@@ -156,49 +184,40 @@ impl Pipeline {
             dead_letter: self.config.dead_letter(),
         };
         let window = if self.config.ordered { 1 } else { usize::from(self.config.prefetch.max(1)) };
-        let (tx, mut rx) = mpsc::channel::<Delivery>(window);
-        let stop_consuming = CancellationToken::new();
-        let consumer = tokio::spawn({
-            let (transport, status, stop) = (self.transport.clone(), self.status.clone(), stop_consuming.clone());
-            async move { transport.consume(spec, tx, status, stop).await }
+        let tasks = TaskTracker::new();
+        let abort = CancellationToken::new();
+        let inbox = Arc::new(PipelineInbox {
+            pipeline: self.clone(),
+            window: Arc::new(Semaphore::new(window)),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+            abort: abort.clone(),
         });
-        let order = Arc::new(Semaphore::new(window));
-        let mut tasks = JoinSet::new();
         info!(subscription = %self.name, queue = %self.config.queue, "subscription started");
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                Some(res) = tasks.join_next(), if !tasks.is_empty() => log_task_end(&self.name, res),
-                next = rx.recv() => match next {
-                    Some(d) => {
-                        self.metrics.received.with_label_values(&[self.name.as_str()]).inc();
-                        let Some(permit) = acquire(&order, &shutdown).await else { break };
-                        self.clone().dispatch(d, permit, &shutdown, &mut tasks);
-                    }
-                    None => break,
-                },
+        let stop_consuming = CancellationToken::new();
+        let mut consumer = tokio::spawn({
+            let (transport, status, stop) = (self.transport.clone(), self.status.clone(), stop_consuming.clone());
+            async move { transport.consume(spec, inbox, status, stop).await }
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            res = &mut consumer => {
+                error!(subscription = %self.name, result = ?res, "transport stopped on its own");
             }
         }
-        // Stop taking deliveries; what sits in the channel goes back to the broker.
+        // Stop taking deliveries; let in-flight work finish within the grace period.
         stop_consuming.cancel();
-        drop(rx);
-        let in_flight = tasks.len();
-        if in_flight > 0 {
-            info!(subscription = %self.name, in_flight, grace = ?self.grace, "draining in-flight messages");
+        tasks.close();
+        if !tasks.is_empty() {
+            info!(subscription = %self.name, in_flight = tasks.len(), grace = ?self.grace, "draining in-flight messages");
         }
-        let drained = tokio::time::timeout(self.grace, async {
-            while let Some(res) = tasks.join_next().await {
-                log_task_end(&self.name, res);
-            }
-        })
-        .await;
-        if drained.is_err() {
+        if tokio::time::timeout(self.grace, tasks.wait()).await.is_err() {
             warn!(subscription = %self.name, left = tasks.len(), "grace period over: handing unfinished messages back to the broker");
-            tasks.shutdown().await;
+            abort.cancel();
+            tasks.wait().await;
         }
         // Let the transport flush acks of settled messages and close its channel.
-        if tokio::time::timeout(Duration::from_secs(10), consumer).await.is_err() {
+        if !consumer.is_finished() && tokio::time::timeout(Duration::from_secs(10), consumer).await.is_err() {
             warn!(subscription = %self.name, "transport did not stop within 10s");
         }
         info!(subscription = %self.name, "subscription stopped");
@@ -206,14 +225,8 @@ impl Pipeline {
 
     /// Route one delivery and start its task. The task waits for a slot of its
     /// handler itself, so one saturated handler never holds up messages for the
-    /// subscription's other handlers; the subscription window still bounds the tasks.
-    fn dispatch(
-        self: Arc<Self>,
-        d: Delivery,
-        order: OwnedSemaphorePermit,
-        shutdown: &CancellationToken,
-        tasks: &mut JoinSet<()>,
-    ) {
+    /// subscription's other handlers; the window slot still bounds the tasks.
+    fn dispatch(self: Arc<Self>, d: Delivery, window_slot: OwnedSemaphorePermit, inbox: &PipelineInbox) {
         let problem = if let Some(defect) = &d.defect {
             Some(format!("undecodable message: {defect}"))
         } else if d.message.body.len() > self.config.max_body_bytes {
@@ -225,39 +238,43 @@ impl Pipeline {
         } else {
             None
         };
-        if let Some(reason) = problem {
-            tasks.spawn(async move {
-                self.dead_letter_unhandled(d, reason).await;
-                drop(order);
-            });
-            return;
-        }
-        let Some(route) = self.routes.route(&self.name, &d.message) else {
-            let key = d.message.key.clone().unwrap_or_default();
-            tasks.spawn(async move {
-                self.dead_letter_unhandled(d, format!("no route matched (routing key {key:?})")).await;
-                drop(order);
-            });
-            return;
+        let route = match problem {
+            Some(reason) => Err(reason),
+            None => match self.routes.route(&self.name, &d.message) {
+                None => Err(format!("no route matched (routing key {:?})", d.message.key.as_deref().unwrap_or(""))),
+                Some(r) => match self.handlers.get(r.handler) {
+                    Some(h) => Ok((
+                        r.route.to_string(),
+                        r.handler.to_string(),
+                        h.clone(),
+                        r.retry.unwrap_or(&self.config.retry).clone(),
+                    )),
+                    // Config validation makes this unreachable; dead-letter rather than panic.
+                    None => Err(format!("handler {:?} has no target", r.handler)),
+                },
+            },
         };
-        let (route_name, handler_name) = (route.route.to_string(), route.handler.to_string());
-        let policy = route.retry.unwrap_or(&self.config.retry).clone();
-        let Some(handler) = self.handlers.get(&handler_name).cloned() else {
-            // Config validation makes this unreachable; dead-letter rather than panic.
-            tasks.spawn(async move {
-                self.dead_letter_unhandled(d, format!("handler {handler_name:?} has no target")).await;
-                drop(order);
-            });
-            return;
-        };
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            // Shutdown while waiting: the delivery is dropped, so handed back unhandled.
-            if let Some(slot) = acquire(&handler.limit, &shutdown).await {
-                self.handle(d, &route_name, &handler_name, &handler, &policy).await;
-                drop(slot);
+        let (shutdown, abort) = (inbox.shutdown.clone(), inbox.abort.clone());
+        inbox.tasks.spawn(async move {
+            let work = async {
+                match route {
+                    Err(reason) => self.dead_letter_unhandled(d, reason).await,
+                    Ok((route, handler_name, handler, policy)) => {
+                        // Shutdown while waiting: the delivery is dropped, so handed back.
+                        if let Some(slot) = acquire(&handler.limit, &shutdown).await {
+                            self.handle(d, &route, &handler_name, &handler, &policy).await;
+                            drop(slot);
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                // Grace period over: dropping the work drops its delivery (handed back).
+                _ = abort.cancelled() => {}
+                _ = work => {}
             }
-            drop(order);
+            drop(window_slot);
         });
     }
 
@@ -351,13 +368,5 @@ async fn acquire(limit: &Arc<Semaphore>, shutdown: &CancellationToken) -> Option
         biased;
         _ = shutdown.cancelled() => None,
         p = limit.clone().acquire_owned() => p.ok(),
-    }
-}
-
-fn log_task_end(subscription: &str, res: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = res {
-        if e.is_panic() {
-            error!(subscription, "a delivery task panicked; its message goes back to the broker");
-        }
     }
 }

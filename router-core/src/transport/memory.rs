@@ -7,10 +7,10 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{ConsumeSpec, SourceStatus, Transport, TransportError};
+use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
 use crate::message::{header, Delivery, Message, Settle, SettleError, Settlement};
 
 /// A named set of in-memory queues. The same name gives the same broker within a
@@ -64,7 +64,7 @@ impl Transport for Arc<MemoryBroker> {
     async fn consume(
         &self,
         spec: ConsumeSpec,
-        out: mpsc::Sender<Delivery>,
+        inbox: Arc<dyn Inbox>,
         status: Arc<SourceStatus>,
         stop: CancellationToken,
     ) {
@@ -101,7 +101,7 @@ impl Transport for Arc<MemoryBroker> {
                 message: message.clone(),
                 _permit: permit,
             };
-            if out.send(Delivery::new(message, Box::new(handle))).await.is_err() {
+            if inbox.put(Delivery::new(message, Box::new(handle))).await.is_err() {
                 break;
             }
         }

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DeadLetterConfig, TransportConfig, TransportKind};
@@ -58,16 +57,26 @@ pub enum TransportError {
     NotConfirmed { destination: String, reason: String },
 }
 
+/// Where a transport hands its deliveries: the subscription's pipeline. Handing over
+/// is the backpressure point: `put` waits while the subscription's in-flight window is
+/// full. Deliveries are handed over on the transport's own task (no channel hop).
+#[async_trait]
+pub trait Inbox: Send + Sync {
+    /// Take a delivery. `Err` gives it back when the router is stopping: the transport
+    /// then stops consuming (the returned delivery, once dropped, goes back to the broker).
+    async fn put(&self, delivery: Delivery) -> Result<(), Delivery>;
+}
+
 #[async_trait]
 pub trait Transport: Send + Sync {
-    /// Consume `spec.queue` into `out` until `stop` is cancelled, reconnecting on its
-    /// own after broker failures. After `stop`, no new deliveries are taken; it returns
-    /// once the deliveries already handed out are settled or dropped (so their acks
-    /// reach the broker).
+    /// Consume `spec.queue` into `inbox` until `stop` is cancelled or the inbox refuses
+    /// a delivery, reconnecting on its own after broker failures. It returns once the
+    /// deliveries already handed out are settled or dropped (so their acks reach the
+    /// broker).
     async fn consume(
         &self,
         spec: ConsumeSpec,
-        out: mpsc::Sender<Delivery>,
+        inbox: Arc<dyn Inbox>,
         status: Arc<SourceStatus>,
         stop: CancellationToken,
     );

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 pub use settle::delay_bucket;
 use settle::{confirm_publish, declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
 
-use super::{ConsumeSpec, SourceStatus, Transport, TransportError};
+use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
 use crate::config::{ArgValue, ExchangeType, Topology, TransportConfig};
 use crate::message::{Delivery, Message};
 
@@ -162,7 +162,7 @@ impl AmqpTransport {
     async fn session(
         &self,
         spec: &ConsumeSpec,
-        out: &mpsc::Sender<Delivery>,
+        inbox: &Arc<dyn Inbox>,
         status: &SourceStatus,
         stop: &CancellationToken,
         up: &mut bool,
@@ -229,8 +229,8 @@ impl AmqpTransport {
             };
             let mut delivery = Delivery::new(message, Box::new(handle));
             delivery.defect = defect;
-            if out.send(delivery).await.is_err() {
-                // The pipeline stopped; the delivery was dropped and so handed back.
+            if inbox.put(delivery).await.is_err() {
+                // The router is stopping; the refused delivery is dropped, so handed back.
                 break Ok(());
             }
         };
@@ -261,7 +261,7 @@ impl Transport for AmqpTransport {
     async fn consume(
         &self,
         spec: ConsumeSpec,
-        out: mpsc::Sender<Delivery>,
+        inbox: Arc<dyn Inbox>,
         status: Arc<SourceStatus>,
         stop: CancellationToken,
     ) {
@@ -269,7 +269,7 @@ impl Transport for AmqpTransport {
         loop {
             let mut up = false;
             let started = std::time::Instant::now();
-            match self.session(&spec, &out, &status, &stop, &mut up).await {
+            match self.session(&spec, &inbox, &status, &stop, &mut up).await {
                 Ok(()) => return,
                 Err(e) => {
                     status.set_connected(false);

@@ -234,3 +234,43 @@ async fn sigterm_finishes_in_flight_and_leaves_the_rest_queued() {
     assert!(router.logs().contains("draining in-flight messages"));
     s.rabbit.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_bad_messages_and_keeps_consuming() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, ByteArray, FieldTable};
+    use lapin::BasicProperties;
+
+    let s = setup("bad").await;
+    let yaml = config(&s.queue, &[s.php.url()], "", "max_body_bytes: 1000");
+    let _router = Router::start(&s.dir, &yaml).await;
+    let dlq = format!("{}.dlq", s.queue);
+    let publish = |id: &str, body: Vec<u8>, headers: FieldTable| {
+        let props = BasicProperties::default().with_message_id(id.into()).with_delivery_mode(2).with_headers(headers);
+        let (ch, queue) = (s.rabbit.channel.clone(), s.queue.clone());
+        async move {
+            let confirm =
+                ch.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &body, props);
+            assert!(confirm.await.expect("publish").await.expect("confirm").is_ack());
+        }
+    };
+    let mut binary = FieldTable::default();
+    binary.insert("blob".into(), AMQPValue::ByteArray(ByteArray::from(vec![0xff, 0xfe, 0x00])));
+    publish("undecodable", b"{}".to_vec(), binary).await;
+    publish("too-large", vec![b'x'; 5000], FieldTable::default()).await;
+    publish("fine", b"{}".to_vec(), FieldTable::default()).await;
+
+    wait_for("two dead letters", WAIT, || async { s.rabbit.count(&dlq).await == 2 }).await;
+    wait_for("the good message after them handled", WAIT, || async { seen(&s.php.log).iter().any(|x| x.id == "fine") })
+        .await;
+    let dead: BTreeMap<String, Got> = s.rabbit.drain(&dlq).await.into_iter().map(|g| (g.id.clone(), g)).collect();
+    assert_eq!(
+        dead["undecodable"].headers["x-router-reason"],
+        "undecodable message: header \"blob\": value is not valid UTF-8 text"
+    );
+    assert_eq!(dead["too-large"].headers["x-router-reason"], "message too large: 5000 bytes (max_body_bytes is 1000)");
+    assert_eq!(dead["too-large"].body.len(), 5000, "dead letter keeps the whole body");
+    let handled: Vec<String> = seen(&s.php.log).into_iter().map(|x| x.id).collect();
+    assert_eq!(handled, vec!["fine".to_string()], "bad messages never reach the handler");
+    s.rabbit.cleanup().await;
+}

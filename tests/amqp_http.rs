@@ -274,3 +274,56 @@ async fn dead_letters_bad_messages_and_keeps_consuming() {
     assert_eq!(handled, vec!["fine".to_string()], "bad messages never reach the handler");
     s.rabbit.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_subscriptions_share_one_connection() {
+    let s = setup("multi").await;
+    let mut rabbit = Rabbit::connect().await;
+    let other = unique("multi-b");
+    rabbit.queue(&other).await;
+    let yaml = format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{{admin}}" }}
+transports:
+  rabbit: {{ type: amqp, url: "{url}" }}
+handlers:
+  php: {{ endpoints: ["{php}"] }}
+subscriptions:
+  a: {{ transport: rabbit, queue: {qa} }}
+  b: {{ transport: rabbit, queue: {qb}, default_handler: php }}
+routes:
+  - {{ name: from-a, match: {{ subscription: a }}, handler: php }}
+"#,
+        url = amqp_url(),
+        php = s.php.url(),
+        qa = s.queue,
+        qb = other
+    );
+    let router = Router::start(&s.dir, &yaml).await;
+    s.rabbit.publish(&s.queue, &batch("a", 30, |_| vec![])).await;
+    rabbit.publish(&other, &batch("b", 30, |_| vec![])).await;
+    wait_for("60 handled", WAIT, || async { seen(&s.php.log).len() >= 60 }).await;
+    let got = seen(&s.php.log);
+    let subs = |prefix: &str| {
+        got.iter()
+            .filter(|x| x.id.starts_with(prefix))
+            .map(|x| x.headers["x-router-subscription"].clone())
+            .collect::<HashSet<_>>()
+    };
+    assert_eq!(subs("a-"), HashSet::from(["a".to_string()]));
+    assert_eq!(subs("b-"), HashSet::from(["b".to_string()]));
+    let routes: HashSet<String> =
+        got.iter().filter(|x| x.id.starts_with("b-")).map(|x| x.headers["x-router-route"].clone()).collect();
+    assert_eq!(routes, HashSet::from(["default".to_string()]), "b has no route of its own: its default handler");
+    let m = router.metrics().await;
+    assert!(m.contains("router_subscription_connected{subscription=\"a\"} 1"), "{m}");
+    assert!(m.contains("router_subscription_connected{subscription=\"b\"} 1"), "{m}");
+    assert_eq!(
+        router.logs().matches("connected transport=rabbit").count(),
+        1,
+        "one connection for both subscriptions:\n{}",
+        router.logs()
+    );
+    rabbit.cleanup().await;
+    s.rabbit.cleanup().await;
+}

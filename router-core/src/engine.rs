@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, SubscriptionConfig};
-use crate::message::{Delivery, Failure, Settlement};
+use crate::message::{Delivery, Settlement};
 use crate::metrics::Metrics;
 use crate::retry::{decide, Decision, RetryPolicy};
 use crate::routing::RoutingTable;
@@ -295,15 +295,7 @@ impl Pipeline {
             .await;
         self.metrics.handler_seconds.with_label_values(&[handler_name]).observe(started.elapsed().as_secs_f64());
         let now = SystemTime::now();
-        let failure = |reason: String, error: String| Failure {
-            reason,
-            attempts: d.attempt,
-            last_error: error,
-            first_failure: d.first_failure.unwrap_or(now),
-            last_failure: now,
-            route: Some(route.to_string()),
-            handler: Some(handler_name.to_string()),
-        };
+        let failure = |reason: String, error: String| d.failure(reason, error, Some(route), Some(handler_name), now);
         let settlement = match decide(policy, d.attempt, outcome, fastrand::f64()) {
             Decision::Ack => Settlement::Ack,
             Decision::Retry { after, next_attempt, error } => {
@@ -317,16 +309,7 @@ impl Pipeline {
 
     /// Dead-letter a message that never reached a handler.
     async fn dead_letter_unhandled(&self, d: Delivery, reason: String) {
-        let now = SystemTime::now();
-        let failure = Failure {
-            reason: reason.clone(),
-            attempts: d.attempt,
-            last_error: reason,
-            first_failure: d.first_failure.unwrap_or(now),
-            last_failure: now,
-            route: None,
-            handler: None,
-        };
+        let failure = d.failure(reason.clone(), reason, None, None, SystemTime::now());
         self.settle(d, Settlement::DeadLetter(failure), "", "").await;
     }
 

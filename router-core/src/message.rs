@@ -163,6 +163,26 @@ impl Delivery {
         Delivery { message, attempt, first_failure, defect: None, handle: Some(handle) }
     }
 
+    /// The failure record of this delivery's current attempt, failed `now`.
+    pub fn failure(
+        &self,
+        reason: String,
+        last_error: String,
+        route: Option<&str>,
+        handler: Option<&str>,
+        now: SystemTime,
+    ) -> Failure {
+        Failure {
+            reason,
+            attempts: self.attempt,
+            last_error,
+            first_failure: self.first_failure.unwrap_or(now),
+            last_failure: now,
+            route: route.map(str::to_string),
+            handler: handler.map(str::to_string),
+        }
+    }
+
     /// Settle at the broker. Consumes the delivery: it cannot be settled twice.
     pub async fn settle(mut self, settlement: Settlement) -> Result<(), SettleError> {
         match self.handle.take() {

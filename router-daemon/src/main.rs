@@ -106,7 +106,7 @@ fn main() -> ExitCode {
                     let id = match (&id, count) {
                         (Some(id), 1) => id.clone(),
                         (Some(id), _) => format!("{id}-{i}"),
-                        (None, _) => uuid_like(i),
+                        (None, _) => uuid::Uuid::new_v4().to_string(),
                     };
                     let message = Message {
                         id,
@@ -132,9 +132,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn uuid_like(i: u32) -> String {
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("msg-{nanos:x}-{i}")
 }

@@ -52,7 +52,9 @@ pub fn to_message(
     (message, defect)
 }
 
-fn to_text(v: &AMQPValue) -> Result<String, String> {
+/// A header value as text (numbers and booleans spelled out, tables and arrays as
+/// JSON); an error when its bytes are not UTF-8.
+pub(super) fn to_text(v: &AMQPValue) -> Result<String, String> {
     Ok(match v {
         AMQPValue::ShortString(s) => s.as_str().to_string(),
         AMQPValue::LongString(s) => utf8(s.as_bytes())?,

@@ -173,8 +173,7 @@ impl AmqpTransport {
                 declare_owned_queue(&connection, q, FieldTable::default()).await.map_err(SessionError::Other)?;
             }
         }
-        let publisher = connection.create_channel().await?;
-        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+        let publisher = confirm_channel(&connection).await?;
         let channel = connection.create_channel().await?;
         channel.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
         let consumer_tag = format!("message-router/{}/{}", spec.subscription, uuid::Uuid::new_v4());
@@ -256,6 +255,13 @@ impl AmqpTransport {
     }
 }
 
+/// A channel in confirm mode: every publish on it is acknowledged by the broker.
+async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
 #[async_trait]
 impl Transport for AmqpTransport {
     async fn consume(
@@ -296,10 +302,7 @@ impl Transport for AmqpTransport {
             Some(c) => c.clone(),
             None => {
                 let conn = self.connection().await.map_err(|e| TransportError::Broker(e.to_string()))?;
-                let ch = conn.create_channel().await.map_err(|e| TransportError::Broker(e.to_string()))?;
-                ch.confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(|e| TransportError::Broker(e.to_string()))?;
+                let ch = confirm_channel(&conn).await.map_err(|e| TransportError::Broker(e.to_string()))?;
                 *slot = Some(ch.clone());
                 ch
             }

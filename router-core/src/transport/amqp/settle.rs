@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::convert::republish_properties;
+use super::convert::{republish_properties, to_text};
 use crate::config::DeadLetterConfig;
 use crate::message::{header, Settle, SettleError, Settlement};
 
@@ -190,13 +190,8 @@ impl AmqpHandle {
     /// Where the message first came from; kept from its first failure on, so a retried
     /// message still routes and dead-letters under its original routing key.
     fn origin_headers(&self) -> Vec<(&'static str, String)> {
-        let existing = |name: &str| -> Option<String> {
-            match self.properties.headers().as_ref()?.inner().get(name)? {
-                AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-                AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-                _ => None,
-            }
-        };
+        let existing =
+            |name: &str| -> Option<String> { to_text(self.properties.headers().as_ref()?.inner().get(name)?).ok() };
         vec![
             (header::ORIGINAL_EXCHANGE, existing(header::ORIGINAL_EXCHANGE).unwrap_or_else(|| self.exchange.clone())),
             (

@@ -94,6 +94,8 @@ impl Default for ShutdownConfig {
 pub enum TransportKind {
     /// RabbitMQ and other AMQP 0-9-1 brokers.
     Amqp,
+    /// Redis Streams, read through consumer groups.
+    Redis,
     /// In-process queues: tests and demos; nothing survives the process.
     Memory,
 }
@@ -103,8 +105,13 @@ pub enum TransportKind {
 pub struct TransportConfig {
     #[serde(rename = "type")]
     pub kind: TransportKind,
-    /// `amqp://user:pass@host:port/vhost` (`amqps://` for TLS). Use `${VAR}` for secrets.
+    /// `amqp://user:pass@host:port/vhost` (`amqps://` for TLS), or
+    /// `redis://[:pass@]host:port[/db]` (`rediss://` for TLS). Use `${VAR}` for secrets.
     pub url: Option<String>,
+    /// Redis: this router instance's consumer name in every consumer group. Keep it
+    /// stable across restarts (a restarted instance first re-reads its own pending
+    /// entries) and unique per instance. Default: the host name.
+    pub consumer: Option<String>,
     /// Longest wait between reconnect attempts (the wait doubles from 100 ms).
     #[serde(default = "default_reconnect_max", deserialize_with = "crate::config::duration::deserialize")]
     pub reconnect_max_delay: Duration,
@@ -223,8 +230,27 @@ pub struct SigningConfig {
 pub struct SubscriptionConfig {
     /// Name of an entry under `transports`.
     pub transport: String,
-    /// Queue to consume.
+    /// AMQP: the queue to consume.
+    #[serde(default)]
     pub queue: String,
+    /// Redis: the streams to read, all through the consumer group `group`.
+    #[serde(default)]
+    pub streams: Vec<String>,
+    /// Redis: the consumer group (instances sharing a group split the work).
+    pub group: Option<String>,
+    /// Redis: create the consumer group (and the stream, MKSTREAM) when missing,
+    /// reading from the stream's first entry.
+    #[serde(default = "yes")]
+    pub declare: bool,
+    /// Redis: pending entries idle this long (their consumer died or stalled) are
+    /// claimed (XAUTOCLAIM) and delivered again. Must exceed every handler timeout.
+    #[serde(default = "default_claim_idle", deserialize_with = "crate::config::duration::deserialize")]
+    pub claim_idle: Duration,
+    /// Redis: the entry field that holds the message body; every other field is a header.
+    #[serde(default = "default_body_field")]
+    pub body_field: String,
+    /// Skip messages already handled successfully (by message id) within a window.
+    pub dedup: Option<DedupConfig>,
     /// Most unacked messages the broker hands this subscription at once: the bound on
     /// in-flight work and on memory.
     #[serde(default = "default_prefetch")]
@@ -235,8 +261,9 @@ pub struct SubscriptionConfig {
     /// Retry policy for failed attempts (a route may override it).
     #[serde(default)]
     pub retry: RetryPolicy,
-    /// Where messages go that leave the normal path. Default: the queue
-    /// `<queue>.dlq` through the default exchange, declared by the router.
+    /// Where messages go that leave the normal path. Default: the queue `<queue>.dlq`
+    /// through the default exchange, declared by the router (AMQP); the stream
+    /// `<stream>.dlq` next to each source stream (Redis).
     pub dead_letter: Option<DeadLetterConfig>,
     /// Handler for messages no route matches; without one they are dead-lettered
     /// with reason "no route".
@@ -244,6 +271,14 @@ pub struct SubscriptionConfig {
     /// Larger messages are dead-lettered unread.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+}
+
+fn default_claim_idle() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_body_field() -> String {
+    "body".into()
 }
 
 fn default_prefetch() -> u16 {
@@ -258,21 +293,36 @@ impl SubscriptionConfig {
     /// The dead-letter destination, defaults applied.
     pub fn dead_letter(&self) -> DeadLetterConfig {
         self.dead_letter.clone().unwrap_or_else(|| DeadLetterConfig {
-            exchange: String::new(),
-            routing_key: Some(format!("{}.dlq", self.queue)),
+            routing_key: (!self.queue.is_empty()).then(|| format!("{}.dlq", self.queue)),
+            ..DeadLetterConfig::default()
         })
     }
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterConfig {
-    /// Exchange to publish dead letters to; "" is the default exchange.
+    /// AMQP: exchange to publish dead letters to; "" is the default exchange.
     #[serde(default)]
     pub exchange: String,
-    /// Routing key; with the default exchange this is the dead-letter queue's name,
-    /// which the router declares. Default: `<queue>.dlq`.
+    /// AMQP: routing key; with the default exchange this is the dead-letter queue's
+    /// name, which the router declares. Default: `<queue>.dlq`.
     pub routing_key: Option<String>,
+    /// Redis: the dead-letter stream. Default: `<stream>.dlq` for each source stream.
+    pub stream: Option<String>,
+    /// Redis: trim the dead-letter stream to about this many entries (oldest first).
+    /// Unset: never trimmed.
+    pub maxlen: Option<u64>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Redis holding the ids of handled messages: `redis://host:port[/db]`.
+    pub redis: String,
+    /// How long a handled message id is remembered.
+    #[serde(deserialize_with = "crate::config::duration::deserialize")]
+    pub ttl: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]

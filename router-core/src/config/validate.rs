@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use super::{Config, ConfigIssue, TransportKind};
+use super::{Config, ConfigIssue, HandlerConfig, SubscriptionConfig, TransportKind};
 use crate::retry::RetryPolicy;
 
 impl Config {
@@ -22,15 +22,37 @@ impl Config {
 
         for (name, t) in &self.transports {
             let p = format!("transports.{name}");
-            match (t.kind, &t.url) {
-                (TransportKind::Amqp, None) => add(format!("{p}.url"), "an amqp transport needs a url".into()),
-                (TransportKind::Amqp, Some(url)) => match url::Url::parse(url) {
-                    Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {}
-                    Ok(u) => add(format!("{p}.url"), format!("scheme must be amqp or amqps, not {:?}", u.scheme())),
+            let schemes: &[&str] = match t.kind {
+                TransportKind::Amqp => &["amqp", "amqps"],
+                TransportKind::Redis => &["redis", "rediss"],
+                TransportKind::Memory => &[],
+            };
+            match (&t.url, schemes.is_empty()) {
+                (None, false) => add(format!("{p}.url"), format!("a {} transport needs a url", kind_name(t.kind))),
+                (Some(_), true) => add(format!("{p}.url"), "a memory transport takes no url".into()),
+                (Some(url), false) => match url::Url::parse(url) {
+                    Ok(u) if schemes.contains(&u.scheme()) => {}
+                    Ok(u) => add(
+                        format!("{p}.url"),
+                        format!("scheme must be {}, not {:?}", schemes.join(" or "), u.scheme()),
+                    ),
                     Err(e) => add(format!("{p}.url"), format!("not a valid URL: {e}")),
                 },
-                (TransportKind::Memory, Some(_)) => add(format!("{p}.url"), "a memory transport takes no url".into()),
-                (TransportKind::Memory, None) => {}
+                (None, true) => {}
+            }
+            let has_topology =
+                !(t.topology.exchanges.is_empty() && t.topology.queues.is_empty() && t.topology.bindings.is_empty());
+            if has_topology && t.kind != TransportKind::Amqp {
+                add(format!("{p}.topology"), "only amqp transports declare a topology".into());
+            }
+            match (&t.consumer, t.kind) {
+                (Some(c), TransportKind::Redis) if c.trim().is_empty() => {
+                    add(format!("{p}.consumer"), "must not be empty (omit it to use the host name)".into())
+                }
+                (Some(_), TransportKind::Amqp | TransportKind::Memory) => {
+                    add(format!("{p}.consumer"), "only redis transports take a consumer name".into())
+                }
+                _ => {}
             }
             let declared: BTreeSet<&str> = t.topology.exchanges.iter().map(|e| e.name.as_str()).collect();
             for (i, e) in t.topology.exchanges.iter().enumerate() {
@@ -96,8 +118,9 @@ impl Config {
                     ),
                 );
             }
-            if s.queue.is_empty() {
-                add(format!("{p}.queue"), "must not be empty".into());
+            let kind = self.transports.get(&s.transport).map(|t| t.kind);
+            if let Some(kind) = kind {
+                check_source(s, kind, &p, &mut add);
             }
             if s.prefetch == 0 {
                 add(format!("{p}.prefetch"), "must be at least 1".into());
@@ -114,24 +137,46 @@ impl Config {
                     );
                 }
             }
-            if let Some(dl) = &s.dead_letter {
-                if dl.exchange.is_empty() && dl.routing_key.as_deref().unwrap_or("").is_empty() {
-                    add(
-                        format!("{p}.dead_letter.routing_key"),
-                        "with the default exchange, name the dead-letter queue here".into(),
-                    );
+            if let Some(d) = &s.dedup {
+                match url::Url::parse(&d.redis) {
+                    Ok(u) if u.scheme() == "redis" || u.scheme() == "rediss" => {}
+                    _ => add(format!("{p}.dedup.redis"), format!("{:?} must be a redis:// or rediss:// URL", d.redis)),
                 }
-                if dl.routing_key.as_deref() == Some(s.queue.as_str()) && dl.exchange.is_empty() {
-                    add(
-                        format!("{p}.dead_letter.routing_key"),
-                        "must not be the subscription's own queue (dead letters would loop)".into(),
-                    );
+                if d.ttl.is_zero() {
+                    add(format!("{p}.dedup.ttl"), "must be greater than 0".into());
+                }
+            }
+            if kind == Some(TransportKind::Redis) {
+                // A claim before the handler could have answered delivers the message twice.
+                for h in self.reachable_handlers(name) {
+                    if s.claim_idle <= h.1.timeout {
+                        add(
+                            format!("{p}.claim_idle"),
+                            format!(
+                                "{:?} must be longer than the timeout of handler {:?} ({:?}), or entries still being handled are claimed and delivered twice",
+                                s.claim_idle, h.0, h.1.timeout
+                            ),
+                        );
+                    }
                 }
             }
             let routed = s.default_handler.is_some()
                 || self.routes.iter().any(|r| r.matcher.subscription.as_deref().is_none_or(|sub| sub == name));
             if !routed {
                 add(p.clone(), "no route matches this subscription and it has no default_handler: every message would be dead-lettered".into());
+            }
+        }
+
+        let mut groups = BTreeSet::new();
+        for (name, s) in &self.subscriptions {
+            for stream in &s.streams {
+                let group = s.group.as_deref().unwrap_or("");
+                if !groups.insert((s.transport.as_str(), stream.as_str(), group)) {
+                    add(
+                        format!("subscriptions.{name}.streams"),
+                        format!("another subscription already reads stream {stream:?} with group {group:?}; one subscription per stream and group (add prefetch instead)"),
+                    );
+                }
             }
         }
 
@@ -161,6 +206,108 @@ impl Config {
             }
         }
         issues
+    }
+}
+
+impl Config {
+    /// Handlers that messages of `subscription` can reach, with their config.
+    fn reachable_handlers<'a>(
+        &'a self,
+        subscription: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a HandlerConfig)> {
+        let s = self.subscriptions.get(subscription);
+        self.handlers.iter().filter(move |(h, _)| {
+            s.and_then(|s| s.default_handler.as_ref()) == Some(*h)
+                || self.routes.iter().any(|r| {
+                    &r.handler == *h && r.matcher.subscription.as_deref().is_none_or(|sub| sub == subscription)
+                })
+        })
+    }
+}
+
+fn kind_name(kind: TransportKind) -> &'static str {
+    match kind {
+        TransportKind::Amqp => "amqp",
+        TransportKind::Redis => "redis",
+        TransportKind::Memory => "memory",
+    }
+}
+
+/// What a subscription reads, checked against its transport's kind: AMQP and memory
+/// consume a `queue`, Redis reads `streams` through a `group`.
+fn check_source(s: &SubscriptionConfig, kind: TransportKind, p: &str, add: &mut impl FnMut(String, String)) {
+    let dl = s.dead_letter.clone().unwrap_or_default();
+    if kind == TransportKind::Redis {
+        if !s.queue.is_empty() {
+            add(format!("{p}.queue"), "a redis subscription reads `streams`, not a `queue`".into());
+        }
+        if s.streams.is_empty() {
+            add(format!("{p}.streams"), "list at least one stream to read".into());
+        }
+        for (i, stream) in s.streams.iter().enumerate() {
+            if stream.is_empty() {
+                add(format!("{p}.streams[{i}]"), "must not be empty".into());
+            } else if s.streams[..i].contains(stream) {
+                add(format!("{p}.streams[{i}]"), format!("stream {stream:?} is listed twice"));
+            }
+        }
+        match s.group.as_deref() {
+            None => add(format!("{p}.group"), "a redis subscription needs a consumer group name".into()),
+            Some("") => add(format!("{p}.group"), "must not be empty".into()),
+            Some(_) => {}
+        }
+        if s.claim_idle.is_zero() {
+            add(format!("{p}.claim_idle"), "must be greater than 0".into());
+        }
+        if s.body_field.is_empty() {
+            add(format!("{p}.body_field"), "must not be empty".into());
+        }
+        if !dl.exchange.is_empty() || dl.routing_key.is_some() {
+            add(
+                format!("{p}.dead_letter"),
+                "a redis subscription dead-letters to a `stream`, not an exchange or routing key".into(),
+            );
+        }
+        if dl.stream.as_deref() == Some("") {
+            add(format!("{p}.dead_letter.stream"), "must not be empty (omit it for <stream>.dlq)".into());
+        }
+        if let Some(stream) = dl.stream.as_deref().filter(|d| s.streams.iter().any(|x| x == d)) {
+            add(format!("{p}.dead_letter.stream"), format!("{stream:?} is a source stream (dead letters would loop)"));
+        }
+        if dl.maxlen == Some(0) {
+            add(format!("{p}.dead_letter.maxlen"), "must be at least 1 (omit it to never trim)".into());
+        }
+        return;
+    }
+    let kind = kind_name(kind);
+    if s.queue.is_empty() {
+        add(format!("{p}.queue"), format!("a {kind} subscription needs the queue to consume"));
+    }
+    if !s.streams.is_empty() || s.group.is_some() {
+        add(
+            format!("{p}.streams"),
+            format!("`streams` and `group` are for redis subscriptions; this transport is {kind}"),
+        );
+    }
+    if dl.stream.is_some() || dl.maxlen.is_some() {
+        add(
+            format!("{p}.dead_letter"),
+            format!("`stream` and `maxlen` are for redis subscriptions; this transport is {kind}"),
+        );
+    }
+    if s.dead_letter.is_some() {
+        if dl.exchange.is_empty() && dl.routing_key.as_deref().unwrap_or("").is_empty() {
+            add(
+                format!("{p}.dead_letter.routing_key"),
+                "with the default exchange, name the dead-letter queue here".into(),
+            );
+        }
+        if dl.routing_key.as_deref() == Some(s.queue.as_str()) && dl.exchange.is_empty() {
+            add(
+                format!("{p}.dead_letter.routing_key"),
+                "must not be the subscription's own queue (dead letters would loop)".into(),
+            );
+        }
     }
 }
 

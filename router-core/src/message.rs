@@ -37,6 +37,9 @@ pub mod header {
     pub const ORIGINAL_EXCHANGE: &str = "x-router-original-exchange";
     pub const ORIGINAL_ROUTING_KEY: &str = "x-router-original-routing-key";
     pub const ORIGINAL_QUEUE: &str = "x-router-original-queue";
+    pub const ORIGINAL_STREAM: &str = "x-router-original-stream";
+    /// Id of the stream entry the message first arrived as (Redis).
+    pub const ORIGINAL_ID: &str = "x-router-original-id";
 }
 
 /// One message as the router sees it, whatever broker it came from.

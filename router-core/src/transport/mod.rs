@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod memory;
+pub mod redis;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DeadLetterConfig, TransportConfig, TransportKind};
+use crate::config::{DeadLetterConfig, SubscriptionConfig, TransportConfig, TransportKind};
 use crate::message::{Delivery, Message};
 
 /// What a transport needs to consume one subscription.
@@ -23,6 +24,9 @@ pub struct ConsumeSpec {
     /// Most unsettled deliveries at once (broker-side flow control).
     pub prefetch: u16,
     pub dead_letter: DeadLetterConfig,
+    /// The whole subscription entry, for what is specific to one broker (Redis
+    /// streams and group, claim_idle, body_field ...).
+    pub config: SubscriptionConfig,
 }
 
 /// Whether a subscription currently has a live consumer; read by `/readyz`.
@@ -92,6 +96,26 @@ pub trait Transport: Send + Sync {
 pub fn build(name: &str, config: &TransportConfig) -> Arc<dyn Transport> {
     match config.kind {
         TransportKind::Amqp => Arc::new(amqp::AmqpTransport::new(name, config)),
+        TransportKind::Redis => Arc::new(redis::RedisTransport::new(name, config)),
         TransportKind::Memory => Arc::new(memory::MemoryBroker::named(name)),
     }
+}
+
+/// `url` without credentials, for logs and CloudEvents `source`; `fallback` when it
+/// does not parse.
+pub fn display_url(url: &str, fallback: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        }
+        Err(_) => fallback.to_string(),
+    }
+}
+
+/// CloudEvents `source` of messages from `name` (a queue or stream) on the broker at
+/// `display`: `amqp://host:5672/%2f/orders`, `redis://host:6379/orders`.
+pub fn source_uri(display: &str, name: &str) -> String {
+    format!("{}/{name}", display.trim_end_matches('/'))
 }

@@ -68,14 +68,7 @@ enum SessionError {
 impl AmqpTransport {
     pub fn new(name: &str, config: &TransportConfig) -> Self {
         let url = config.url.clone().unwrap_or_default();
-        let display = match url::Url::parse(&url) {
-            Ok(mut u) => {
-                let _ = u.set_password(None);
-                let _ = u.set_username("");
-                u.to_string()
-            }
-            Err(_) => name.to_string(),
-        };
+        let display = super::display_url(&url, name);
         AmqpTransport {
             name: name.to_string(),
             url,
@@ -201,7 +194,7 @@ impl AmqpTransport {
         });
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(run_acker(channel.clone(), ack_rx));
-        let source = format!("{}{}", self.display, spec.queue);
+        let source = super::source_uri(&self.display, &spec.queue);
         let result = loop {
             let next = tokio::select! {
                 biased;

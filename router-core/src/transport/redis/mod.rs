@@ -1,0 +1,448 @@
+//! Redis Streams through consumer groups (redis crate, tokio).
+//!
+//! - `mod.rs`: connections, group creation, the consume loop, publish.
+//! - `settle.rs`: batched XACK, the atomic retry / dead-letter scripts, the mover
+//!   that brings due retries back, trimming of the retry stream.
+//! - `convert.rs`: stream entries ↔ the router's message model; reply parsing.
+//!
+//! Keys, for a source stream `S` read by group `G`:
+//!
+//! | key | type | what |
+//! | --- | --- | --- |
+//! | `S` | stream | the source; read by `G` |
+//! | `S.G.delayed` | sorted set | retries waiting for their time (score: due, ms) |
+//! | `S.G.retry` | stream | due retries; read by `G` beside `S` |
+//! | `S.dlq` | stream | dead letters (or the subscription's `dead_letter.stream`) |
+//!
+//! The consume loop, per subscription: (1) this consumer's own pending entries first
+//! (what a previous run of this instance had in flight when it died), (2) every
+//! `claim_idle / 4`, entries of any consumer idle longer than `claim_idle`
+//! (XAUTOCLAIM: a dead instance's work), (3) new entries (XREADGROUP `>` with BLOCK).
+//! It reads at most `prefetch` minus what is in flight.
+//!
+//! The pending-entries list counts how often an entry was delivered. A redelivered
+//! entry's attempt is its `x-router-attempt` plus the deliveries before this one, so
+//! the retry policy's `max_attempts` also stops a message that keeps killing its
+//! consumer: the engine dead-letters it instead of delivering it again.
+//!
+//! Blocking reads use a connection of their own; acks, scripts and claims share one
+//! multiplexed connection per transport, which reconnects by itself.
+
+mod convert;
+mod settle;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use convert::field;
+use convert::Entry;
+use settle::{run_acker, run_mover, ReadKey, RedisHandle, Shared, StreamKeys};
+
+use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
+use crate::config::TransportConfig;
+use crate::message::{Delivery, Message};
+
+/// How long a blocking read waits for new entries before looking at claims and stop.
+const BLOCK: Duration = Duration::from_secs(2);
+/// Longest answer time for a non-blocking command.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session that lasted this long resets the reconnect backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// After stopping, how long acks Redis refuses are retried.
+const ACK_GIVE_UP: Duration = Duration::from_secs(5);
+
+pub struct RedisTransport {
+    name: String,
+    /// `Err` when the URL cannot be used (validation catches this before start).
+    client: Result<redis::Client, String>,
+    commands: Result<ConnectionManager, String>,
+    /// The URL without credentials, for logs and CloudEvents `source`.
+    display: String,
+    consumer: String,
+    reconnect_max: Duration,
+}
+
+impl RedisTransport {
+    pub fn new(name: &str, config: &TransportConfig) -> Self {
+        let url = config.url.clone().unwrap_or_default();
+        let client = redis::Client::open(url.as_str()).map_err(|e| format!("redis url: {e}"));
+        let commands = client.as_ref().map_err(Clone::clone).and_then(|c| {
+            let config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_max_delay(Duration::from_secs(2));
+            c.get_connection_manager_lazy(config).map_err(|e| e.to_string())
+        });
+        RedisTransport {
+            name: name.to_string(),
+            client,
+            commands,
+            display: super::display_url(&url, name),
+            consumer: config.consumer.clone().unwrap_or_else(host_name),
+            reconnect_max: config.reconnect_max_delay,
+        }
+    }
+
+    fn commands(&self) -> Result<ConnectionManager, String> {
+        self.commands.clone()
+    }
+
+    /// A connection of its own for blocking reads.
+    async fn reader(&self) -> Result<MultiplexedConnection, String> {
+        let client = self.client.as_ref().map_err(Clone::clone)?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT));
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", self.display))
+    }
+
+    /// One session: from connect to failure (Err) or stop (Ok).
+    async fn session(&self, s: &Session<'_>, up: &mut bool) -> Result<(), String> {
+        let mut conn = self.reader().await?;
+        s.ensure_groups(&mut conn).await?;
+        *up = true;
+        s.status.set_connected(true);
+        info!(subscription = %s.shared.subscription, streams = ?s.spec.config.streams, group = %s.shared.group, consumer = %self.consumer, "consuming");
+
+        // (1) What this consumer had in flight before: its own pending entries.
+        for source in 0..s.shared.streams.len() {
+            for retry in [false, true] {
+                if !s.read_history(&mut conn, ReadKey { source, retry }).await? {
+                    return Ok(());
+                }
+            }
+        }
+        let claim_every = (s.spec.config.claim_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        let mut next_claim = tokio::time::Instant::now();
+        loop {
+            // (2) A dead consumer's entries.
+            if tokio::time::Instant::now() >= next_claim {
+                if !s.claim().await? {
+                    return Ok(());
+                }
+                next_claim = tokio::time::Instant::now() + claim_every;
+            }
+            // (3) New entries.
+            let Some(count) = s.shared.capacity(s.limit, s.stop).await else { return Ok(()) };
+            let block = BLOCK.min(next_claim.saturating_duration_since(tokio::time::Instant::now()));
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(&s.shared.group).arg(s.consumer).arg("COUNT").arg(count);
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64).arg("STREAMS");
+            for k in &s.read_keys {
+                cmd.arg(k.name(&s.shared.streams));
+            }
+            cmd.arg(vec![">"; s.read_keys.len()]);
+            let reply: Value = tokio::select! {
+                _ = s.stop.cancelled() => return Ok(()),
+                r = cmd.query_async(&mut conn) => r.map_err(|e| s.explain(e))?,
+            };
+            for (name, entries) in convert::parse_read(&reply)? {
+                let Some(key) = s.read_keys.iter().find(|k| k.name(&s.shared.streams) == name).copied() else {
+                    continue;
+                };
+                for e in entries {
+                    if !s.hand_out(key, e, 1).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One subscription's consume state, shared by its sessions.
+struct Session<'a> {
+    spec: &'a ConsumeSpec,
+    shared: Arc<Shared>,
+    acks: mpsc::UnboundedSender<(ReadKey, String)>,
+    inbox: &'a Arc<dyn Inbox>,
+    status: &'a SourceStatus,
+    stop: &'a CancellationToken,
+    read_keys: Vec<ReadKey>,
+    limit: usize,
+    /// `redis://host:port/` for CloudEvents `source`.
+    display: &'a str,
+    /// This instance's name in the group.
+    consumer: &'a str,
+}
+
+impl Session<'_> {
+    /// Create the group on every stream it reads: on the source streams when the
+    /// config says `declare`, on the router's own retry streams always.
+    async fn ensure_groups(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+        for k in &self.read_keys {
+            if !k.retry && !self.spec.config.declare {
+                continue;
+            }
+            let name = k.name(&self.shared.streams);
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(name)
+                .arg(&self.shared.group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(conn)
+                .await;
+            match created {
+                Ok(()) => info!(stream = name, group = %self.shared.group, "created consumer group"),
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(format!("creating group {:?} on stream {name:?}: {e}", self.shared.group)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Turn a read error into advice where there is one.
+    fn explain(&self, e: redis::RedisError) -> String {
+        if e.code() == Some("NOGROUP") {
+            let g = &self.shared.group;
+            let fixes: Vec<String> =
+                self.spec.config.streams.iter().map(|s| format!("XGROUP CREATE {s} {g} 0 MKSTREAM")).collect();
+            return format!(
+                "consumer group {g:?} does not exist on every stream ({e}); set `declare: true` on the subscription or create it: {}",
+                fixes.join("; ")
+            );
+        }
+        format!("reading: {e}")
+    }
+
+    /// Hand out this consumer's pending entries of `key` (history read from id 0).
+    /// Entries still in flight here are skipped. Returns false when stopping.
+    async fn read_history(&self, conn: &mut MultiplexedConnection, key: ReadKey) -> Result<bool, String> {
+        let name = key.name(&self.shared.streams);
+        let mut cursor = "0".to_string();
+        let mut recovered = 0usize;
+        loop {
+            let Some(count) = self.shared.capacity(self.limit, self.stop).await else { return Ok(false) };
+            let reply: Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&self.shared.group)
+                .arg(self.consumer())
+                .arg("COUNT")
+                .arg(count)
+                .arg("STREAMS")
+                .arg(name)
+                .arg(&cursor)
+                .query_async(conn)
+                .await
+                .map_err(|e| self.explain(e))?;
+            let entries: Vec<Entry> = convert::parse_read(&reply)?.into_iter().flat_map(|(_, e)| e).collect();
+            let Some(last) = entries.last() else { break };
+            cursor = last.id.clone();
+            let counts = self.delivery_counts(name, &entries).await?;
+            for e in entries {
+                let deliveries = counts.get(&e.id).copied().unwrap_or(1);
+                recovered += 1;
+                if !self.hand_out(key, e, deliveries).await {
+                    return Ok(false);
+                }
+            }
+        }
+        if recovered > 0 {
+            info!(subscription = %self.shared.subscription, stream = name, entries = recovered, "re-reading this consumer's pending entries");
+        }
+        Ok(true)
+    }
+
+    /// Claim entries idle longer than `claim_idle` from any consumer of the group
+    /// (XAUTOCLAIM) and hand them out. Returns false when stopping.
+    async fn claim(&self) -> Result<bool, String> {
+        let min_idle = u64::try_from(self.spec.config.claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = self.shared.commands.clone();
+        for &key in &self.read_keys {
+            let name = key.name(&self.shared.streams);
+            let mut cursor = "0-0".to_string();
+            loop {
+                let Some(count) = self.shared.capacity(self.limit, self.stop).await else { return Ok(false) };
+                let reply: Value = redis::cmd("XAUTOCLAIM")
+                    .arg(name)
+                    .arg(&self.shared.group)
+                    .arg(self.consumer)
+                    .arg(min_idle)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| format!("claiming idle entries of {name:?}: {e}"))?;
+                let (next, entries, deleted) = convert::parse_autoclaim(&reply)?;
+                if !deleted.is_empty() {
+                    warn!(subscription = %self.shared.subscription, stream = name, ids = ?deleted, "pending entries were trimmed from the stream before anyone handled them; Redis dropped them from the pending list");
+                }
+                if !entries.is_empty() {
+                    info!(subscription = %self.shared.subscription, stream = name, entries = entries.len(), "claimed entries idle longer than claim_idle");
+                    let counts = self.delivery_counts(name, &entries).await?;
+                    for e in entries {
+                        let deliveries = counts.get(&e.id).copied().unwrap_or(1);
+                        if !self.hand_out(key, e, deliveries).await {
+                            return Ok(false);
+                        }
+                    }
+                }
+                if next == "0-0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(true)
+    }
+
+    /// How often each entry has been delivered (this delivery included), from the
+    /// group's pending-entries list.
+    async fn delivery_counts(
+        &self,
+        stream: &str,
+        entries: &[Entry],
+    ) -> Result<std::collections::HashMap<String, u32>, String> {
+        let mut pipe = redis::pipe();
+        for e in entries {
+            pipe.cmd("XPENDING").arg(stream).arg(&self.shared.group).arg(&e.id).arg(&e.id).arg(1);
+        }
+        let mut conn = self.shared.commands.clone();
+        let replies: Vec<Value> =
+            pipe.query_async(&mut conn).await.map_err(|e| format!("reading delivery counts of {stream:?}: {e}"))?;
+        let mut out = std::collections::HashMap::new();
+        for r in &replies {
+            let Some(row) = convert::items(r).and_then(|rows| rows.first()).and_then(convert::items) else { continue };
+            if let (Some(id), Some(count)) = (row.first().and_then(convert::text), row.get(3).and_then(convert::text)) {
+                out.insert(id, count.parse().unwrap_or(1));
+            }
+        }
+        Ok(out)
+    }
+
+    fn consumer(&self) -> &str {
+        self.consumer
+    }
+
+    /// Give one entry to the pipeline. Returns false when the router is stopping.
+    async fn hand_out(&self, key: ReadKey, entry: Entry, deliveries: u32) -> bool {
+        if !self.shared.take(key, &entry.id) {
+            return true; // Still being handled here.
+        }
+        let Some(fields) = entry.fields else {
+            // Pending, but trimmed from the stream: there is nothing left to deliver.
+            warn!(subscription = %self.shared.subscription, id = %entry.id, "pending entry no longer in the stream (trimmed); acking it");
+            let _ = self.acks.send((key, entry.id));
+            return true;
+        };
+        let origin = &self.shared.streams[key.source].stream;
+        let (message, defect) =
+            convert::to_message(self.display, origin, &entry.id, &fields, &self.spec.config.body_field);
+        let handle = RedisHandle { shared: self.shared.clone(), acks: self.acks.clone(), key, id: entry.id, fields };
+        let mut delivery = Delivery::new(message, Box::new(handle));
+        delivery.attempt = delivery.attempt.saturating_add(deliveries.saturating_sub(1));
+        delivery.defect = defect;
+        self.inbox.put(delivery).await.is_ok()
+    }
+}
+
+#[async_trait]
+impl Transport for RedisTransport {
+    async fn consume(
+        &self,
+        spec: ConsumeSpec,
+        inbox: Arc<dyn Inbox>,
+        status: Arc<SourceStatus>,
+        stop: CancellationToken,
+    ) {
+        let commands = match self.commands() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(subscription = %spec.subscription, error = %e, "cannot consume");
+                return;
+            }
+        };
+        let group = spec.config.group.clone().unwrap_or_default();
+        let dl = spec.config.dead_letter.clone().unwrap_or_default();
+        let streams: Vec<StreamKeys> =
+            spec.config.streams.iter().map(|s| StreamKeys::new(s, &group, dl.stream.as_deref())).collect();
+        let read_keys =
+            (0..streams.len()).flat_map(|source| [false, true].map(|retry| ReadKey { source, retry })).collect();
+        let shared = Arc::new(Shared::new(spec.subscription.clone(), group, streams, dl.maxlen, commands));
+        let (acks, ack_rx) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(run_acker(shared.clone(), ack_rx, ACK_GIVE_UP));
+        let mover_stop = stop.child_token();
+        let mover = tokio::spawn(run_mover(shared.clone(), mover_stop.clone()));
+        let session = Session {
+            spec: &spec,
+            shared: shared.clone(),
+            acks,
+            inbox: &inbox,
+            status: &status,
+            stop: &stop,
+            read_keys,
+            limit: usize::from(spec.prefetch.max(1)),
+            display: &self.display,
+            consumer: &self.consumer,
+        };
+
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut up = false;
+            let started = std::time::Instant::now();
+            match self.session(&session, &mut up).await {
+                Ok(()) => break,
+                Err(e) => {
+                    status.set_connected(false);
+                    if up && started.elapsed() >= HEALTHY_SESSION {
+                        backoff = Duration::from_millis(100);
+                    }
+                    warn!(subscription = %spec.subscription, transport = %self.name, error = %e, retry_in = ?backoff, "consumer down; reconnecting");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.reconnect_max);
+        }
+        status.set_connected(false);
+        // Stopping: the acker runs until every handed-out delivery is settled or
+        // dropped, so acks of finished work reach Redis.
+        drop(session);
+        let _ = acker.await;
+        mover_stop.cancel();
+        let _ = mover.await;
+    }
+
+    async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {
+        if !exchange.is_empty() {
+            return Err(TransportError::Broker(format!(
+                "redis has no exchanges (got {exchange:?}): the routing key names the stream"
+            )));
+        }
+        let mut conn = self.commands().map_err(TransportError::Broker)?;
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(routing_key).arg("*");
+        for (n, v) in convert::to_fields(message, "body") {
+            cmd.arg(n.as_ref()).arg(v.as_ref());
+        }
+        cmd.query_async::<Value>(&mut conn).await.map(|_| ()).map_err(|e| TransportError::NotConfirmed {
+            destination: format!("stream {routing_key:?}"),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// This machine's host name: the default consumer name, stable across restarts.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "message-router".into())
+}

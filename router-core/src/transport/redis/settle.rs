@@ -1,0 +1,467 @@
+//! Settling Redis stream entries.
+//!
+//! - Acks are batched: one acker task per subscription sends one XACK per stream for
+//!   whatever settled since its last round. A failed XACK is retried (acks are by id,
+//!   on any connection, so nothing ties them to the connection that read the entry).
+//! - Retries and dead letters are Lua scripts, so the write and the XACK are one
+//!   atomic step: no window where the message is in both places or in neither. Each
+//!   script first checks the entry is still pending in the group (another instance may
+//!   have claimed and settled it), and writes before it acks, so a failing write (a
+//!   key of the wrong type, say) aborts the script before the ack.
+//! - Retries wait in a sorted set scored by due time; the mover moves due ones into
+//!   the retry stream, which the group reads beside the source stream. A second stream
+//!   rather than the source itself: other consumer groups of the source stream must
+//!   not see this group's retries.
+//! - The retry stream is trimmed to what every group has read and acked (MINID), never
+//!   by length: a length trim could drop a retry nobody has read yet.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::convert::{id_order, items, pack_fields, text};
+use crate::message::{header, Failure, Settle, SettleError, Settlement};
+
+/// Schedule a retry: ZADD the packed fields at now + delay, then XACK.
+/// KEYS: source stream, delayed set. ARGV: group, id, delay ms, packed fields.
+const RETRY: &str = r"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+";
+
+/// Dead-letter: XADD to the dead-letter stream (trimmed to about MAXLEN when ARGV[3]
+/// is not 0), then XACK. KEYS: source stream, dead-letter stream.
+/// ARGV: group, id, maxlen, field, value, ...
+const DEAD_LETTER: &str = r"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+local args = {'XADD', KEYS[2]}
+if ARGV[3] ~= '0' then
+  args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = ARGV[3]
+end
+args[#args + 1] = '*'
+for i = 4, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call(unpack(args))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+";
+
+/// Move due retries (at most ARGV[1]) from the delayed set into the retry stream, each
+/// XADD before its ZREM. Returns {moved, ms until the next one is due or -1}.
+/// KEYS: delayed set, retry stream.
+const MOVE_DUE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, m in ipairs(due) do
+  local args = {'XADD', KEYS[2], '*'}
+  local pos = 1
+  while pos <= #m do
+    local a, b, c, d = string.byte(m, pos, pos + 3)
+    local len = ((a * 256 + b) * 256 + c) * 256 + d
+    args[#args + 1] = string.sub(m, pos + 4, pos + 3 + len)
+    pos = pos + 4 + len
+  end
+  redis.call(unpack(args))
+  redis.call('ZREM', KEYS[1], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then return {#due, -1} end
+return {#due, math.max(0, tonumber(nxt[2]) - now)}
+";
+
+/// The keys of one source stream as a group reads it.
+#[derive(Clone, Debug)]
+pub struct StreamKeys {
+    /// The source stream.
+    pub stream: String,
+    /// Retries that are due, read by the group beside the source.
+    pub retry: String,
+    /// Retries waiting for their time (sorted set, score = due time in ms).
+    pub delayed: String,
+    /// Where dead letters go.
+    pub dead_letter: String,
+}
+
+impl StreamKeys {
+    pub fn new(stream: &str, group: &str, dead_letter: Option<&str>) -> Self {
+        StreamKeys {
+            stream: stream.to_string(),
+            retry: format!("{stream}.{group}.retry"),
+            delayed: format!("{stream}.{group}.delayed"),
+            dead_letter: dead_letter.map_or_else(|| format!("{stream}.dlq"), str::to_string),
+        }
+    }
+}
+
+/// Where an entry was read: the index of its source stream, and whether it came
+/// through that stream's retry stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReadKey {
+    pub source: usize,
+    pub retry: bool,
+}
+
+impl ReadKey {
+    pub fn name<'a>(&self, streams: &'a [StreamKeys]) -> &'a str {
+        let s = &streams[self.source];
+        if self.retry {
+            &s.retry
+        } else {
+            &s.stream
+        }
+    }
+}
+
+/// What a subscription's handles, acker and consume loop share.
+pub struct Shared {
+    pub subscription: String,
+    pub group: String,
+    pub streams: Vec<StreamKeys>,
+    pub dead_letter_maxlen: Option<u64>,
+    pub commands: ConnectionManager,
+    /// Entries handed out and not yet settled at Redis (acked, retried, dead-lettered,
+    /// or given up): the bound on what is read, and what history reads and claims
+    /// must not hand out a second time.
+    in_flight: Mutex<HashSet<(ReadKey, String)>>,
+    freed: Notify,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    retry: Script,
+    dead_letter: Script,
+    move_due: Script,
+}
+
+impl Shared {
+    pub fn new(
+        subscription: String,
+        group: String,
+        streams: Vec<StreamKeys>,
+        dead_letter_maxlen: Option<u64>,
+        commands: ConnectionManager,
+    ) -> Self {
+        Shared {
+            subscription,
+            group,
+            streams,
+            dead_letter_maxlen,
+            commands,
+            in_flight: Mutex::new(HashSet::new()),
+            freed: Notify::new(),
+            scripts: Scripts {
+                retry: Script::new(RETRY),
+                dead_letter: Script::new(DEAD_LETTER),
+                move_due: Script::new(MOVE_DUE),
+            },
+        }
+    }
+
+    /// Record an entry as handed out; false if it already is (a history read or a
+    /// claim returned an entry this process is still handling).
+    pub fn take(&self, key: ReadKey, id: &str) -> bool {
+        self.in_flight.lock().insert((key, id.to_string()))
+    }
+
+    pub fn release(&self, key: ReadKey, id: &str) {
+        self.in_flight.lock().remove(&(key, id.to_string()));
+        self.freed.notify_waiters();
+    }
+
+    fn release_all(&self, done: &[(ReadKey, String)]) {
+        let mut set = self.in_flight.lock();
+        for d in done {
+            set.remove(d);
+        }
+        drop(set);
+        self.freed.notify_waiters();
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().len()
+    }
+
+    /// Wait until fewer than `limit` entries are in flight; returns how many more may
+    /// be read, or `None` when `stop` fired first.
+    pub async fn capacity(&self, limit: usize, stop: &CancellationToken) -> Option<usize> {
+        loop {
+            let freed = self.freed.notified();
+            let free = limit.saturating_sub(self.in_flight());
+            if free > 0 {
+                return Some(free);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = freed => {}
+                // Belt and braces against a missed wake-up.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// The Redis half of a [`crate::message::Delivery`].
+pub struct RedisHandle {
+    pub shared: Arc<Shared>,
+    pub acks: mpsc::UnboundedSender<(ReadKey, String)>,
+    pub key: ReadKey,
+    pub id: String,
+    pub fields: Vec<(Bytes, Bytes)>,
+}
+
+#[async_trait]
+impl Settle for RedisHandle {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), SettleError> {
+        let shared = self.shared.clone();
+        let result = match &settlement {
+            Settlement::Ack => {
+                // The acker releases the entry once XACK landed.
+                if self.acks.send((self.key, self.id.clone())).is_ok() {
+                    return Ok(());
+                }
+                Err(SettleError("the acker has stopped".into()))
+            }
+            // Stays pending in this consumer: re-read at the next start, or claimed
+            // once idle for claim_idle.
+            Settlement::Release => Ok(()),
+            Settlement::Retry { after, next_attempt, failure } => self.retry(*after, *next_attempt, failure).await,
+            Settlement::DeadLetter(failure) => self.dead_letter(failure).await,
+        };
+        shared.release(self.key, &self.id);
+        result
+    }
+
+    fn abandon(self: Box<Self>) {
+        self.shared.release(self.key, &self.id);
+    }
+}
+
+impl RedisHandle {
+    fn stream(&self) -> &StreamKeys {
+        &self.shared.streams[self.key.source]
+    }
+
+    /// The entry's fields for a retry or a dead letter: the original fields without
+    /// the router's earlier bookkeeping, where it first came from, then `extra`.
+    fn republish_fields(&self, extra: Vec<(&'static str, String)>) -> Vec<(Bytes, Bytes)> {
+        let existing = |name: &str| {
+            self.fields
+                .iter()
+                .find(|(n, _)| n.as_ref() == name.as_bytes())
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        let origin = [
+            (
+                header::ORIGINAL_STREAM,
+                existing(header::ORIGINAL_STREAM).unwrap_or_else(|| self.stream().stream.clone()),
+            ),
+            (header::ORIGINAL_ID, existing(header::ORIGINAL_ID).unwrap_or_else(|| self.id.clone())),
+        ];
+        let mut out: Vec<(Bytes, Bytes)> =
+            self.fields.iter().filter(|(n, _)| !n.starts_with(b"x-router-")).cloned().collect();
+        for (name, value) in origin.into_iter().chain(extra) {
+            out.push((Bytes::from_static(name.as_bytes()), Bytes::from(value)));
+        }
+        out
+    }
+
+    async fn retry(&self, after: Duration, next_attempt: u32, failure: &Failure) -> Result<(), SettleError> {
+        let mut extra = vec![(header::ATTEMPT, next_attempt.to_string())];
+        extra.extend(failure.headers(&self.shared.subscription));
+        let member = pack_fields(&self.republish_fields(extra));
+        let delay_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = self.shared.commands.clone();
+        let done: i64 = self
+            .shared
+            .scripts
+            .retry
+            .key(self.key.name(&self.shared.streams))
+            .key(&self.stream().delayed)
+            .arg(&self.shared.group)
+            .arg(&self.id)
+            .arg(delay_ms)
+            .arg(member)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| SettleError(format!("scheduling the retry in {:?}: {e}", self.stream().delayed)))?;
+        self.note_taken_over(done);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, failure: &Failure) -> Result<(), SettleError> {
+        let fields = self.republish_fields(failure.headers(&self.shared.subscription));
+        let mut conn = self.shared.commands.clone();
+        let dlq = &self.stream().dead_letter;
+        let mut call = self.shared.scripts.dead_letter.key(self.key.name(&self.shared.streams));
+        call.key(dlq).arg(&self.shared.group).arg(&self.id).arg(self.shared.dead_letter_maxlen.unwrap_or(0));
+        for (n, v) in &fields {
+            call.arg(n.as_ref()).arg(v.as_ref());
+        }
+        let done: i64 = call
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| SettleError(format!("writing the dead letter to {dlq:?}: {e}")))?;
+        self.note_taken_over(done);
+        Ok(())
+    }
+
+    fn note_taken_over(&self, done: i64) {
+        if done == 0 {
+            // Claimed and settled by another consumer meanwhile: it owns the outcome.
+            debug!(subscription = %self.shared.subscription, id = %self.id, "entry no longer pending here; settled elsewhere");
+        }
+    }
+}
+
+/// Batches acks until every sender is gone, retrying failed XACKs. After the last
+/// sender is gone, gives up on acks Redis still refuses after `give_up`: those entries
+/// stay pending and are delivered again (duplicates, never losses).
+pub async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(ReadKey, String)>, give_up: Duration) {
+    let mut pending: Vec<(ReadKey, String)> = Vec::new();
+    let mut batch = Vec::with_capacity(256);
+    let mut backoff = Duration::from_millis(50);
+    let mut open = true;
+    let mut closed_at = None;
+    loop {
+        if pending.is_empty() {
+            if !open || rx.recv_many(&mut batch, 4096).await == 0 {
+                return;
+            }
+        } else if open {
+            // Take what is there without waiting: the retry must not wait for traffic.
+            while let Ok(item) = rx.try_recv() {
+                batch.push(item);
+            }
+            if rx.is_closed() && rx.is_empty() {
+                open = false;
+            }
+        }
+        pending.append(&mut batch);
+        match xack(&shared, &pending).await {
+            Ok(()) => {
+                shared.release_all(&pending);
+                pending.clear();
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                if !open {
+                    let since = *closed_at.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= give_up {
+                        warn!(subscription = %shared.subscription, entries = pending.len(), error = %e, "giving up acking; those entries stay pending and will be delivered again");
+                        shared.release_all(&pending);
+                        return;
+                    }
+                }
+                warn!(subscription = %shared.subscription, entries = pending.len(), error = %e, retry_in = ?backoff, "XACK failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        if open && rx.is_closed() && rx.is_empty() {
+            open = false;
+        }
+    }
+}
+
+/// One XACK per stream for `done`, pipelined.
+async fn xack(shared: &Shared, done: &[(ReadKey, String)]) -> redis::RedisResult<()> {
+    let mut by_key: HashMap<ReadKey, Vec<&str>> = HashMap::new();
+    for (key, id) in done {
+        by_key.entry(*key).or_default().push(id);
+    }
+    let mut pipe = redis::pipe();
+    for (key, ids) in by_key {
+        pipe.cmd("XACK").arg(key.name(&shared.streams)).arg(&shared.group).arg(ids).ignore();
+    }
+    let mut conn = shared.commands.clone();
+    pipe.query_async::<()>(&mut conn).await
+}
+
+/// Move due retries into the retry streams until `stop`, and trim the retry streams to
+/// what is acked. Runs in every instance; the script makes concurrent movers safe.
+pub async fn run_mover(shared: Arc<Shared>, stop: CancellationToken) {
+    const BATCH: i64 = 256;
+    const MAX_WAIT: Duration = Duration::from_millis(500);
+    const TRIM_EVERY: Duration = Duration::from_secs(60);
+    let mut last_trim = tokio::time::Instant::now();
+    loop {
+        let mut wait = MAX_WAIT;
+        let mut conn = shared.commands.clone();
+        for s in &shared.streams {
+            let reply: redis::RedisResult<(i64, i64)> =
+                shared.scripts.move_due.key(&s.delayed).key(&s.retry).arg(BATCH).invoke_async(&mut conn).await;
+            match reply {
+                Ok((moved, next_ms)) => {
+                    if moved > 0 {
+                        debug!(subscription = %shared.subscription, stream = %s.stream, moved, "retries due");
+                    }
+                    if moved == BATCH {
+                        wait = Duration::ZERO;
+                    } else if next_ms >= 0 {
+                        wait = wait.min(Duration::from_millis(next_ms.unsigned_abs()));
+                    }
+                }
+                Err(e) => {
+                    warn!(subscription = %shared.subscription, key = %s.delayed, error = %e, "moving due retries failed; will try again");
+                    wait = Duration::from_secs(1);
+                }
+            }
+        }
+        if last_trim.elapsed() >= TRIM_EVERY {
+            last_trim = tokio::time::Instant::now();
+            for s in &shared.streams {
+                if let Err(e) = trim_acked(&mut conn, &s.retry).await {
+                    debug!(key = %s.retry, error = %e, "trimming the retry stream failed");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Trim `stream` to the entries some group may still need: those at or after the
+/// oldest pending entry or last delivered id of every group.
+pub async fn trim_acked(conn: &mut ConnectionManager, stream: &str) -> redis::RedisResult<()> {
+    let groups: Value = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await?;
+    let mut keep_from: Option<String> = None;
+    for g in items(&groups).unwrap_or_default() {
+        let info: HashMap<String, String> = items(g)
+            .unwrap_or_default()
+            .chunks(2)
+            .filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?)?)))
+            .collect();
+        let (Some(name), Some(last)) = (info.get("name"), info.get("last-delivered-id")) else { continue };
+        let summary: Value = redis::cmd("XPENDING").arg(stream).arg(name).query_async(conn).await?;
+        let oldest = items(&summary).and_then(|s| s.get(1)).and_then(text);
+        let group_min = match oldest {
+            Some(o) if id_order(&o, last).is_lt() => o,
+            _ => last.clone(),
+        };
+        if keep_from.as_deref().is_none_or(|k| id_order(&group_min, k).is_lt()) {
+            keep_from = Some(group_min);
+        }
+    }
+    if let Some(min) = keep_from.filter(|m| m != "0-0") {
+        let trimmed: i64 = redis::cmd("XTRIM").arg(stream).arg("MINID").arg(&min).query_async(conn).await?;
+        if trimmed > 0 {
+            info!(stream, trimmed, "trimmed acked retries");
+        }
+    }
+    Ok(())
+}

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, SubscriptionConfig};
+use crate::dedup::Dedup;
 use crate::message::{Delivery, Settlement};
 use crate::metrics::Metrics;
 use crate::retry::{decide, Decision, RetryPolicy};
@@ -58,6 +59,7 @@ struct Pipeline {
     metrics: Arc<Metrics>,
     status: Arc<SourceStatus>,
     grace: Duration,
+    dedup: Option<Dedup>,
 }
 
 /// The whole router: every subscription of a config, wired to its targets.
@@ -119,6 +121,7 @@ impl Router {
                 metrics: metrics.clone(),
                 status: Arc::new(SourceStatus::new(Some(gauge))),
                 grace: config.shutdown.grace_period,
+                dedup: s.dedup.as_ref().map(|d| Dedup::new(name, d)),
             }));
         }
         Ok(Router { pipelines, transports: transports.into_values().collect(), metrics })
@@ -182,6 +185,7 @@ impl Pipeline {
             queue: self.config.queue.clone(),
             prefetch: self.config.prefetch,
             dead_letter: self.config.dead_letter(),
+            config: self.config.clone(),
         };
         let window = if self.config.ordered { 1 } else { usize::from(self.config.prefetch.max(1)) };
         let tasks = TaskTracker::new();
@@ -193,7 +197,7 @@ impl Pipeline {
             tasks: tasks.clone(),
             abort: abort.clone(),
         });
-        info!(subscription = %self.name, queue = %self.config.queue, "subscription started");
+        info!(subscription = %self.name, "subscription started");
         let stop_consuming = CancellationToken::new();
         let mut consumer = tokio::spawn({
             let (transport, status, stop) = (self.transport.clone(), self.status.clone(), stop_consuming.clone());
@@ -259,6 +263,25 @@ impl Pipeline {
             let work = async {
                 match route {
                     Err(reason) => self.dead_letter_unhandled(d, reason).await,
+                    // Earlier deliveries ended without an answer (the consumer died
+                    // or was stopped mid-handling): a message that keeps killing its
+                    // consumer must not be delivered forever.
+                    Ok((route, handler_name, _, policy)) if d.attempt > policy.max_attempts => {
+                        let reason = format!(
+                            "max attempts ({}) exhausted: {} earlier deliveries ended without an answer (the consumer crashed or was stopped while handling the message)",
+                            policy.max_attempts,
+                            d.attempt - 1
+                        );
+                        let mut failure = d.failure(
+                            reason,
+                            "no answer from the handler".into(),
+                            Some(&route),
+                            Some(&handler_name),
+                            SystemTime::now(),
+                        );
+                        failure.attempts = d.attempt - 1;
+                        self.settle(d, Settlement::DeadLetter(failure), &route, &handler_name).await;
+                    }
                     Ok((route, handler_name, handler, policy)) => {
                         // Shutdown while waiting: the delivery is dropped, so handed back.
                         if let Some(slot) = acquire(&handler.limit, &shutdown).await {
@@ -280,6 +303,12 @@ impl Pipeline {
 
     /// One attempt: deliver, decide, settle.
     async fn handle(&self, d: Delivery, route: &str, handler_name: &str, handler: &Handler, policy: &RetryPolicy) {
+        if self.already_handled(&d).await {
+            self.metrics.deduplicated.with_label_values(&[self.name.as_str()]).inc();
+            debug!(subscription = %self.name, id = %d.message.id, "already handled; acking without delivery");
+            self.settle(d, Settlement::Ack, route, handler_name).await;
+            return;
+        }
         let in_flight = self.metrics.in_flight.with_label_values(&[self.name.as_str()]);
         in_flight.inc();
         let started = Instant::now();
@@ -297,7 +326,17 @@ impl Pipeline {
         let now = SystemTime::now();
         let failure = |reason: String, error: String| d.failure(reason, error, Some(route), Some(handler_name), now);
         let settlement = match decide(policy, d.attempt, outcome, fastrand::f64()) {
-            Decision::Ack => Settlement::Ack,
+            Decision::Ack => {
+                // Recorded before the ack: a crash in between leaves a redelivery
+                // that dedup then skips.
+                if let Some(dedup) = &self.dedup {
+                    if let Err(e) = dedup.record(&d.message.id).await {
+                        self.metrics.dedup_errors.with_label_values(&[self.name.as_str()]).inc();
+                        warn!(subscription = %self.name, id = %d.message.id, error = %e, "could not record the message as handled; a redelivered copy would be handled again");
+                    }
+                }
+                Settlement::Ack
+            }
             Decision::Retry { after, next_attempt, error } => {
                 Settlement::Retry { after, next_attempt, failure: failure(format!("retrying after {after:?}"), error) }
             }
@@ -305,6 +344,20 @@ impl Pipeline {
         };
         self.settle(d, settlement, route, handler_name).await;
         in_flight.dec();
+    }
+
+    /// Whether dedup knows this message as handled. A dedup store that cannot answer
+    /// means "not handled" (deliver: at least once still holds).
+    async fn already_handled(&self, d: &Delivery) -> bool {
+        let Some(dedup) = &self.dedup else { return false };
+        match dedup.seen(&d.message.id).await {
+            Ok(seen) => seen,
+            Err(e) => {
+                self.metrics.dedup_errors.with_label_values(&[self.name.as_str()]).inc();
+                warn!(subscription = %self.name, id = %d.message.id, error = %e, "dedup lookup failed; delivering");
+                false
+            }
+        }
     }
 
     /// Dead-letter a message that never reached a handler.

@@ -9,13 +9,15 @@
 //! - [`routing`]: the routing table (subscription, routing-key globs, headers).
 //! - [`engine`]: the per-subscription pipeline: bounded in-flight, per-handler limits,
 //!   the single settle point, graceful drain. [`Router`] wires a config to targets.
+//! - [`dedup`]: Redis-backed skipping of messages already handled (optional).
 //! - [`target`]: the [`Target`] trait handlers are reached through.
-//! - [`transport`]: brokers (`amqp`, `memory`) behind the [`Transport`] trait.
+//! - [`transport`]: brokers (`amqp`, `redis`, `memory`) behind the [`Transport`] trait.
 //! - [`config`]: the YAML model shared by daemon and extension; loading, `${ENV}`
 //!   interpolation and validation with key paths.
 //! - [`metrics`]: the Prometheus registry.
 
 pub mod config;
+pub mod dedup;
 pub mod engine;
 pub mod message;
 pub mod metrics;

@@ -12,6 +12,10 @@ pub struct Metrics {
     pub dead_lettered: IntCounterVec,
     /// A settlement the broker did not confirm; the message is redelivered.
     pub settle_failures: IntCounterVec,
+    /// Deliveries acked without calling the handler: already handled (dedup).
+    pub deduplicated: IntCounterVec,
+    /// Dedup store lookups or records that failed (the message was delivered anyway).
+    pub dedup_errors: IntCounterVec,
     pub handler_seconds: HistogramVec,
     pub in_flight: IntGaugeVec,
     /// 1 while the subscription has a live consumer at its broker.
@@ -48,6 +52,16 @@ impl Metrics {
             "Settlements the broker did not confirm (the message is redelivered)",
             &["subscription"],
         )?;
+        let deduplicated = counter(
+            "router_messages_deduplicated_total",
+            "Deliveries acked without calling the handler because their id was already handled",
+            &["subscription"],
+        )?;
+        let dedup_errors = counter(
+            "router_dedup_errors_total",
+            "Dedup store lookups or records that failed (at least once still holds)",
+            &["subscription"],
+        )?;
         let handler_seconds = HistogramVec::new(
             HistogramOpts::new("router_handler_duration_seconds", "Time from delivery to the handler's answer")
                 .buckets(vec![
@@ -65,6 +79,8 @@ impl Metrics {
             retried,
             dead_lettered,
             settle_failures,
+            deduplicated,
+            dedup_errors,
             handler_seconds,
             in_flight,
             connected,

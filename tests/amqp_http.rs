@@ -25,14 +25,6 @@ async fn setup(name: &str) -> Setup {
     Setup { dir, rabbit, queue, php }
 }
 
-fn by_id(seen: &[Seen]) -> BTreeMap<String, Vec<Seen>> {
-    let mut m: BTreeMap<String, Vec<Seen>> = BTreeMap::new();
-    for s in seen {
-        m.entry(s.id.clone()).or_default().push(s.clone());
-    }
-    m
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn acks_2xx_and_sends_cloudevents_headers() {
     let s = setup("ack").await;

@@ -8,6 +8,8 @@
 //   reject           422 with a body (poison message)
 //   busy:S           429 with Retry-After: S, until attempt 2, then 200
 //   slow:MS          sleep MS milliseconds, then 200
+//   hang:MS          log the request at once (status 0), then sleep MS ms and 200:
+//                    lets a test see a message is being handled, then kill the router
 // Every request is appended as one JSON line to $HANDLER_LOG (flock'ed), so tests can
 // count what each message id went through.
 
@@ -42,7 +44,10 @@ switch ($mode) {
 }
 
 $log = getenv('HANDLER_LOG');
-if ($log) {
+function log_request($log, $headers, $attempt, $status, $body) {
+    if (!$log) {
+        return;
+    }
     $line = json_encode([
         'id' => $headers['ce-id'] ?? null,
         'attempt' => $attempt,
@@ -54,6 +59,11 @@ if ($log) {
     ]) . "\n";
     file_put_contents($log, $line, FILE_APPEND | LOCK_EX);
 }
+if ($mode === 'hang') {
+    log_request($log, $headers, $attempt, 0, $body);
+    usleep((int)$arg * 1000);
+}
+log_request($log, $headers, $attempt, $status, $body);
 http_response_code($status);
 foreach ($extra as $h) {
     header($h);

@@ -108,7 +108,7 @@ impl Proc {
     /// SIGKILL the process and its process group (`php -S` forks workers that would
     /// otherwise outlive it), and reap.
     pub fn kill(&mut self) {
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.pid())]).status();
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.pid())]).stderr(Stdio::null()).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -196,6 +196,15 @@ pub fn seen(log: &Path) -> Vec<Seen> {
                 .unwrap_or_default(),
         })
         .collect()
+}
+
+/// Logged requests grouped by message id, in arrival order.
+pub fn by_id(seen: &[Seen]) -> BTreeMap<String, Vec<Seen>> {
+    let mut m: BTreeMap<String, Vec<Seen>> = BTreeMap::new();
+    for s in seen {
+        m.entry(s.id.clone()).or_default().push(s.clone());
+    }
+    m
 }
 
 /// The `message-router` daemon running a config written to a scratch file.
@@ -454,5 +463,141 @@ routes:
   - {{ name: work, match: {{ routing_key: "{queue}" }}, handler: php }}
 "#,
         url = amqp_url()
+    )
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// One stream entry as a test reads it back.
+#[derive(Clone, Debug)]
+pub struct StreamEntry {
+    pub id: String,
+    pub fields: BTreeMap<String, Vec<u8>>,
+}
+
+impl StreamEntry {
+    pub fn text(&self, field: &str) -> String {
+        self.fields.get(field).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+    }
+}
+
+/// A test's own Redis connection: publish entries, read streams back, count pending.
+pub struct Redis {
+    pub conn: redis::aio::MultiplexedConnection,
+}
+
+impl Redis {
+    pub async fn connect() -> Self {
+        Self::connect_to(&redis_url()).await
+    }
+
+    pub async fn connect_to(url: &str) -> Self {
+        let client = redis::Client::open(url).expect("redis url");
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .expect("connect to Redis (scripts/setup starts it)");
+        Redis { conn }
+    }
+
+    /// XADD each message (pipelined): field `body`, field `message_id` = its id, and
+    /// its headers as fields.
+    pub async fn publish(&mut self, stream: &str, messages: &[Outgoing]) {
+        for chunk in messages.chunks(500) {
+            let mut pipe = redis::pipe();
+            for (id, body, headers) in chunk {
+                let cmd = pipe.cmd("XADD").arg(stream).arg("*").arg("body").arg(body.as_slice());
+                cmd.arg("message_id").arg(id);
+                for (k, v) in headers {
+                    cmd.arg(*k).arg(v);
+                }
+            }
+            let _: Vec<String> = pipe.query_async(&mut self.conn).await.expect("XADD");
+        }
+    }
+
+    /// XADD one entry with exactly these fields.
+    pub async fn xadd(&mut self, stream: &str, fields: &[(&str, &[u8])]) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        cmd.query_async(&mut self.conn).await.expect("XADD")
+    }
+
+    pub async fn entries(&mut self, stream: &str) -> Vec<StreamEntry> {
+        type Raw = Vec<(String, Vec<(String, Vec<u8>)>)>;
+        let raw: Raw =
+            redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut self.conn).await.expect("XRANGE");
+        raw.into_iter().map(|(id, fields)| StreamEntry { id, fields: fields.into_iter().collect() }).collect()
+    }
+
+    /// Entries delivered to `group` and not yet acked.
+    pub async fn pending(&mut self, stream: &str, group: &str) -> u64 {
+        let summary: redis::Value =
+            redis::cmd("XPENDING").arg(stream).arg(group).query_async(&mut self.conn).await.expect("XPENDING");
+        match summary {
+            redis::Value::Array(parts) => match parts.first() {
+                Some(redis::Value::Int(n)) => *n as u64,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    pub async fn zcard(&mut self, key: &str) -> u64 {
+        redis::cmd("ZCARD").arg(key).query_async(&mut self.conn).await.expect("ZCARD")
+    }
+
+    /// Delete a test's streams and what the router made beside them.
+    pub async fn cleanup(mut self, streams: &[&str], group: &str) {
+        for s in streams {
+            let keys =
+                [s.to_string(), format!("{s}.dlq"), format!("{s}.{group}.retry"), format!("{s}.{group}.delayed")];
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut self.conn).await;
+        }
+    }
+}
+
+/// A router config for one Redis subscription reading `streams` with `group` as
+/// `consumer`, delivering to `endpoints`.
+pub fn redis_config(streams: &[&str], group: &str, consumer: &str, endpoints: &[String], extra_sub: &str) -> String {
+    redis_config_at(&redis_url(), streams, group, consumer, endpoints, extra_sub)
+}
+
+pub fn redis_config_at(
+    url: &str,
+    streams: &[&str],
+    group: &str,
+    consumer: &str,
+    endpoints: &[String],
+    extra_sub: &str,
+) -> String {
+    let eps = endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+    let streams = streams.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{{admin}}" }}
+shutdown: {{ grace_period: 10s }}
+transports:
+  redis: {{ type: redis, url: "{url}", consumer: "{consumer}", reconnect_max_delay: 1s }}
+handlers:
+  php: {{ endpoints: [{eps}], timeout: 5s }}
+subscriptions:
+  main:
+    transport: redis
+    streams: [{streams}]
+    group: {group}
+    prefetch: 32
+    claim_idle: 10s
+    retry: {{ max_attempts: 3, initial_delay: 200ms, multiplier: 2, max_delay: 2s, jitter: 0 }}
+    {extra_sub}
+routes:
+  - {{ name: work, handler: php }}
+"#
     )
 }

@@ -109,7 +109,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     assert_eq!(dead, poison, "exactly the poison messages are dead-lettered");
     assert!(ids.iter().filter(|id| !poison.contains(*id)).all(|id| ok.contains_key(id)), "every other id handled");
     let duplicates: usize = ok.values().map(|c| c - 1).sum();
-    let redelivered = seen(&php.log).iter().filter(|s| index(&s.id) % 20 != 0 && s.attempt >= 2).count();
+    let redelivered = seen(&php.log).iter().filter(|s| !index(&s.id).is_multiple_of(20) && s.attempt >= 2).count();
     assert!(redelivered > 0, "entries in flight at a kill came back with a higher attempt");
     assert!(last.logs().contains("claimed entries idle longer than claim_idle"), "the last consumer claimed");
     let retry = format!("{stream}.{group}.retry");

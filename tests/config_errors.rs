@@ -69,3 +69,32 @@ fn missing_file_is_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/router.yaml: cannot read: No such file"), "{stderr}");
 }
+
+#[test]
+fn bad_stream_config_is_refused() {
+    let dir = Scratch::new("cfg");
+    let yaml = r#"
+admin: { listen: "127.0.0.1:0" }
+transports:
+  redis: { type: redis, url: "redis://127.0.0.1:6379" }
+handlers:
+  php: { endpoints: ["http://127.0.0.1:8080/"], timeout: 30s }
+subscriptions:
+  orders: { transport: redis, queue: orders, claim_idle: 10s, dead_letter: { stream: "" } }
+routes:
+  - { name: all, handler: php }
+"#;
+    for cmd in ["validate", "run"] {
+        let (code, _, stderr) = run(cmd, yaml, &dir);
+        assert_eq!(code, Some(2), "`{cmd}` must exit 2; stderr:\n{stderr}");
+        for want in [
+            "FILE: subscriptions.orders.queue: a redis subscription reads `streams`, not a `queue`",
+            "FILE: subscriptions.orders.streams: list at least one stream to read",
+            "FILE: subscriptions.orders.group: a redis subscription needs a consumer group name",
+            "FILE: subscriptions.orders.claim_idle: 10s must be longer than the timeout of handler \"php\" (30s)",
+            "FILE: subscriptions.orders.dead_letter.stream: must not be empty",
+        ] {
+            assert!(stderr.contains(want), "`{cmd}` stderr lacks {want:?}:\n{stderr}");
+        }
+    }
+}

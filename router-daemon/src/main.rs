@@ -28,16 +28,19 @@ enum Command {
         #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
         config: PathBuf,
     },
-    /// Publish messages (confirmed, persistent) through a transport of the config.
+    /// Publish messages (confirmed, persistent) through a transport of the config. On
+    /// Redis the routing key names the stream (XADD with fields body, message_id, ...).
     Publish {
         #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
         config: PathBuf,
         /// Transport name from the config.
         #[arg(long)]
         transport: String,
-        /// Exchange ("" is the default exchange, where the routing key is a queue name).
+        /// Exchange ("" is the default exchange, where the routing key is a queue name;
+        /// Redis has none).
         #[arg(long, default_value = "")]
         exchange: String,
+        /// AMQP routing key, or the Redis stream.
         #[arg(long)]
         routing_key: String,
         /// Message body.

@@ -412,6 +412,74 @@ routes:
         assert!(matches!(parse("a: [", "f.yaml", &env), Err(ConfigError::Syntax { .. })));
     }
 
+    const REDIS: &str = r#"
+transports:
+  redis: { type: redis, url: "redis://127.0.0.1:6379/0", consumer: "${PASS}" }
+handlers:
+  orders: { endpoints: ["http://127.0.0.1:8080/"], timeout: 5s }
+subscriptions:
+  orders: { transport: redis, streams: [orders, refunds], group: billing, claim_idle: 30s }
+routes:
+  - { name: all, handler: orders }
+"#;
+
+    #[test]
+    fn accepts_redis_subscription() {
+        let c = parse(REDIS, "router.yaml", &env).expect("valid");
+        let s = &c.subscriptions["orders"];
+        assert_eq!(s.streams, ["orders", "refunds"]);
+        assert_eq!(s.group.as_deref(), Some("billing"));
+        assert!(s.declare, "groups are created unless the config says not to");
+        assert_eq!(s.body_field, "body");
+        assert_eq!(c.transports["redis"].consumer.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn redis_mistakes_name_their_key() {
+        let cases = [
+            (REDIS.replace("streams: [orders, refunds], ", "queue: orders, "), &[
+                "subscriptions.orders.queue: a redis subscription reads `streams`, not a `queue`",
+                "subscriptions.orders.streams: list at least one stream to read",
+            ][..]),
+            (REDIS.replace("group: billing, ", ""), &["subscriptions.orders.group: a redis subscription needs a consumer group name"]),
+            (REDIS.replace("[orders, refunds]", "[orders, orders]"), &["subscriptions.orders.streams[1]: stream \"orders\" is listed twice"]),
+            (REDIS.replace("claim_idle: 30s", "claim_idle: 5s"), &[
+                "subscriptions.orders.claim_idle: 5s must be longer than the timeout of handler \"orders\" (5s)",
+            ]),
+            (REDIS.replace("redis://", "amqp://"), &["transports.redis.url: scheme must be redis or rediss, not \"amqp\""]),
+            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dead_letter: { routing_key: dlq }"), &[
+                "subscriptions.orders.dead_letter: a redis subscription dead-letters to a `stream`",
+            ]),
+            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dead_letter: { stream: refunds }"), &[
+                "subscriptions.orders.dead_letter.stream: \"refunds\" is a source stream",
+            ]),
+            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dedup: { redis: \"http://x\", ttl: 0s }"), &[
+                "subscriptions.orders.dedup.redis: \"http://x\" must be a redis:// or rediss:// URL",
+                "subscriptions.orders.dedup.ttl: must be greater than 0",
+            ]),
+            (GOOD.replace("queue: orders", "queue: orders, streams: [x]"), &[
+                "subscriptions.orders.streams: `streams` and `group` are for redis subscriptions; this transport is amqp",
+            ]),
+            (GOOD.replace("url: \"amqp", "consumer: me, url: \"amqp"), &["transports.rabbit.consumer: only redis transports take a consumer name"]),
+        ];
+        for (text, wants) in cases {
+            let got = errors(&text);
+            for want in wants {
+                assert!(got.contains(want), "want {want:?} in:\n{got}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_subscription_per_stream_and_group() {
+        let text = REDIS.replace(
+            "routes:",
+            "  again: { transport: redis, streams: [refunds], group: billing, claim_idle: 30s }\nroutes:",
+        );
+        let got = errors(&text);
+        assert!(got.contains("another subscription already reads stream \"refunds\" with group \"billing\""), "{got}");
+    }
+
     #[test]
     fn interpolation_rules() {
         use crate::config::interpolate;

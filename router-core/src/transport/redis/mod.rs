@@ -43,6 +43,7 @@ use tracing::{info, warn};
 
 pub use convert::field;
 use convert::Entry;
+pub use settle::trim_acked;
 use settle::{run_acker, run_mover, ReadKey, RedisHandle, Shared, StreamKeys};
 
 use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
@@ -384,7 +385,10 @@ impl Transport for RedisTransport {
             status: &status,
             stop: &stop,
             read_keys,
-            limit: usize::from(spec.prefetch.max(1)),
+            // Read no further ahead than the pipeline's window: an entry read but not
+            // started ages toward claim_idle, and in ordered mode must not be claimed
+            // by another instance while an earlier one is still being handled.
+            limit: if spec.config.ordered { 1 } else { usize::from(spec.prefetch.max(1)) },
             display: &self.display,
             consumer: &self.consumer,
         };

@@ -436,8 +436,11 @@ pub async fn run_mover(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Trim `stream` to the entries some group may still need: those at or after the
-/// oldest pending entry or last delivered id of every group.
-pub async fn trim_acked(conn: &mut ConnectionManager, stream: &str) -> redis::RedisResult<()> {
+/// oldest pending entry or last delivered id of every group. Returns how many went.
+pub async fn trim_acked<C>(conn: &mut C, stream: &str) -> redis::RedisResult<u64>
+where
+    C: redis::aio::ConnectionLike + Send,
+{
     let groups: Value = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await?;
     let mut keep_from: Option<String> = None;
     for g in items(&groups).unwrap_or_default() {
@@ -457,11 +460,10 @@ pub async fn trim_acked(conn: &mut ConnectionManager, stream: &str) -> redis::Re
             keep_from = Some(group_min);
         }
     }
-    if let Some(min) = keep_from.filter(|m| m != "0-0") {
-        let trimmed: i64 = redis::cmd("XTRIM").arg(stream).arg("MINID").arg(&min).query_async(conn).await?;
-        if trimmed > 0 {
-            info!(stream, trimmed, "trimmed acked retries");
-        }
+    let Some(min) = keep_from.filter(|m| m != "0-0") else { return Ok(0) };
+    let trimmed: u64 = redis::cmd("XTRIM").arg(stream).arg("MINID").arg(&min).query_async(conn).await?;
+    if trimmed > 0 {
+        info!(stream, trimmed, "trimmed acked retries");
     }
-    Ok(())
+    Ok(trimmed)
 }

@@ -158,15 +158,16 @@ async fn dedup_skips_a_republished_duplicate() {
     let extra = format!("dedup: {{ redis: \"{}\", ttl: 1h }}", redis_url());
     let yaml = redis_config(&[&s.stream], &s.group, "c1", &[s.php.url()], &extra);
     let mut router = Router::start(&s.dir, &yaml).await;
-    let once = unique("once");
+    // Ids are unique per run: the dedup records outlive the test (for their TTL).
+    let (once, marker) = (unique("once"), unique("marker"));
     s.redis.publish(&s.stream, &[(once.clone(), b"{}".to_vec(), vec![])]).await;
     wait_for("first copy handled", WAIT, || async { seen(&s.php.log).iter().any(|x| x.id == once) }).await;
     // The producer publishes the same message again (a new entry, the same id),
     // followed by a marker: once the marker is handled, the duplicate was decided.
     s.redis
-        .publish(&s.stream, &[(once.clone(), b"{}".to_vec(), vec![]), ("marker".into(), b"{}".to_vec(), vec![])])
+        .publish(&s.stream, &[(once.clone(), b"{}".to_vec(), vec![]), (marker.clone(), b"{}".to_vec(), vec![])])
         .await;
-    wait_for("marker handled", WAIT, || async { seen(&s.php.log).iter().any(|x| x.id == "marker") }).await;
+    wait_for("marker handled", WAIT, || async { seen(&s.php.log).iter().any(|x| x.id == marker) }).await;
     wait_for("both acked", WAIT, || {
         let mut r = Redis { conn: s.redis.conn.clone() };
         let (stream, group) = (s.stream.clone(), s.group.clone());
@@ -182,8 +183,8 @@ async fn dedup_skips_a_republished_duplicate() {
         metrics.lines().filter(|l| l.contains("dedup")).collect::<Vec<_>>().join("\n")
     );
     let mut r = Redis { conn: s.redis.conn.clone() };
-    let _: Result<(), _> =
-        redis::cmd("DEL").arg(format!("message-router:dedup:main:{once}")).query_async(&mut r.conn).await;
+    let keys = [format!("message-router:dedup:main:{once}"), format!("message-router:dedup:main:{marker}")];
+    let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut r.conn).await;
     s.cleanup().await;
 }
 

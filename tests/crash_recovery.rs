@@ -13,18 +13,6 @@ use e2e::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Message `i`'s behaviour: 1 in 20 fails once (a durable retry), 1 in 50 is poison.
-fn behaviour(i: usize) -> Vec<(&'static str, String)> {
-    let b = if i % 50 == 1 {
-        "reject"
-    } else if i.is_multiple_of(20) {
-        "fail-until:2"
-    } else {
-        "slow:2"
-    };
-    vec![("behave", b.to_string())]
-}
-
 struct Tally {
     handled: HashMap<String, usize>,
     dead: HashSet<String>,
@@ -34,10 +22,6 @@ impl Tally {
     fn duplicates(&self) -> usize {
         self.handled.values().map(|n| n - 1).sum()
     }
-}
-
-fn is_poison(id: &str) -> bool {
-    id.rsplit('-').next().and_then(|n| n.parse::<usize>().ok()).is_some_and(|i| i % 50 == 1)
 }
 
 /// Wait until every id is handled or dead-lettered (reading the dead-letter queue as
@@ -93,7 +77,7 @@ async fn loaded_stream(name: &str, n: usize) -> Stream {
     rabbit.queue(&queue).await;
     let php = PhpHandler::start(&dir.path("handler.log"), 4).await;
     let yaml = config(&queue, &[php.url()], "", "");
-    let msgs = batch(name, n, behaviour);
+    let msgs = batch(name, n, crash_mix);
     let ids = msgs.iter().map(|m| m.0.clone()).collect();
     rabbit.publish(&queue, &msgs).await;
     Stream { dir, rabbit, queue, php, yaml, ids }

@@ -15,22 +15,6 @@ use e2e::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// Message `i`'s behaviour: 1 in 20 fails once (a durable retry), 1 in 50 is poison.
-fn behaviour(i: usize) -> Vec<(&'static str, String)> {
-    let b = if i % 50 == 1 {
-        "reject"
-    } else if i.is_multiple_of(20) {
-        "fail-until:2"
-    } else {
-        "slow:2"
-    };
-    vec![("behave", b.to_string())]
-}
-
-fn index(id: &str) -> usize {
-    id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
-}
-
 /// Ids handled with 200, with how often.
 fn handled(log: &Path) -> HashMap<String, usize> {
     let mut out = HashMap::new();
@@ -80,7 +64,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
             .replace("max_attempts: 3", "max_attempts: 10")
     };
     let n = 3000;
-    let msgs = batch("k", n, behaviour);
+    let msgs = batch("k", n, crash_mix);
     let ids: Vec<String> = msgs.iter().map(|m| m.0.clone()).collect();
     redis.publish(&stream, &msgs).await;
 
@@ -97,19 +81,14 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     // A fresh consumer finishes: whatever a and b still had pending must be claimed.
     let mut last = Router::start(&dir, &config("c")).await;
     let (ok, dead) = account(&mut redis, &stream, &php.log, &ids).await;
-    wait_for("nothing pending", WAIT, || {
-        let mut r = Redis { conn: redis.conn.clone() };
-        let (stream, group) = (stream.clone(), group.clone());
-        async move { r.pending(&stream, &group).await == 0 }
-    })
-    .await;
+    redis.wait_acked(&stream, &group, WAIT).await;
     assert_eq!(last.terminate(Duration::from_secs(15)), Some(0));
 
-    let poison: HashSet<String> = ids.iter().filter(|id| index(id) % 50 == 1).cloned().collect();
+    let poison: HashSet<String> = ids.iter().filter(|id| is_poison(id)).cloned().collect();
     assert_eq!(dead, poison, "exactly the poison messages are dead-lettered");
     assert!(ids.iter().filter(|id| !poison.contains(*id)).all(|id| ok.contains_key(id)), "every other id handled");
     let duplicates: usize = ok.values().map(|c| c - 1).sum();
-    let redelivered = seen(&php.log).iter().filter(|s| !index(&s.id).is_multiple_of(20) && s.attempt >= 2).count();
+    let redelivered = seen(&php.log).iter().filter(|s| !index_of(&s.id).is_multiple_of(20) && s.attempt >= 2).count();
     assert!(redelivered > 0, "entries in flight at a kill came back with a higher attempt");
     assert!(last.logs().contains("claimed entries idle longer than claim_idle"), "the last consumer claimed");
     let retry = format!("{stream}.{group}.retry");
@@ -198,7 +177,7 @@ async fn redis_killed_and_restarted_mid_stream_loses_nothing() {
     let (stream, group) = (unique("rrestart"), unique("group"));
     let php = PhpHandler::start(&dir.path("handler.log"), 8).await;
     let n = 2000;
-    let msgs = batch("r", n, behaviour);
+    let msgs = batch("r", n, crash_mix);
     let ids: Vec<String> = msgs.iter().map(|m| m.0.clone()).collect();
     redis.publish(&stream, &msgs).await;
     let yaml = redis_config_at(&url, &[&stream], &group, "only", &[php.url()], "");
@@ -211,15 +190,10 @@ async fn redis_killed_and_restarted_mid_stream_loses_nothing() {
     wait_redis(port).await;
     let mut redis = Redis::connect_to(&url).await;
     let (ok, dead) = account(&mut redis, &stream, &php.log, &ids).await;
-    wait_for("nothing pending", WAIT, || {
-        let mut r = Redis { conn: redis.conn.clone() };
-        let (stream, group) = (stream.clone(), group.clone());
-        async move { r.pending(&stream, &group).await == 0 }
-    })
-    .await;
+    redis.wait_acked(&stream, &group, WAIT).await;
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
     assert!(router.logs().contains("reconnecting"), "the router saw Redis go away");
-    let poison: HashSet<String> = ids.iter().filter(|id| index(id) % 50 == 1).cloned().collect();
+    let poison: HashSet<String> = ids.iter().filter(|id| is_poison(id)).cloned().collect();
     assert_eq!(dead, poison, "exactly the poison messages are dead-lettered");
     let duplicates: usize = ok.values().map(|c| c - 1).sum();
     println!(

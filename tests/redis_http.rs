@@ -49,12 +49,7 @@ async fn acks_handled_entries_and_routes_on_fields() {
     let bare_id = s.redis.xadd(&s.stream, &[("body", b"{}"), ("tier", b"standard")]).await;
 
     wait_for("41 handled", WAIT, || async { seen(&s.php.log).len() + seen(&vip.log).len() >= 41 }).await;
-    wait_for("nothing pending", WAIT, || {
-        let mut r = Redis { conn: s.redis.conn.clone() };
-        let (stream, group) = (s.stream.clone(), s.group.clone());
-        async move { r.pending(&stream, &group).await == 0 }
-    })
-    .await;
+    s.redis.wait_acked(&s.stream, &s.group, WAIT).await;
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0), "clean exit on SIGTERM");
 
     let standard = by_id(&seen(&s.php.log));
@@ -168,12 +163,7 @@ async fn dedup_skips_a_republished_duplicate() {
         .publish(&s.stream, &[(once.clone(), b"{}".to_vec(), vec![]), (marker.clone(), b"{}".to_vec(), vec![])])
         .await;
     wait_for("marker handled", WAIT, || async { seen(&s.php.log).iter().any(|x| x.id == marker) }).await;
-    wait_for("both acked", WAIT, || {
-        let mut r = Redis { conn: s.redis.conn.clone() };
-        let (stream, group) = (s.stream.clone(), s.group.clone());
-        async move { r.pending(&stream, &group).await == 0 }
-    })
-    .await;
+    s.redis.wait_acked(&s.stream, &s.group, WAIT).await;
     let metrics = router.metrics().await;
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
     assert_eq!(seen(&s.php.log).iter().filter(|x| x.id == once).count(), 1, "the duplicate never reached PHP");
@@ -204,12 +194,7 @@ async fn two_instances_sharing_a_group_split_the_work() {
         ids.len() >= 300
     })
     .await;
-    wait_for("nothing pending", WAIT, || {
-        let mut r = Redis { conn: s.redis.conn.clone() };
-        let (stream, group) = (s.stream.clone(), s.group.clone());
-        async move { r.pending(&stream, &group).await == 0 }
-    })
-    .await;
+    s.redis.wait_acked(&s.stream, &s.group, WAIT).await;
     assert_eq!(ra.terminate(Duration::from_secs(15)), Some(0));
     assert_eq!(rb.terminate(Duration::from_secs(15)), Some(0));
     let (na, nb) = (seen(&s.php.log).len(), seen(&other.log).len());

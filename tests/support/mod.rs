@@ -436,6 +436,29 @@ impl Rabbit {
     }
 }
 
+/// The crash tests' mix, by message index: 1 in 20 fails once (a durable retry), 1 in
+/// 50 is poison (rejected, dead-lettered), the rest take 2 ms.
+pub fn crash_mix(i: usize) -> Vec<(&'static str, String)> {
+    let b = if i % 50 == 1 {
+        "reject"
+    } else if i.is_multiple_of(20) {
+        "fail-until:2"
+    } else {
+        "slow:2"
+    };
+    vec![("behave", b.to_string())]
+}
+
+/// Whether [`crash_mix`] made message `id` poison.
+pub fn is_poison(id: &str) -> bool {
+    index_of(id) % 50 == 1
+}
+
+/// The index `i` of a message id `{prefix}-{i}`.
+pub fn index_of(id: &str) -> usize {
+    id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
+}
+
 /// `n` messages with ids `{prefix}-{i}`, a JSON body, and `headers(i)`.
 pub fn batch(prefix: &str, n: usize, headers: impl Fn(usize) -> Vec<(&'static str, String)>) -> Vec<Outgoing> {
     (0..n).map(|i| (format!("{prefix}-{i}"), format!("{{\"n\":{i}}}").into_bytes(), headers(i))).collect()
@@ -547,6 +570,16 @@ impl Redis {
             },
             _ => 0,
         }
+    }
+
+    /// Wait until `group` has nothing pending on `stream`.
+    pub async fn wait_acked(&self, stream: &str, group: &str, timeout: Duration) {
+        wait_for(&format!("nothing pending on {stream}"), timeout, || {
+            let mut r = Redis { conn: self.conn.clone() };
+            let (stream, group) = (stream.to_string(), group.to_string());
+            async move { r.pending(&stream, &group).await == 0 }
+        })
+        .await;
     }
 
     pub async fn zcard(&mut self, key: &str) -> u64 {

@@ -7,11 +7,14 @@ pub mod amqp;
 pub mod memory;
 pub mod redis;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::config::{DeadLetterConfig, SubscriptionConfig, TransportConfig, TransportKind};
 use crate::message::{Delivery, Message};
@@ -118,4 +121,44 @@ pub fn display_url(url: &str, fallback: &str) -> String {
 /// `display`: `amqp://host:5672/%2f/orders`, `redis://host:6379/orders`.
 pub fn source_uri(display: &str, name: &str) -> String {
     format!("{}/{name}", display.trim_end_matches('/'))
+}
+
+/// A consume session that stayed up this long counts as healthy (see [`keep_consuming`]).
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// Run consume sessions until one ends because the subscription stops (`Ok`) or `stop`
+/// fires. After a failed session, wait (100 ms, doubling up to `max_delay`) and start
+/// another. A session marks itself up with `status.set_connected(true)` once it
+/// consumes; only a session that stayed up [`HEALTHY_SESSION`] resets the backoff, so
+/// one that fails right after connecting (a dead-letter exchange that does not exist,
+/// say) does not redeliver into the handler ten times a second.
+pub(crate) async fn keep_consuming<F, Fut, E>(
+    transport: &str,
+    subscription: &str,
+    max_delay: Duration,
+    status: &SourceStatus,
+    stop: &CancellationToken,
+    mut session: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        let result = session().await;
+        let was_up = status.is_connected();
+        status.set_connected(false);
+        let Err(e) = result else { return };
+        if was_up && started.elapsed() >= HEALTHY_SESSION {
+            backoff = Duration::from_millis(100);
+        }
+        warn!(subscription, transport, error = %e, retry_in = ?backoff, "consumer down; reconnecting");
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max_delay);
+    }
 }

@@ -30,7 +30,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use settle::delay_bucket;
 use settle::{confirm_publish, declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
@@ -38,9 +38,6 @@ use settle::{confirm_publish, declare_owned_queue, run_acker, AckCmd, AmqpHandle
 use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
 use crate::config::{ArgValue, ExchangeType, Topology, TransportConfig};
 use crate::message::{Delivery, Message};
-
-/// A consume session that lasted this long counts as healthy (see `consume`).
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 /// A broker that does not answer a connect within this is treated as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -150,15 +147,13 @@ impl AmqpTransport {
         Ok(())
     }
 
-    /// One consume session: from connect to failure (Err) or stop (Ok). `up` is set
-    /// once the consumer is live, so the caller can reset its backoff.
+    /// One consume session: from connect to failure (Err) or stop (Ok).
     async fn session(
         &self,
         spec: &ConsumeSpec,
         inbox: &Arc<dyn Inbox>,
         status: &SourceStatus,
         stop: &CancellationToken,
-        up: &mut bool,
     ) -> Result<(), SessionError> {
         let connection = self.connection().await?;
         if spec.dead_letter.exchange.is_empty() {
@@ -179,7 +174,6 @@ impl AmqpTransport {
             )
             .await
             .map_err(|e| SessionError::Other(format!("consuming queue {:?}: {e}", spec.queue)))?;
-        *up = true;
         status.set_connected(true);
         info!(subscription = %spec.subscription, queue = %spec.queue, prefetch = spec.prefetch, "consuming");
 
@@ -264,29 +258,8 @@ impl Transport for AmqpTransport {
         status: Arc<SourceStatus>,
         stop: CancellationToken,
     ) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let mut up = false;
-            let started = std::time::Instant::now();
-            match self.session(&spec, &inbox, &status, &stop, &mut up).await {
-                Ok(()) => return,
-                Err(e) => {
-                    status.set_connected(false);
-                    // Only a session that stayed healthy a while resets the backoff: one
-                    // that fails right after connecting (a dead-letter exchange that does
-                    // not exist, say) must not redeliver into the handler ten times a second.
-                    if up && started.elapsed() >= HEALTHY_SESSION {
-                        backoff = Duration::from_millis(100);
-                    }
-                    warn!(subscription = %spec.subscription, transport = %self.name, error = %e, retry_in = ?backoff, "consumer down; reconnecting");
-                }
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(self.reconnect_max);
-        }
+        let session = || self.session(&spec, &inbox, &status, &stop);
+        super::keep_consuming(&self.name, &spec.subscription, self.reconnect_max, &status, &stop, session).await;
     }
 
     async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {

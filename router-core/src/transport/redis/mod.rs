@@ -55,8 +55,6 @@ const BLOCK: Duration = Duration::from_secs(2);
 /// Longest answer time for a non-blocking command.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A session that lasted this long resets the reconnect backoff.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// After stopping, how long acks Redis refuses are retried.
 const ACK_GIVE_UP: Duration = Duration::from_secs(5);
 
@@ -109,10 +107,9 @@ impl RedisTransport {
     }
 
     /// One session: from connect to failure (Err) or stop (Ok).
-    async fn session(&self, s: &Session<'_>, up: &mut bool) -> Result<(), String> {
+    async fn session(&self, s: &Session<'_>) -> Result<(), String> {
         let mut conn = self.reader().await?;
         s.ensure_groups(&mut conn).await?;
-        *up = true;
         s.status.set_connected(true);
         info!(subscription = %s.shared.subscription, streams = ?s.spec.config.streams, group = %s.shared.group, consumer = %self.consumer, "consuming");
 
@@ -393,26 +390,8 @@ impl Transport for RedisTransport {
             consumer: &self.consumer,
         };
 
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let mut up = false;
-            let started = std::time::Instant::now();
-            match self.session(&session, &mut up).await {
-                Ok(()) => break,
-                Err(e) => {
-                    status.set_connected(false);
-                    if up && started.elapsed() >= HEALTHY_SESSION {
-                        backoff = Duration::from_millis(100);
-                    }
-                    warn!(subscription = %spec.subscription, transport = %self.name, error = %e, retry_in = ?backoff, "consumer down; reconnecting");
-                }
-            }
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(self.reconnect_max);
-        }
+        let run = || self.session(&session);
+        super::keep_consuming(&self.name, &spec.subscription, self.reconnect_max, &status, &stop, run).await;
         status.set_connected(false);
         // Stopping: the acker runs until every handed-out delivery is settled or
         // dropped, so acks of finished work reach Redis.

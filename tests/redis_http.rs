@@ -124,7 +124,9 @@ async fn retries_with_backoff_then_dead_letters_with_reason() {
     assert_eq!(broken.text("x-router-attempts"), "3");
     assert!(broken.text("x-router-last-error").contains("HTTP 500"), "{:?}", broken.text("x-router-last-error"));
     assert_eq!(broken.text("x-router-original-stream"), s.stream);
-    assert!(!broken.text("x-router-original-id").is_empty());
+    let source = s.redis.entries(&s.stream).await;
+    let first = source.iter().find(|e| e.text("message_id") == "broken").expect("still in the source stream");
+    assert_eq!(broken.text("x-router-original-id"), first.id, "the first entry's id, kept through two retries");
     assert!(broken.text("x-router-first-failure") < broken.text("x-router-last-failure"));
     assert_eq!(broken.text("x-router-route"), "work");
     assert_eq!(broken.text("x-router-handler"), "php");

@@ -1,5 +1,5 @@
 <?php
-// Latency probe for bench/src/amqp_http.rs. The sender puts its wall-clock send time
+// Latency probe of the benches (bench/src/). The sender puts its wall-clock send time
 // (unix nanoseconds) in the message header `sent-ns`, which arrives as the HTTP header
 // X-Message-Header-Sent-Ns. This appends "<sent_ns> <latency_ns>\n" to $STAMP_LOG,
 // where latency = the moment this script starts running minus the send time.

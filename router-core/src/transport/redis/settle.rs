@@ -397,8 +397,10 @@ pub async fn run_mover(shared: Arc<Shared>, stop: CancellationToken) {
     const MAX_WAIT: Duration = Duration::from_millis(500);
     const TRIM_EVERY: Duration = Duration::from_secs(60);
     let mut last_trim = tokio::time::Instant::now();
+    let mut failing = false;
     loop {
         let mut wait = MAX_WAIT;
+        let mut failed = false;
         let mut conn = shared.commands.clone();
         for s in &shared.streams {
             let reply: redis::RedisResult<(i64, i64)> =
@@ -415,11 +417,19 @@ pub async fn run_mover(shared: Arc<Shared>, stop: CancellationToken) {
                     }
                 }
                 Err(e) => {
-                    warn!(subscription = %shared.subscription, key = %s.delayed, error = %e, "moving due retries failed; will try again");
+                    // Once per outage: the consumer's reconnect loop already reports it.
+                    if !failing {
+                        warn!(subscription = %shared.subscription, key = %s.delayed, error = %e, "moving due retries failed; will keep trying");
+                    }
+                    failed = true;
                     wait = Duration::from_secs(1);
                 }
             }
         }
+        if failing && !failed {
+            info!(subscription = %shared.subscription, "moving due retries works again");
+        }
+        failing = failed;
         if last_trim.elapsed() >= TRIM_EVERY {
             last_trim = tokio::time::Instant::now();
             for s in &shared.streams {

@@ -159,6 +159,8 @@ async fn dedup_skips_a_republished_duplicate() {
     let (once, marker) = (unique("once"), unique("marker"));
     s.redis.publish(&s.stream, &[(once.clone(), b"{}".to_vec(), vec![])]).await;
     wait_for("first copy handled", WAIT, || async { seen(&s.php.log).iter().any(|x| x.id == once) }).await;
+    // Acked means recorded (the record comes first): the window dedup covers starts.
+    s.redis.wait_acked(&s.stream, &s.group, WAIT).await;
     // The producer publishes the same message again (a new entry, the same id),
     // followed by a marker: once the marker is handled, the duplicate was decided.
     s.redis

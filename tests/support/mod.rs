@@ -217,20 +217,26 @@ pub struct Router {
 
 impl Router {
     /// Start with `yaml` (which must use `{admin}` where the admin port goes) and wait
-    /// until `/readyz` says every subscription consumes.
+    /// until `/readyz` says every subscription consumes. A free port can be taken by
+    /// another test between choosing and binding it: then start again on another one.
     pub async fn start(dir: &Scratch, yaml: &str) -> Self {
-        let admin = free_port();
-        let config = dir.path(&format!("router-{admin}.yaml"));
-        std::fs::write(&config, yaml.replace("{admin}", &admin.to_string())).expect("write config");
-        let router = Self::spawn(&config, admin, dir);
-        router.wait_ready().await;
-        router
+        for _ in 0..5 {
+            let admin = free_port();
+            let config = dir.path(&format!("router-{admin}.yaml"));
+            std::fs::write(&config, yaml.replace("{admin}", &admin.to_string())).expect("write config");
+            let mut router = Self::spawn(&config, admin, dir);
+            if router.wait_ready().await {
+                return router;
+            }
+            assert!(router.logs().contains("cannot bind"), "router exited before it was ready:\n{}", router.logs());
+        }
+        panic!("no free admin port after 5 tries");
     }
 
     /// Start again on the same config (after a kill).
     pub async fn restart(dir: &Scratch, previous: &Router) -> Self {
-        let router = Self::spawn(&previous.config, previous.admin, dir);
-        router.wait_ready().await;
+        let mut router = Self::spawn(&previous.config, previous.admin, dir);
+        assert!(router.wait_ready().await, "router exited before it was ready:\n{}", router.logs());
         router
     }
 
@@ -248,13 +254,21 @@ impl Router {
         Router { proc: Proc { child, name: format!("router:{admin}") }, admin, config: config.to_path_buf(), stderr }
     }
 
-    pub async fn wait_ready(&self) {
+    /// Wait until `/readyz` answers 200 (true), or the process exits (false); panics
+    /// after 30 s.
+    pub async fn wait_ready(&mut self) -> bool {
         let url = format!("http://127.0.0.1:{}/readyz", self.admin);
-        wait_for(&format!("router ready ({})", self.stderr.display()), Duration::from_secs(30), || {
-            let url = url.clone();
-            async move { matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success()) }
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success()) {
+                return true;
+            }
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return false;
+            }
+            assert!(Instant::now() < deadline, "router not ready after 30s:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn metrics(&self) -> String {

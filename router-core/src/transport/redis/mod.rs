@@ -31,6 +31,7 @@
 mod convert;
 mod settle;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,7 +151,8 @@ impl RedisTransport {
                     continue;
                 };
                 for e in entries {
-                    if !s.hand_out(key, e, 1).await {
+                    // New entries were never handed out before.
+                    if s.shared.take(key, &e.id) && !s.hand_out(key, e, 1).await {
                         return Ok(());
                     }
                 }
@@ -238,13 +240,9 @@ impl Session<'_> {
             let entries: Vec<Entry> = convert::parse_read(&reply)?.into_iter().flat_map(|(_, e)| e).collect();
             let Some(last) = entries.last() else { break };
             cursor = last.id.clone();
-            let counts = self.delivery_counts(name, &entries).await?;
-            for e in entries {
-                let deliveries = counts.get(&e.id).copied().unwrap_or(1);
-                recovered += 1;
-                if !self.hand_out(key, e, deliveries).await {
-                    return Ok(false);
-                }
+            match self.hand_out_pending(key, entries).await? {
+                Some(n) => recovered += n,
+                None => return Ok(false),
             }
         }
         if recovered > 0 {
@@ -280,12 +278,8 @@ impl Session<'_> {
                 }
                 if !entries.is_empty() {
                     info!(subscription = %self.shared.subscription, stream = name, entries = entries.len(), "claimed entries idle longer than claim_idle");
-                    let counts = self.delivery_counts(name, &entries).await?;
-                    for e in entries {
-                        let deliveries = counts.get(&e.id).copied().unwrap_or(1);
-                        if !self.hand_out(key, e, deliveries).await {
-                            return Ok(false);
-                        }
+                    if self.hand_out_pending(key, entries).await?.is_none() {
+                        return Ok(false);
                     }
                 }
                 if next == "0-0" {
@@ -297,13 +291,44 @@ impl Session<'_> {
         Ok(true)
     }
 
-    /// How often each entry has been delivered (this delivery included), from the
-    /// group's pending-entries list.
-    async fn delivery_counts(
-        &self,
-        stream: &str,
-        entries: &[Entry],
-    ) -> Result<std::collections::HashMap<String, u32>, String> {
+    /// Hand out entries that a history read or a claim returned. Each is first marked
+    /// in flight (skipped if it already is), then checked to be still pending with this
+    /// consumer: an ack of this process that landed after Redis built the reply, or a
+    /// claim by another instance, settles it elsewhere. Marking before checking closes
+    /// the race: an ack lands before its entry leaves the in-flight set. Returns how
+    /// many were handed out, or `None` when stopping.
+    async fn hand_out_pending(&self, key: ReadKey, entries: Vec<Entry>) -> Result<Option<usize>, String> {
+        let taken: Vec<Entry> = entries.into_iter().filter(|e| self.shared.take(key, &e.id)).collect();
+        let counts = match self.pending_here(key, &taken).await {
+            Ok(c) => c,
+            Err(e) => {
+                for t in &taken {
+                    self.shared.release(key, &t.id);
+                }
+                return Err(e);
+            }
+        };
+        let mut handed = 0;
+        for e in taken {
+            let Some(&deliveries) = counts.get(&e.id) else {
+                self.shared.release(key, &e.id);
+                continue;
+            };
+            handed += 1;
+            if !self.hand_out(key, e, deliveries).await {
+                return Ok(None);
+            }
+        }
+        Ok(Some(handed))
+    }
+
+    /// Of `entries`, those pending with this consumer, with how often each has been
+    /// delivered (this delivery included), from the group's pending-entries list.
+    async fn pending_here(&self, key: ReadKey, entries: &[Entry]) -> Result<HashMap<String, u32>, String> {
+        if entries.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let stream = key.name(&self.shared.streams);
         let mut pipe = redis::pipe();
         for e in entries {
             pipe.cmd("XPENDING").arg(stream).arg(&self.shared.group).arg(&e.id).arg(&e.id).arg(1);
@@ -311,11 +336,15 @@ impl Session<'_> {
         let mut conn = self.shared.commands.clone();
         let replies: Vec<Value> =
             pipe.query_async(&mut conn).await.map_err(|e| format!("reading delivery counts of {stream:?}: {e}"))?;
-        let mut out = std::collections::HashMap::new();
+        let mut out = HashMap::new();
         for r in &replies {
+            // [[id, consumer, idle ms, deliveries]], or [] when no longer pending.
             let Some(row) = convert::items(r).and_then(|rows| rows.first()).and_then(convert::items) else { continue };
-            if let (Some(id), Some(count)) = (row.first().and_then(convert::text), row.get(3).and_then(convert::text)) {
-                out.insert(id, count.parse().unwrap_or(1));
+            let text = |i: usize| row.get(i).and_then(convert::text);
+            if let (Some(id), Some(consumer), Some(count)) = (text(0), text(1), text(3)) {
+                if consumer == self.consumer {
+                    out.insert(id, count.parse().unwrap_or(1));
+                }
             }
         }
         Ok(out)
@@ -325,11 +354,9 @@ impl Session<'_> {
         self.consumer
     }
 
-    /// Give one entry to the pipeline. Returns false when the router is stopping.
+    /// Give one entry, already marked in flight, to the pipeline. Returns false when
+    /// the router is stopping.
     async fn hand_out(&self, key: ReadKey, entry: Entry, deliveries: u32) -> bool {
-        if !self.shared.take(key, &entry.id) {
-            return true; // Still being handled here.
-        }
         let Some(fields) = entry.fields else {
             // Pending, but trimmed from the stream: there is nothing left to deliver.
             warn!(subscription = %self.shared.subscription, id = %entry.id, "pending entry no longer in the stream (trimmed); acking it");

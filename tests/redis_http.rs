@@ -233,3 +233,19 @@ async fn missing_group_without_declare_is_explained() {
     assert_eq!(ready.status().as_u16(), 503, "not ready while the group is missing");
     s.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ordered_subscription_handles_entries_one_at_a_time_in_order() {
+    let mut s = setup("rorder").await;
+    let yaml = redis_config(&[&s.stream], &s.group, "c1", &[s.php.url()], "ordered: true");
+    let mut router = Router::start(&s.dir, &yaml).await;
+    let msgs = batch("o", 30, |_| vec![("behave", "slow:5".to_string())]);
+    s.redis.publish(&s.stream, &msgs).await;
+    wait_for("30 handled", WAIT, || async { seen(&s.php.log).len() >= 30 }).await;
+    s.redis.wait_acked(&s.stream, &s.group, WAIT).await;
+    assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
+    let order: Vec<String> = seen(&s.php.log).into_iter().map(|x| x.id).collect();
+    let want: Vec<String> = msgs.iter().map(|m| m.0.clone()).collect();
+    assert_eq!(order, want, "stream order, each once");
+    s.cleanup().await;
+}

@@ -115,11 +115,9 @@ impl RedisTransport {
         info!(subscription = %s.shared.subscription, streams = ?s.spec.config.streams, group = %s.shared.group, consumer = %self.consumer, "consuming");
 
         // (1) What this consumer had in flight before: its own pending entries.
-        for source in 0..s.shared.streams.len() {
-            for retry in [false, true] {
-                if !s.read_history(&mut conn, ReadKey { source, retry }).await? {
-                    return Ok(());
-                }
+        for &key in &s.read_keys {
+            if !s.read_history(&mut conn, key).await? {
+                return Ok(());
             }
         }
         let claim_every = (s.spec.config.claim_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));

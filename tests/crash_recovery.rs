@@ -114,6 +114,8 @@ async fn sigkill_mid_stream_loses_nothing() {
     // At-least-once: each kill may redeliver at most the in-flight window
     // (prefetch 32 + retries being published).
     assert!(dups <= ROUNDS * 64, "duplicates bounded by the in-flight window: {dups}");
+    let counted = router.metric("router_messages_redelivered_total").await;
+    assert!(counted > 0.0, "what the last kill left unacked came back flagged as redelivered");
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
     assert_eq!(rabbit.count(&queue).await, 0, "queue drained");
     rabbit.cleanup().await;

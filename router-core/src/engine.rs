@@ -171,7 +171,11 @@ impl Inbox for PipelineInbox {
         if self.shutdown.is_cancelled() {
             return Err(d);
         }
-        self.pipeline.metrics.received.with_label_values(&[self.pipeline.name.as_str()]).inc();
+        let name = [self.pipeline.name.as_str()];
+        self.pipeline.metrics.received.with_label_values(&name).inc();
+        if d.redelivered {
+            self.pipeline.metrics.redelivered.with_label_values(&name).inc();
+        }
         let Some(slot) = acquire(&self.window, &self.shutdown).await else { return Err(d) };
         self.pipeline.clone().dispatch(d, slot, self);
         Ok(())

@@ -148,6 +148,10 @@ pub struct Delivery {
     /// Set by the transport when the message could not be decoded (for example a
     /// header that is not text). The engine dead-letters such a message at once.
     pub defect: Option<String>,
+    /// Set by the transport when the broker delivered this message before (AMQP
+    /// `redelivered`, a Redis entry re-read or claimed): a consumer died or gave it
+    /// back. Counted in `router_messages_redelivered_total`.
+    pub redelivered: bool,
     handle: Option<Box<dyn Settle>>,
 }
 
@@ -163,7 +167,7 @@ impl Delivery {
             .unwrap_or(1);
         let first_failure =
             message.headers.get(header::FIRST_FAILURE).and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-        Delivery { message, attempt, first_failure, defect: None, handle: Some(handle) }
+        Delivery { message, attempt, first_failure, defect: None, redelivered: false, handle: Some(handle) }
     }
 
     /// The failure record of this delivery's current attempt, failed `now`.

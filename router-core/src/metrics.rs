@@ -7,6 +7,9 @@ pub struct Metrics {
     pub registry: Registry,
     /// Deliveries taken from the broker.
     pub received: IntCounterVec,
+    /// Of those, deliveries the broker had delivered before (a consumer died or gave
+    /// them back): what at-least-once costs in duplicates, at most.
+    pub redelivered: IntCounterVec,
     pub acked: IntCounterVec,
     pub retried: IntCounterVec,
     pub dead_lettered: IntCounterVec,
@@ -39,6 +42,11 @@ impl Metrics {
         };
         let received =
             counter("router_messages_received_total", "Deliveries received from the broker", &["subscription"])?;
+        let redelivered = counter(
+            "router_messages_redelivered_total",
+            "Deliveries the broker had delivered before (after a crash, a claim, a reconnect)",
+            &["subscription"],
+        )?;
         let acked = counter("router_messages_acked_total", "Messages handled and acked", route_labels)?;
         let retried =
             counter("router_messages_retried_total", "Messages durably re-enqueued for a later attempt", route_labels)?;
@@ -75,6 +83,7 @@ impl Metrics {
         Ok(Metrics {
             registry,
             received,
+            redelivered,
             acked,
             retried,
             dead_lettered,

@@ -213,7 +213,9 @@ impl AmqpTransport {
                 properties: d.properties,
                 body,
             };
+            let redelivered = d.redelivered;
             let mut delivery = Delivery::new(message, Box::new(handle));
+            delivery.redelivered = redelivered;
             delivery.defect = defect;
             if inbox.put(delivery).await.is_err() {
                 // The router is stopping; the refused delivery is dropped, so handed back.

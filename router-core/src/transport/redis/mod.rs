@@ -366,6 +366,7 @@ impl Session<'_> {
             convert::to_message(self.display, origin, &entry.id, &fields, &self.spec.config.body_field);
         let handle = RedisHandle { shared: self.shared.clone(), acks: self.acks.clone(), key, id: entry.id, fields };
         let mut delivery = Delivery::new(message, Box::new(handle));
+        delivery.redelivered = deliveries > 1;
         delivery.attempt = delivery.attempt.saturating_add(deliveries.saturating_sub(1));
         delivery.defect = defect;
         self.inbox.put(delivery).await.is_ok()

@@ -249,3 +249,31 @@ async fn ordered_subscription_handles_entries_one_at_a_time_in_order() {
     assert_eq!(order, want, "stream order, each once");
     s.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_does_not_count_as_an_attempt() {
+    let mut s = setup("rgive").await;
+    // One request at a time, so most entries wait for the handler when SIGTERM comes.
+    let yaml = redis_config(&[&s.stream], &s.group, "c1", &[s.php.url()], "")
+        .replace("timeout: 5s", "timeout: 5s, max_in_flight: 1");
+    let mut router = Router::start(&s.dir, &yaml).await;
+    s.redis.publish(&s.stream, &batch("g", 12, |_| vec![("behave", "slow:200".to_string())])).await;
+    wait_for("first handled", WAIT, || async { !seen(&s.php.log).is_empty() }).await;
+    assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
+    let before = seen(&s.php.log).len();
+    assert!(before < 12, "stopped mid-stream ({before} handled)");
+    assert!(s.redis.pending(&s.stream, &s.group).await > 0, "the rest stays pending with this consumer");
+
+    let mut router = Router::restart(&s.dir, &router).await;
+    wait_for("all 12 handled", WAIT, || async { seen(&s.php.log).len() >= 12 }).await;
+    s.redis.wait_acked(&s.stream, &s.group, WAIT).await;
+    assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
+    let got = by_id(&seen(&s.php.log));
+    assert_eq!(got.len(), 12, "each once");
+    assert!(
+        got.values().all(|v| v.len() == 1 && v[0].attempt == 1),
+        "entries handed back at the stop come back as attempt 1: {:?}",
+        got.values().map(|v| v[0].attempt).collect::<Vec<_>>()
+    );
+    s.cleanup().await;
+}

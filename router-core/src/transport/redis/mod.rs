@@ -45,7 +45,7 @@ use tracing::{info, warn};
 pub use convert::field;
 use convert::Entry;
 pub use settle::trim_acked;
-use settle::{run_acker, run_mover, ReadKey, RedisHandle, Shared, StreamKeys};
+use settle::{run_acker, run_mover, Done, Finished, ReadKey, RedisHandle, Shared, StreamKeys};
 
 use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
 use crate::config::TransportConfig;
@@ -163,7 +163,7 @@ impl RedisTransport {
 struct Session<'a> {
     spec: &'a ConsumeSpec,
     shared: Arc<Shared>,
-    acks: mpsc::UnboundedSender<(ReadKey, String)>,
+    acks: mpsc::UnboundedSender<Finished>,
     inbox: &'a Arc<dyn Inbox>,
     status: &'a SourceStatus,
     stop: &'a CancellationToken,
@@ -358,13 +358,14 @@ impl Session<'_> {
         let Some(fields) = entry.fields else {
             // Pending, but trimmed from the stream: there is nothing left to deliver.
             warn!(subscription = %self.shared.subscription, id = %entry.id, "pending entry no longer in the stream (trimmed); acking it");
-            let _ = self.acks.send((key, entry.id));
+            let _ = self.acks.send((key, entry.id, Done::Ack));
             return true;
         };
         let origin = &self.shared.streams[key.source].stream;
         let (message, defect) =
             convert::to_message(self.display, origin, &entry.id, &fields, &self.spec.config.body_field);
-        let handle = RedisHandle { shared: self.shared.clone(), acks: self.acks.clone(), key, id: entry.id, fields };
+        let handle =
+            RedisHandle { shared: self.shared.clone(), acks: self.acks.clone(), key, id: entry.id, fields, deliveries };
         let mut delivery = Delivery::new(message, Box::new(handle));
         delivery.redelivered = deliveries > 1;
         delivery.attempt = delivery.attempt.saturating_add(deliveries.saturating_sub(1));
@@ -395,7 +396,14 @@ impl Transport for RedisTransport {
             spec.config.streams.iter().map(|s| StreamKeys::new(s, &group, dl.stream.as_deref())).collect();
         let read_keys =
             (0..streams.len()).flat_map(|source| [false, true].map(|retry| ReadKey { source, retry })).collect();
-        let shared = Arc::new(Shared::new(spec.subscription.clone(), group, streams, dl.maxlen, commands));
+        let shared = Arc::new(Shared::new(
+            spec.subscription.clone(),
+            group,
+            self.consumer.clone(),
+            streams,
+            dl.maxlen,
+            commands,
+        ));
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(run_acker(shared.clone(), ack_rx, ACK_GIVE_UP));
         let mover_stop = stop.child_token();

@@ -125,10 +125,26 @@ impl ReadKey {
     }
 }
 
+/// What the acker does for a finished entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Done {
+    /// Handled (or durably settled elsewhere): XACK.
+    Ack,
+    /// Handed back unattempted (shutdown, or its task was dropped): it stays pending,
+    /// and its delivery count goes back to this, so the next delivery does not count
+    /// this one as an attempt (XCLAIM … RETRYCOUNT n JUSTID).
+    GiveBack(u32),
+}
+
+/// One finished entry, for the acker.
+pub type Finished = (ReadKey, String, Done);
+
 /// What a subscription's handles, acker and consume loop share.
 pub struct Shared {
     pub subscription: String,
     pub group: String,
+    /// This instance's consumer name in the group.
+    pub consumer: String,
     pub streams: Vec<StreamKeys>,
     pub dead_letter_maxlen: Option<u64>,
     pub commands: ConnectionManager,
@@ -150,6 +166,7 @@ impl Shared {
     pub fn new(
         subscription: String,
         group: String,
+        consumer: String,
         streams: Vec<StreamKeys>,
         dead_letter_maxlen: Option<u64>,
         commands: ConnectionManager,
@@ -157,6 +174,7 @@ impl Shared {
         Shared {
             subscription,
             group,
+            consumer,
             streams,
             dead_letter_maxlen,
             commands,
@@ -181,10 +199,10 @@ impl Shared {
         self.freed.notify_waiters();
     }
 
-    fn release_all(&self, done: &[(ReadKey, String)]) {
+    fn release_all(&self, done: &[Finished]) {
         let mut set = self.in_flight.lock();
-        for d in done {
-            set.remove(d);
+        for (key, id, _) in done {
+            set.remove(&(*key, id.clone()));
         }
         drop(set);
         self.freed.notify_waiters();
@@ -216,10 +234,12 @@ impl Shared {
 /// The Redis half of a [`crate::message::Delivery`].
 pub struct RedisHandle {
     pub shared: Arc<Shared>,
-    pub acks: mpsc::UnboundedSender<(ReadKey, String)>,
+    pub acks: mpsc::UnboundedSender<Finished>,
     pub key: ReadKey,
     pub id: String,
     pub fields: Vec<(Bytes, Bytes)>,
+    /// How often Redis had delivered the entry, this delivery included.
+    pub deliveries: u32,
 }
 
 #[async_trait]
@@ -229,14 +249,15 @@ impl Settle for RedisHandle {
         let result = match &settlement {
             Settlement::Ack => {
                 // The acker releases the entry once XACK landed.
-                if self.acks.send((self.key, self.id.clone())).is_ok() {
+                if self.acks.send((self.key, self.id.clone(), Done::Ack)).is_ok() {
                     return Ok(());
                 }
                 Err(SettleError("the acker has stopped".into()))
             }
-            // Stays pending in this consumer: re-read at the next start, or claimed
-            // once idle for claim_idle.
-            Settlement::Release => Ok(()),
+            Settlement::Release => {
+                self.give_back();
+                return Ok(());
+            }
             Settlement::Retry { after, next_attempt, failure } => self.retry(*after, *next_attempt, failure).await,
             Settlement::DeadLetter(failure) => self.dead_letter(failure).await,
         };
@@ -245,11 +266,20 @@ impl Settle for RedisHandle {
     }
 
     fn abandon(self: Box<Self>) {
-        self.shared.release(self.key, &self.id);
+        self.give_back();
     }
 }
 
 impl RedisHandle {
+    /// Leave the entry pending here (re-read at the next start, or claimed once idle
+    /// for claim_idle), without counting this delivery as an attempt.
+    fn give_back(&self) {
+        let done = Done::GiveBack(self.deliveries.saturating_sub(1));
+        if self.acks.send((self.key, self.id.clone(), done)).is_err() {
+            self.shared.release(self.key, &self.id);
+        }
+    }
+
     fn stream(&self) -> &StreamKeys {
         &self.shared.streams[self.key.source]
     }
@@ -329,8 +359,8 @@ impl RedisHandle {
 /// Batches acks until every sender is gone, retrying failed XACKs. After the last
 /// sender is gone, gives up on acks Redis still refuses after `give_up`: those entries
 /// stay pending and are delivered again (duplicates, never losses).
-pub async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(ReadKey, String)>, give_up: Duration) {
-    let mut pending: Vec<(ReadKey, String)> = Vec::new();
+pub async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Finished>, give_up: Duration) {
+    let mut pending: Vec<Finished> = Vec::new();
     let mut batch = Vec::with_capacity(256);
     let mut backoff = Duration::from_millis(50);
     let mut open = true;
@@ -376,13 +406,28 @@ pub async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(Rea
     }
 }
 
-/// One XACK per stream for `done`, pipelined.
-async fn xack(shared: &Shared, done: &[(ReadKey, String)]) -> redis::RedisResult<()> {
+/// One XACK per stream for what is done, and one XCLAIM per entry given back,
+/// pipelined.
+async fn xack(shared: &Shared, done: &[Finished]) -> redis::RedisResult<()> {
     let mut by_key: HashMap<ReadKey, Vec<&str>> = HashMap::new();
-    for (key, id) in done {
-        by_key.entry(*key).or_default().push(id);
-    }
     let mut pipe = redis::pipe();
+    for (key, id, what) in done {
+        match what {
+            Done::Ack => by_key.entry(*key).or_default().push(id),
+            Done::GiveBack(count) => {
+                pipe.cmd("XCLAIM")
+                    .arg(key.name(&shared.streams))
+                    .arg(&shared.group)
+                    .arg(&shared.consumer)
+                    .arg(0)
+                    .arg(id)
+                    .arg("RETRYCOUNT")
+                    .arg(*count)
+                    .arg("JUSTID")
+                    .ignore();
+            }
+        }
+    }
     for (key, ids) in by_key {
         pipe.cmd("XACK").arg(key.name(&shared.streams)).arg(&shared.group).arg(ids).ignore();
     }

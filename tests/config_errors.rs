@@ -44,7 +44,7 @@ fn each_mistake_names_file_path_and_problem() {
         ("unknown key", GOOD.replace("queue: orders,", "queue: orders, prefetchh: 3,"), "FILE: subscriptions.orders.prefetchh: unknown field `prefetchh`"),
         ("bad handler URL", GOOD.replace("http://127.0.0.1:8080/", "127.0.0.1:8080"), "FILE: handlers.php.endpoints[0]: \"127.0.0.1:8080\" must be an http:// or https:// URL"),
         ("bad broker URL", GOOD.replace("amqp://guest", "http://guest"), "FILE: transports.rabbit.url: scheme must be amqp or amqps, not \"http\""),
-        ("unknown transport type", GOOD.replace("type: amqp", "type: rabbitmq"), "FILE: transports.rabbit.type: unknown variant `rabbitmq`, expected one of `amqp`, `redis`, `memory`"),
+        ("unknown transport type", GOOD.replace("type: amqp", "type: rabbitmq"), "FILE: transports.rabbit.type: unknown variant `rabbitmq`, expected one of `amqp`, `redis`, `kafka`, `memory`"),
         ("unknown transport reference", GOOD.replace("transport: rabbit", "transport: rabbit2"), "FILE: subscriptions.orders.transport: unknown transport \"rabbit2\" (defined: rabbit)"),
         ("unknown handler reference", GOOD.replace("handler: php", "handler: phpp"), "FILE: routes[0].handler: unknown handler \"phpp\" (defined: php)"),
         ("bad duration", GOOD.replace("initial_delay: 1s", "initial_delay: 1 fortnight"), "FILE: subscriptions.orders.retry.initial_delay: invalid duration \"1 fortnight\": unknown time unit \"fortnight\""),

@@ -658,3 +658,174 @@ routes:
 "#
     )
 }
+
+pub fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// One record as a test reads it back.
+#[derive(Clone, Debug)]
+pub struct KafkaRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl KafkaRecord {
+    pub fn header(&self, name: &str) -> String {
+        self.headers.get(name).cloned().unwrap_or_default()
+    }
+}
+
+/// A test's own Kafka clients: create topics, produce, read topics back, offsets.
+pub struct Kafka {
+    producer: rdkafka::producer::FutureProducer,
+    admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+}
+
+impl Kafka {
+    pub fn connect() -> Self {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", kafka_brokers());
+        // One record per batch: tansu 0.6 (the test broker) serves a fetch only from
+        // the start of a record batch, so a consumer resuming at a committed offset
+        // inside a batch would get nothing (a real Kafka broker returns the batch).
+        let producer = c.clone().set("acks", "all").set("batch.num.messages", "1").create().expect("kafka producer");
+        let admin = c.create().expect("kafka admin");
+        Kafka { producer, admin }
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let res = self.admin.create_topics(&[topic], &AdminOptions::new()).await.expect("create topic");
+        for r in res {
+            if let Err((t, code)) = r {
+                assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "creating {t}");
+            }
+        }
+    }
+
+    /// Produce each message (awaited, acks=all) with header `message_id` = its id, its
+    /// headers, and record key `key(i)`.
+    pub async fn publish(&self, topic: &str, messages: &[Outgoing], key: impl Fn(usize) -> Option<String>) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+        let mut pending = Vec::new();
+        for (i, (id, body, headers)) in messages.iter().enumerate() {
+            let mut h = OwnedHeaders::new().insert(Header { key: "message_id", value: Some(id.as_bytes()) });
+            for (k, v) in headers {
+                h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+            }
+            let k = key(i);
+            let mut record = FutureRecord::to(topic).payload(body.as_slice()).headers(h);
+            if let Some(k) = &k {
+                record = record.key(k.as_bytes());
+            }
+            pending.push(self.producer.send_result(record).map_err(|(e, _)| e).expect("queue record"));
+        }
+        for p in pending {
+            p.await.expect("delivery").map_err(|(e, _)| e).expect("produced");
+        }
+    }
+
+    /// Every record of `topic` (all partitions), read with a group of its own; waits
+    /// until at least `at_least` arrived or `timeout` passed.
+    pub async fn read(&self, topic: &str, at_least: usize, timeout: Duration) -> Vec<KafkaRecord> {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::{Headers, Message};
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("group.id", unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("reader");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < at_least && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await {
+                Ok(Ok(m)) => out.push(KafkaRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_string(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }),
+                _ => continue,
+            }
+        }
+        out
+    }
+
+    /// The offset `group` committed for `topic`/`partition` (-1 when none).
+    pub fn committed(&self, group: &str, topic: &str, partition: i32) -> i64 {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("group.id", group)
+            .create()
+            .expect("offset reader");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        let offset = got.elements().first().map(|e| e.offset());
+        drop(got);
+        match offset {
+            Some(rdkafka::Offset::Offset(o)) => o,
+            _ => -1,
+        }
+    }
+
+    pub async fn delete_topics(&self, topics: &[&str]) {
+        let _ = self.admin.delete_topics(topics, &rdkafka::admin::AdminOptions::new()).await;
+    }
+}
+
+/// A router config for one Kafka subscription reading `topics` with `group`.
+pub fn kafka_config(topics: &[&str], group: &str, endpoints: &[String], extra_sub: &str) -> String {
+    let eps = endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+    let topics = topics.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        r#"
+admin: {{ listen: "127.0.0.1:{{admin}}" }}
+shutdown: {{ grace_period: 10s }}
+transports:
+  # A killed instance's partitions move after the session timeout: keep it short.
+  # One record per batch: see Kafka::connect (tansu fetches only from batch starts).
+  kafka:
+    type: kafka
+    brokers: ["{brokers}"]
+    properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "500", batch.num.messages: "1" }}
+handlers:
+  php: {{ endpoints: [{eps}], timeout: 5s }}
+subscriptions:
+  main:
+    transport: kafka
+    topics: [{topics}]
+    group: {group}
+    prefetch: 32
+    retry: {{ max_attempts: 3, initial_delay: 200ms, multiplier: 2, max_delay: 2s, jitter: 0 }}
+    {extra_sub}
+routes:
+  - {{ name: work, handler: php }}
+"#,
+        brokers = kafka_brokers()
+    )
+}

@@ -96,6 +96,8 @@ pub enum TransportKind {
     Amqp,
     /// Redis Streams, read through consumer groups.
     Redis,
+    /// Apache Kafka and Kafka-protocol brokers, read through consumer groups.
+    Kafka,
     /// In-process queues: tests and demos; nothing survives the process.
     Memory,
 }
@@ -108,6 +110,14 @@ pub struct TransportConfig {
     /// `amqp://user:pass@host:port/vhost` (`amqps://` for TLS), or
     /// `redis://[:pass@]host:port[/db]` (`rediss://` for TLS). Use `${VAR}` for secrets.
     pub url: Option<String>,
+    /// Kafka: bootstrap brokers, `host:port`.
+    #[serde(default)]
+    pub brokers: Vec<String>,
+    /// Kafka: librdkafka client properties passed through as they are
+    /// (`security.protocol`, `sasl.mechanism`, `sasl.username`, `ssl.ca.location`,
+    /// `client.id`, `auto.offset.reset` ...). Use `${VAR}` for secrets.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
     /// Redis: this router instance's consumer name in every consumer group. Keep it
     /// stable across restarts (a restarted instance first re-reads its own pending
     /// entries) and unique per instance. Default: the host name.
@@ -236,10 +246,30 @@ pub struct SubscriptionConfig {
     /// Redis: the streams to read, all through the consumer group `group`.
     #[serde(default)]
     pub streams: Vec<String>,
-    /// Redis: the consumer group (instances sharing a group split the work).
+    /// Redis, Kafka: the consumer group (instances sharing a group split the work).
     pub group: Option<String>,
+    /// Kafka: the topics to consume.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Kafka: consume every topic whose name matches this regular expression
+    /// (instead of `topics`).
+    pub topic_pattern: Option<String>,
+    /// Kafka: what may run in parallel. `partition`: one message at a time per
+    /// partition; `key`: one at a time per record key, keys of a partition in
+    /// parallel; `unordered`: up to `prefetch` at once. In every mode offsets are
+    /// committed only up to the first message not yet settled.
+    #[serde(default)]
+    pub ordering: KafkaOrdering,
+    /// Kafka: a retry due within this is waited for in place (holding its partition or
+    /// key); a longer one goes through the retry topic. `0s`: always the retry topic.
+    #[serde(default = "default_in_place_retry_max", deserialize_with = "crate::config::duration::deserialize")]
+    pub in_place_retry_max: Duration,
+    /// Kafka: the topic durable retries wait in, consumed by the same group.
+    /// Default: `<group>.retry`.
+    pub retry_topic: Option<String>,
     /// Redis: create the consumer group (and the stream, MKSTREAM) when missing,
-    /// reading from the stream's first entry.
+    /// reading from the stream's first entry. Kafka: create the retry and dead-letter
+    /// topics when missing.
     #[serde(default = "yes")]
     pub declare: bool,
     /// Redis: pending entries idle this long (their consumer died or stalled) are
@@ -271,6 +301,20 @@ pub struct SubscriptionConfig {
     /// Larger messages are dead-lettered unread.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+}
+
+/// How a Kafka subscription orders its work (see `SubscriptionConfig::ordering`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaOrdering {
+    #[default]
+    Partition,
+    Key,
+    Unordered,
+}
+
+fn default_in_place_retry_max() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_claim_idle() -> Duration {
@@ -310,6 +354,8 @@ pub struct DeadLetterConfig {
     pub routing_key: Option<String>,
     /// Redis: the dead-letter stream. Default: `<stream>.dlq` for each source stream.
     pub stream: Option<String>,
+    /// Kafka: the dead-letter topic. Default: `<topic>.dlq` for each source topic.
+    pub topic: Option<String>,
     /// Redis: trim the dead-letter stream to about this many entries (oldest first).
     /// Unset: never trimmed.
     pub maxlen: Option<u64>,

@@ -4,7 +4,10 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use super::{Config, ConfigIssue, HandlerConfig, SubscriptionConfig, TransportKind};
+use super::{
+    Config, ConfigIssue, DeadLetterConfig, HandlerConfig, KafkaOrdering, SubscriptionConfig, TransportConfig,
+    TransportKind,
+};
 use crate::retry::RetryPolicy;
 
 impl Config {
@@ -25,10 +28,13 @@ impl Config {
             let schemes: &[&str] = match t.kind {
                 TransportKind::Amqp => &["amqp", "amqps"],
                 TransportKind::Redis => &["redis", "rediss"],
-                TransportKind::Memory => &[],
+                TransportKind::Kafka | TransportKind::Memory => &[],
             };
             match (&t.url, schemes.is_empty()) {
                 (None, false) => add(format!("{p}.url"), format!("a {} transport needs a url", kind_name(t.kind))),
+                (Some(_), true) if t.kind == TransportKind::Kafka => {
+                    add(format!("{p}.url"), "a kafka transport lists `brokers` (host:port), not a url".into())
+                }
                 (Some(_), true) => add(format!("{p}.url"), "a memory transport takes no url".into()),
                 (Some(url), false) => match url::Url::parse(url) {
                     Ok(u) if schemes.contains(&u.scheme()) => {}
@@ -45,11 +51,12 @@ impl Config {
             if has_topology && t.kind != TransportKind::Amqp {
                 add(format!("{p}.topology"), "only amqp transports declare a topology".into());
             }
+            check_kafka_transport(t, &p, &mut add);
             match (&t.consumer, t.kind) {
                 (Some(c), TransportKind::Redis) if c.trim().is_empty() => {
                     add(format!("{p}.consumer"), "must not be empty (omit it to use the host name)".into())
                 }
-                (Some(_), TransportKind::Amqp | TransportKind::Memory) => {
+                (Some(_), TransportKind::Amqp | TransportKind::Kafka | TransportKind::Memory) => {
                     add(format!("{p}.consumer"), "only redis transports take a consumer name".into())
                 }
                 _ => {}
@@ -229,7 +236,38 @@ fn kind_name(kind: TransportKind) -> &'static str {
     match kind {
         TransportKind::Amqp => "amqp",
         TransportKind::Redis => "redis",
+        TransportKind::Kafka => "kafka",
         TransportKind::Memory => "memory",
+    }
+}
+
+/// librdkafka properties the router sets itself: offsets are its job.
+const ROUTER_OWNED_PROPERTIES: &[&str] =
+    &["bootstrap.servers", "group.id", "enable.auto.commit", "enable.auto.offset.store", "enable.partition.eof"];
+
+fn check_kafka_transport(t: &TransportConfig, p: &str, add: &mut impl FnMut(String, String)) {
+    if t.kind != TransportKind::Kafka {
+        if !t.brokers.is_empty() || !t.properties.is_empty() {
+            add(format!("{p}.brokers"), "`brokers` and `properties` are for kafka transports".into());
+        }
+        return;
+    }
+    if t.brokers.is_empty() {
+        add(format!("{p}.brokers"), "list at least one broker as host:port".into());
+    }
+    for (i, b) in t.brokers.iter().enumerate() {
+        let ok = b.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            add(format!("{p}.brokers[{i}]"), format!("{b:?} is not host:port, like 127.0.0.1:9092"));
+        }
+    }
+    for key in t.properties.keys() {
+        if ROUTER_OWNED_PROPERTIES.contains(&key.as_str()) {
+            add(
+                format!("{p}.properties.{key}"),
+                "set by the router (brokers, the subscription's group, offsets committed only once handled)".into(),
+            );
+        }
     }
 }
 
@@ -237,6 +275,26 @@ fn kind_name(kind: TransportKind) -> &'static str {
 /// consume a `queue`, Redis reads `streams` through a `group`.
 fn check_source(s: &SubscriptionConfig, kind: TransportKind, p: &str, add: &mut impl FnMut(String, String)) {
     let dl = s.dead_letter.clone().unwrap_or_default();
+    let is_kafka = kind == TransportKind::Kafka;
+    if !is_kafka
+        && (!s.topics.is_empty()
+            || s.topic_pattern.is_some()
+            || s.retry_topic.is_some()
+            || dl.topic.is_some()
+            || s.ordering != KafkaOrdering::Partition)
+    {
+        add(
+            format!("{p}.topics"),
+            format!(
+                "`topics`, `topic_pattern`, `ordering`, `retry_topic` and `dead_letter.topic` are for kafka subscriptions; this transport is {}",
+                kind_name(kind)
+            ),
+        );
+    }
+    if is_kafka {
+        check_kafka_source(s, &dl, p, add);
+        return;
+    }
     if kind == TransportKind::Redis {
         if !s.queue.is_empty() {
             add(format!("{p}.queue"), "a redis subscription reads `streams`, not a `queue`".into());
@@ -307,6 +365,50 @@ fn check_source(s: &SubscriptionConfig, kind: TransportKind, p: &str, add: &mut 
                 format!("{p}.dead_letter.routing_key"),
                 "must not be the subscription's own queue (dead letters would loop)".into(),
             );
+        }
+    }
+}
+
+fn check_kafka_source(s: &SubscriptionConfig, dl: &DeadLetterConfig, p: &str, add: &mut impl FnMut(String, String)) {
+    if !s.queue.is_empty() || !s.streams.is_empty() {
+        add(
+            format!("{p}.queue"),
+            "a kafka subscription reads `topics` (or `topic_pattern`), not a queue or streams".into(),
+        );
+    }
+    match (s.topics.is_empty(), &s.topic_pattern) {
+        (true, None) => add(format!("{p}.topics"), "list the topics to consume, or set topic_pattern".into()),
+        (false, Some(_)) => add(format!("{p}.topic_pattern"), "set either topics or topic_pattern, not both".into()),
+        (true, Some(pattern)) if pattern.trim().is_empty() => {
+            add(format!("{p}.topic_pattern"), "must not be empty".into())
+        }
+        _ => {}
+    }
+    for (i, topic) in s.topics.iter().enumerate() {
+        if topic.is_empty() {
+            add(format!("{p}.topics[{i}]"), "must not be empty".into());
+        } else if s.topics[..i].contains(topic) {
+            add(format!("{p}.topics[{i}]"), format!("topic {topic:?} is listed twice"));
+        }
+    }
+    match s.group.as_deref() {
+        None => add(format!("{p}.group"), "a kafka subscription needs a consumer group id".into()),
+        Some("") => add(format!("{p}.group"), "must not be empty".into()),
+        Some(_) => {}
+    }
+    if s.ordered {
+        add(format!("{p}.ordered"), "kafka subscriptions say `ordering: partition | key | unordered` instead".into());
+    }
+    if !dl.exchange.is_empty() || dl.routing_key.is_some() || dl.stream.is_some() || dl.maxlen.is_some() {
+        add(format!("{p}.dead_letter"), "a kafka subscription dead-letters to a `topic`".into());
+    }
+    for (what, topic) in [("dead_letter.topic", dl.topic.as_ref()), ("retry_topic", s.retry_topic.as_ref())] {
+        match topic {
+            Some(t) if t.is_empty() => add(format!("{p}.{what}"), "must not be empty (omit it for the default)".into()),
+            Some(t) if s.topics.contains(t) => {
+                add(format!("{p}.{what}"), format!("{t:?} is a source topic (messages would loop)"))
+            }
+            _ => {}
         }
     }
 }
@@ -467,6 +569,45 @@ routes:
             for want in wants {
                 assert!(got.contains(want), "want {want:?} in:\n{got}");
             }
+        }
+    }
+
+    const KAFKA: &str = r#"
+transports:
+  kafka: { type: kafka, brokers: ["127.0.0.1:9092"], properties: { security.protocol: SASL_SSL } }
+handlers:
+  orders: { endpoints: ["http://127.0.0.1:8080/"] }
+subscriptions:
+  orders: { transport: kafka, topics: [orders], group: billing, ordering: key }
+routes:
+  - { name: all, handler: orders }
+"#;
+
+    #[test]
+    fn accepts_kafka_subscription() {
+        let c = parse(KAFKA, "router.yaml", &env).expect("valid");
+        let s = &c.subscriptions["orders"];
+        assert_eq!(s.ordering, crate::config::KafkaOrdering::Key);
+        assert_eq!(s.in_place_retry_max, std::time::Duration::from_secs(10));
+        assert_eq!(c.transports["kafka"].properties["security.protocol"], "SASL_SSL");
+    }
+
+    #[test]
+    fn kafka_mistakes_name_their_key() {
+        let cases = [
+            (KAFKA.replace("topics: [orders], ", ""), "subscriptions.orders.topics: list the topics to consume, or set topic_pattern"),
+            (KAFKA.replace("topics: [orders]", "topics: [orders], topic_pattern: \"o.*\""), "subscriptions.orders.topic_pattern: set either topics or topic_pattern, not both"),
+            (KAFKA.replace("group: billing, ", ""), "subscriptions.orders.group: a kafka subscription needs a consumer group id"),
+            (KAFKA.replace("127.0.0.1:9092", "localhost"), "transports.kafka.brokers[0]: \"localhost\" is not host:port"),
+            (KAFKA.replace("security.protocol: SASL_SSL", "group.id: x"), "transports.kafka.properties.group.id: set by the router"),
+            (KAFKA.replace("ordering: key", "ordered: true"), "subscriptions.orders.ordered: kafka subscriptions say `ordering: partition | key | unordered` instead"),
+            (KAFKA.replace("ordering: key", "retry_topic: orders"), "subscriptions.orders.retry_topic: \"orders\" is a source topic"),
+            (KAFKA.replace("brokers: [\"127.0.0.1:9092\"]", "url: \"kafka://x:1\""), "transports.kafka.url: a kafka transport lists `brokers` (host:port), not a url"),
+            (GOOD.replace("queue: orders", "queue: orders, topics: [x]"), "`topics`, `topic_pattern`, `ordering`, `retry_topic` and `dead_letter.topic` are for kafka subscriptions"),
+        ];
+        for (text, want) in cases {
+            let got = errors(&text);
+            assert!(got.contains(want), "want {want:?} in:\n{got}");
         }
     }
 

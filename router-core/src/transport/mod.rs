@@ -4,6 +4,7 @@
 //! and [`build`].
 
 pub mod amqp;
+pub mod kafka;
 pub mod memory;
 pub mod redis;
 
@@ -100,6 +101,7 @@ pub fn build(name: &str, config: &TransportConfig) -> Arc<dyn Transport> {
     match config.kind {
         TransportKind::Amqp => Arc::new(amqp::AmqpTransport::new(name, config)),
         TransportKind::Redis => Arc::new(redis::RedisTransport::new(name, config)),
+        TransportKind::Kafka => Arc::new(kafka::KafkaTransport::new(name, config)),
         TransportKind::Memory => Arc::new(memory::MemoryBroker::named(name)),
     }
 }

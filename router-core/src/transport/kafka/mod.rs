@@ -1,0 +1,616 @@
+//! Kafka through rdkafka (bundled librdkafka): consumer groups, ordered lanes,
+//! contiguous offset commits, in-place and durable retries, dead-letter topics.
+//!
+//! - `mod.rs`: clients, the consume loop and its lanes, settlement, rebalances.
+//! - `offsets.rs`: the commit point of a partition (first unsettled offset).
+//! - `convert.rs`: records ↔ the router's message model, re-publish headers.
+//!
+//! The consume loop reads records and puts each in a lane: its partition
+//! (`ordering: partition`), its partition and key (`key`), or a lane of its own
+//! (`unordered`). A lane hands one message at a time to the pipeline; the next goes
+//! when the previous is settled. Offsets are stored (and auto-committed every second)
+//! only up to the first message of the partition that is not settled, so a message in
+//! flight, waiting for a retry or queued behind its key is never skipped.
+//!
+//! Retries: one due within `in_place_retry_max` is waited for in its lane (holding its
+//! key's order; not durable: after a crash it starts again at attempt 1). A longer one
+//! is produced (acks=all, awaited) to the retry topic with its due time, attempt and
+//! origin in headers, then its offset is settled. The group consumes the retry topic
+//! beside the source topics and delivers each message when it is due, pausing that
+//! partition meanwhile. Dead letters are produced (acks=all, awaited) to
+//! `<topic>.dlq` before their offset is settled.
+//!
+//! Rebalances (eager): on revoke the loop stops handing out the revoked partitions'
+//! messages, waits (up to the shutdown grace period) for those in flight, commits what
+//! is settled, and only then lets the partitions go. Their queued messages are
+//! dropped unsettled: the next owner starts at the committed offset.
+
+mod convert;
+mod offsets;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use convert::field;
+use convert::Record;
+use offsets::Offsets;
+
+use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
+use crate::config::{KafkaOrdering, TransportConfig};
+use crate::message::{header, Delivery, Failure, Message, Settle, SettleError, Settlement};
+
+/// How long a produce (retry, dead letter) may take before it counts as failed.
+const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Wait before trying a failed retry or dead-letter produce again.
+const PRODUCE_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a revoke waits for in-flight messages of the revoked partitions.
+const REVOKE_WAIT: Duration = Duration::from_secs(30);
+
+pub struct KafkaTransport {
+    name: String,
+    brokers: String,
+    properties: Vec<(String, String)>,
+    display: String,
+    producer: Result<FutureProducer, String>,
+}
+
+impl KafkaTransport {
+    pub fn new(name: &str, config: &TransportConfig) -> Self {
+        let brokers = config.brokers.join(",");
+        let properties: Vec<(String, String)> = config.properties.clone().into_iter().collect();
+        let mut producer = client_config(&brokers, &properties);
+        producer.set("acks", "all").set("enable.idempotence", "true");
+        let producer = producer.create::<FutureProducer>().map_err(|e| format!("kafka producer: {e}"));
+        KafkaTransport {
+            name: name.to_string(),
+            display: format!("kafka://{}", config.brokers.first().map_or("", String::as_str)),
+            brokers,
+            properties,
+            producer,
+        }
+    }
+
+    /// Create the retry and dead-letter topics the subscription writes to, when missing.
+    async fn declare(&self, topics: &[String]) -> Result<(), String> {
+        let admin: AdminClient<DefaultClientContext> =
+            client_config(&self.brokers, &self.properties).create().map_err(|e| format!("kafka admin: {e}"))?;
+        let new: Vec<NewTopic<'_>> = topics.iter().map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1))).collect();
+        let results = admin.create_topics(&new, &AdminOptions::new()).await.map_err(|e| e.to_string())?;
+        for r in results {
+            match r {
+                Ok(topic) => info!(transport = %self.name, topic, "created topic"),
+                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(format!("creating topic {topic:?}: {code}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn client_config(brokers: &str, properties: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A partition: (topic, partition).
+type Part = (String, i32);
+
+/// What decides which messages wait for each other.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    Partition(Part),
+    Key(Part, Option<Bytes>),
+    Own(u64),
+}
+
+/// Per-partition state shared by the loop, the handles and the rebalance callback.
+#[derive(Default)]
+struct PartState {
+    offsets: Offsets,
+    /// Bumped when the partition is revoked: messages read before are stale.
+    generation: u64,
+    /// Handed to the pipeline and not finished (settled or given up).
+    in_flight: usize,
+}
+
+struct State {
+    subscription: String,
+    parts: Mutex<HashMap<Part, PartState>>,
+    finished: Condvar,
+    consumer: std::sync::OnceLock<Arc<StreamConsumer<Context>>>,
+}
+
+impl State {
+    /// Store the new commit point of `part` (auto-commit sends it within 200 ms).
+    fn store(&self, part: &Part, offset: i64) {
+        let Some(consumer) = self.consumer.get() else { return };
+        let mut tpl = TopicPartitionList::new();
+        if tpl.add_partition_offset(&part.0, part.1, Offset::Offset(offset)).is_ok() {
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                // The partition was revoked meanwhile: its next owner starts earlier.
+                debug!(subscription = %self.subscription, topic = %part.0, partition = part.1, error = %e, "offset not stored");
+            }
+        }
+    }
+
+    /// A message handed out is finished: settled (its offset may be committed) or not.
+    fn finish(&self, part: &Part, generation: u64, offset: i64, settled: bool) {
+        let mut parts = self.parts.lock();
+        let Some(p) = parts.get_mut(part).filter(|p| p.generation == generation) else { return };
+        p.in_flight = p.in_flight.saturating_sub(1);
+        let commit = if settled { p.offsets.settle(offset) } else { None };
+        drop(parts);
+        self.finished.notify_all();
+        if let Some(c) = commit {
+            self.store(part, c);
+        }
+    }
+
+    fn is_current(&self, part: &Part, generation: u64) -> bool {
+        self.parts.lock().get(part).is_some_and(|p| p.generation == generation)
+    }
+}
+
+/// The consumer context: rebalance handling.
+struct Context {
+    state: Arc<std::sync::OnceLock<Arc<State>>>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Some(state) = self.state.get() else { return };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<String> =
+                    tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect();
+                info!(subscription = %state.subscription, partitions = ?parts, "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(subscription = %state.subscription, error = %e, "rebalance failed"),
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let Some(state) = self.state.get() else { return };
+        let revoked: Vec<Part> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        info!(subscription = %state.subscription, partitions = revoked.len(), "partitions revoked: finishing their in-flight messages");
+        let wait = || {
+            let deadline = std::time::Instant::now() + REVOKE_WAIT;
+            let mut parts = state.parts.lock();
+            loop {
+                let busy: usize = revoked.iter().filter_map(|p| parts.get(p)).map(|p| p.in_flight).sum();
+                if busy == 0 || state.finished.wait_until(&mut parts, deadline).timed_out() {
+                    if busy > 0 {
+                        warn!(subscription = %state.subscription, busy, "revoke: in-flight messages did not finish in time; their partitions' next owner will redeliver them");
+                    }
+                    break;
+                }
+            }
+            for p in &revoked {
+                if let Some(s) = parts.get_mut(p) {
+                    s.generation += 1;
+                }
+            }
+        };
+        // The callback runs inside a poll on a runtime worker: let the runtime move
+        // other tasks off this thread while it waits.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            debug!(subscription = %state.subscription, error = %e, "commit at revoke");
+        }
+        let mut parts = state.parts.lock();
+        for p in &revoked {
+            if let Some(s) = parts.get_mut(p) {
+                s.offsets = Offsets::default();
+            }
+        }
+    }
+}
+
+/// A message read and not yet handed to the pipeline.
+struct Pending {
+    record: Record,
+    lane: Lane,
+    generation: u64,
+    attempt: Option<u32>,
+    first_failure: Option<SystemTime>,
+}
+
+/// What handles tell the consume loop.
+enum Event {
+    /// The lane's message is finished: hand out the next one.
+    Free(Lane),
+    /// Deliver this message again (in-place retry, or a failed produce).
+    Again(Pending),
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    async fn consume(
+        &self,
+        spec: ConsumeSpec,
+        inbox: Arc<dyn Inbox>,
+        status: Arc<SourceStatus>,
+        stop: CancellationToken,
+    ) {
+        let config = &spec.config;
+        let group = config.group.clone().unwrap_or_default();
+        let retry_topic = config.retry_topic.clone().unwrap_or_else(|| format!("{group}.retry"));
+        if config.declare {
+            let mut topics = vec![retry_topic.clone()];
+            let dl = config.dead_letter.clone().unwrap_or_default();
+            match dl.topic {
+                Some(t) => topics.push(t),
+                None => topics.extend(config.topics.iter().map(|t| format!("{t}.dlq"))),
+            }
+            if let Err(e) = self.declare(&topics).await {
+                warn!(subscription = %spec.subscription, error = %e, "could not create the retry and dead-letter topics; producing to them may fail");
+            }
+        }
+        let state_slot = Arc::new(std::sync::OnceLock::new());
+        let mut c = client_config(&self.brokers, &self.properties);
+        c.set("group.id", &group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "200")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
+        if !self.properties.iter().any(|(k, _)| k == "auto.offset.reset") {
+            c.set("auto.offset.reset", "earliest");
+        }
+        let consumer: StreamConsumer<Context> = match c.create_with_context(Context { state: state_slot.clone() }) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(subscription = %spec.subscription, error = %e, "cannot create the kafka consumer");
+                return;
+            }
+        };
+        let consumer = Arc::new(consumer);
+        let state = Arc::new(State {
+            subscription: spec.subscription.clone(),
+            parts: Mutex::new(HashMap::new()),
+            finished: Condvar::new(),
+            consumer: std::sync::OnceLock::new(),
+        });
+        let _ = state.consumer.set(consumer.clone());
+        let _ = state_slot.set(state.clone());
+        let mut topics: Vec<String> = match &config.topic_pattern {
+            Some(p) => vec![if p.starts_with('^') { p.clone() } else { format!("^{p}") }],
+            None => config.topics.clone(),
+        };
+        topics.push(retry_topic.clone());
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        if let Err(e) = consumer.subscribe(&names) {
+            warn!(subscription = %spec.subscription, error = %e, "cannot subscribe");
+            return;
+        }
+        status.set_connected(true);
+        info!(subscription = %spec.subscription, topics = ?topics, group = %group, ordering = ?config.ordering, "consuming");
+
+        let producer = match &self.producer {
+            Ok(p) => p.clone(),
+            Err(e) => {
+                warn!(subscription = %spec.subscription, error = %e, "cannot produce retries and dead letters");
+                return;
+            }
+        };
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            producer,
+            retry_topic: retry_topic.clone(),
+            dead_letter: config.dead_letter.clone().unwrap_or_default().topic,
+            in_place_max: config.in_place_retry_max,
+            subscription: spec.subscription.clone(),
+        });
+        let limit = usize::from(spec.prefetch.max(1));
+        let (events, mut event_rx) = mpsc::unbounded_channel::<Event>();
+        let mut lanes: HashMap<Lane, VecDeque<Pending>> = HashMap::new();
+        let mut busy: std::collections::HashSet<Lane> = std::collections::HashSet::new();
+        let mut own = 0u64;
+        let mut open = 0usize; // read and not finished, over all lanes
+
+        loop {
+            let read = open < limit;
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                Some(ev) = event_rx.recv() => {
+                    let next = match ev {
+                        Event::Free(lane) => {
+                            open = open.saturating_sub(1);
+                            busy.remove(&lane);
+                            lanes.get_mut(&lane).and_then(VecDeque::pop_front)
+                        }
+                        Event::Again(p) => Some(p),
+                    };
+                    if let Some(p) = next {
+                        if !self.hand_out(p, &shared, &events, &inbox, &mut busy).await {
+                            break;
+                        }
+                    }
+                }
+                m = consumer.recv(), if read => {
+                    let record = match m {
+                        Ok(m) => Record::from_borrowed(&m),
+                        Err(e) => {
+                            warn!(subscription = %spec.subscription, error = %e, "kafka consumer error");
+                            continue;
+                        }
+                    };
+                    let part: Part = (record.topic.clone(), record.partition);
+                    let generation = {
+                        let mut parts = state.parts.lock();
+                        let p = parts.entry(part.clone()).or_default();
+                        p.offsets.read(record.offset);
+                        p.generation
+                    };
+                    let lane = match config.ordering {
+                        KafkaOrdering::Partition => Lane::Partition(part),
+                        KafkaOrdering::Key => Lane::Key(part, record.key.clone()),
+                        KafkaOrdering::Unordered => { own += 1; Lane::Own(own) }
+                    };
+                    open += 1;
+                    let p = Pending { record, lane: lane.clone(), generation, attempt: None, first_failure: None };
+                    if busy.contains(&lane) {
+                        lanes.entry(lane).or_default().push_back(p);
+                    } else if !self.hand_out(p, &shared, &events, &inbox, &mut busy).await {
+                        break;
+                    }
+                }
+            }
+            lanes.retain(|_, q| !q.is_empty());
+        }
+        status.set_connected(false);
+        drop(lanes);
+        drop(events);
+        // Let what was handed out finish (the engine drains it), then commit what is
+        // settled and leave the group.
+        wait_idle(&state).await;
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            debug!(subscription = %spec.subscription, error = %e, "final commit");
+        }
+        consumer.unsubscribe();
+    }
+
+    async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {
+        if !exchange.is_empty() {
+            return Err(TransportError::Broker(format!(
+                "kafka has no exchanges (got {exchange:?}): the routing key names the topic"
+            )));
+        }
+        let producer = self.producer.clone().map_err(TransportError::Broker)?;
+        let mut headers = vec![(field::MESSAGE_ID.to_string(), Some(Bytes::from(message.id.clone())))];
+        if let Some(ct) = &message.content_type {
+            headers.push((field::CONTENT_TYPE.to_string(), Some(Bytes::from(ct.clone()))));
+        }
+        for (k, v) in &message.headers {
+            if k != field::KEY {
+                headers.push((k.clone(), Some(Bytes::from(v.clone()))));
+            }
+        }
+        let key = message.headers.get(field::KEY).map(|k| Bytes::from(k.clone()));
+        produce(&producer, routing_key, key.as_ref(), &message.body, &headers)
+            .await
+            .map_err(|reason| TransportError::NotConfirmed { destination: format!("topic {routing_key:?}"), reason })
+    }
+}
+
+/// Wait until no message of `state` is in flight.
+async fn wait_idle(state: &State) {
+    loop {
+        let busy: usize = state.parts.lock().values().map(|p| p.in_flight).sum();
+        if busy == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What every handle of a subscription needs.
+struct Shared {
+    state: Arc<State>,
+    producer: FutureProducer,
+    retry_topic: String,
+    dead_letter: Option<String>,
+    in_place_max: Duration,
+    subscription: String,
+}
+
+impl KafkaTransport {
+    /// Hand one message to the pipeline: now, or when due (a retry-topic message).
+    /// Returns false when the router is stopping.
+    async fn hand_out(
+        &self,
+        p: Pending,
+        shared: &Arc<Shared>,
+        events: &mpsc::UnboundedSender<Event>,
+        inbox: &Arc<dyn Inbox>,
+        busy: &mut std::collections::HashSet<Lane>,
+    ) -> bool {
+        let part: Part = (p.record.topic.clone(), p.record.partition);
+        busy.insert(p.lane.clone());
+        if !shared.state.is_current(&part, p.generation) {
+            // Revoked since it was read: its next owner delivers it.
+            let _ = events.send(Event::Free(p.lane));
+            return true;
+        }
+        // A message from the retry topic waits for its time in its lane.
+        let due = p.record.header(field::DUE).and_then(|d| d.parse::<u64>().ok());
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        if p.attempt.is_none() {
+            if let Some(wait) = due.and_then(|d| d.checked_sub(now_ms)).filter(|w| *w > 0) {
+                let events = events.clone();
+                let mut p = p;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    p.attempt = p.record.header(header::ATTEMPT).and_then(|a| a.parse().ok()).or(Some(1));
+                    let _ = events.send(Event::Again(p));
+                });
+                return true;
+            }
+        }
+        let (message, defect) = p.record.to_message(&self.display);
+        shared.state.parts.lock().entry(part.clone()).or_default().in_flight += 1;
+        let attempt = p.attempt;
+        let first_failure = p.first_failure;
+        let handle = KafkaHandle { shared: shared.clone(), events: events.clone(), pending: Some(p) };
+        let mut delivery = Delivery::new(message, Box::new(handle));
+        if let Some(a) = attempt {
+            delivery.attempt = a;
+        }
+        if first_failure.is_some() {
+            delivery.first_failure = first_failure;
+        }
+        delivery.defect = defect;
+        inbox.put(delivery).await.is_ok()
+    }
+}
+
+/// The Kafka half of a delivery.
+struct KafkaHandle {
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<Event>,
+    pending: Option<Pending>,
+}
+
+impl KafkaHandle {
+    fn finish(&mut self, settled: bool) {
+        let Some(p) = self.pending.take() else { return };
+        let part = (p.record.topic.clone(), p.record.partition);
+        self.shared.state.finish(&part, p.generation, p.record.offset, settled);
+        let _ = self.events.send(Event::Free(p.lane));
+    }
+
+    /// Deliver again after `after`, keeping the lane (in-place retry, failed produce).
+    fn again(&mut self, after: Duration, attempt: u32, first_failure: Option<SystemTime>) {
+        let Some(mut p) = self.pending.take() else { return };
+        let part = (p.record.topic.clone(), p.record.partition);
+        // Not finished for offsets, but no longer in flight for a revoke to wait on.
+        {
+            let mut parts = self.shared.state.parts.lock();
+            if let Some(s) = parts.get_mut(&part).filter(|s| s.generation == p.generation) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+        }
+        self.shared.state.finished.notify_all();
+        p.attempt = Some(attempt);
+        p.first_failure = first_failure;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = events.send(Event::Again(p));
+        });
+    }
+
+    async fn produce_copy(&self, topic: &str, extra: Vec<(&'static str, String)>) -> Result<(), String> {
+        let Some(p) = &self.pending else { return Err("already settled".into()) };
+        let headers = p.record.republish_headers(extra);
+        produce(&self.shared.producer, topic, p.record.key.as_ref(), &p.record.payload, &headers).await
+    }
+}
+
+#[async_trait]
+impl Settle for KafkaHandle {
+    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), SettleError> {
+        let subscription = self.shared.subscription.clone();
+        match settlement {
+            Settlement::Ack => self.finish(true),
+            Settlement::Release => self.finish(false),
+            Settlement::Retry { after, next_attempt, failure } if after <= self.shared.in_place_max => {
+                self.again(after, next_attempt, Some(failure.first_failure));
+            }
+            Settlement::Retry { after, next_attempt, failure } => {
+                let due = SystemTime::now() + after;
+                let due_ms = due.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+                let mut extra = vec![(header::ATTEMPT, next_attempt.to_string()), (field::DUE, due_ms.to_string())];
+                extra.extend(failure.headers(&subscription));
+                let topic = self.shared.retry_topic.clone();
+                self.durable(&topic, extra, &failure, "scheduling the retry").await?;
+            }
+            Settlement::DeadLetter(failure) => {
+                let origin = self.pending.as_ref().map(|p| p.record.origin_topic()).unwrap_or_default();
+                let topic = self.shared.dead_letter.clone().unwrap_or_else(|| format!("{origin}.dlq"));
+                let extra = failure.headers(&subscription);
+                self.durable(&topic, extra, &failure, "writing the dead letter").await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn abandon(mut self: Box<Self>) {
+        self.finish(false);
+    }
+}
+
+impl KafkaHandle {
+    /// Produce a copy to `topic`, then settle the offset. When the produce fails the
+    /// message is delivered again later (same attempt): nothing is settled unwritten.
+    async fn durable(
+        &mut self,
+        topic: &str,
+        extra: Vec<(&'static str, String)>,
+        failure: &Failure,
+        what: &str,
+    ) -> Result<(), SettleError> {
+        match self.produce_copy(topic, extra).await {
+            Ok(()) => {
+                self.finish(true);
+                Ok(())
+            }
+            Err(e) => {
+                self.again(PRODUCE_BACKOFF, failure.attempts, Some(failure.first_failure));
+                Err(SettleError(format!("{what} in topic {topic:?}: {e}; delivering it again")))
+            }
+        }
+    }
+}
+
+impl Drop for KafkaHandle {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+/// Produce one record (acks=all) and wait for the broker's answer.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&Bytes>,
+    payload: &Bytes,
+    headers: &[(String, Option<Bytes>)],
+) -> Result<(), String> {
+    let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+    for (k, v) in headers {
+        owned = owned.insert(Header { key: k, value: v.as_deref() });
+    }
+    let mut record = FutureRecord::to(topic).payload(payload.as_ref()).headers(owned);
+    if let Some(k) = key {
+        record = record.key(k.as_ref());
+    }
+    producer.send(record, PRODUCE_TIMEOUT).await.map(|_| ()).map_err(|(e, _): (KafkaError, _)| e.to_string())
+}

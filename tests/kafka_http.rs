@@ -55,6 +55,10 @@ async fn acks_commit_and_keep_order_per_key() {
 
     wait_for("100 handled", WAIT, || async { seen(&s.php.log).len() >= 100 }).await;
     s.wait_committed(3, 100).await;
+    // librdkafka's statistics (every 5 s) feed the lag gauge: 3 partitions, all caught up.
+    let lag_series = format!("router_consumer_lag{{partition=\"0\",subscription=\"main\",topic=\"{}\"}} 0", s.topic);
+    wait_for("lag reported as 0", Duration::from_secs(20), || async { router.metrics().await.contains(&lag_series) })
+        .await;
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0), "clean exit on SIGTERM");
 
     let log = seen(&s.php.log);

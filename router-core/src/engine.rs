@@ -190,6 +190,7 @@ impl Pipeline {
             prefetch: self.config.prefetch,
             dead_letter: self.config.dead_letter(),
             config: self.config.clone(),
+            lag: Some(self.metrics.consumer_lag.clone()),
         };
         let window = if self.config.ordered { 1 } else { usize::from(self.config.prefetch.max(1)) };
         let tasks = TaskTracker::new();

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     /// 1 while the subscription has a live consumer at its broker.
     pub connected: IntGaugeVec,
+    /// Messages in a partition behind the group's committed offset (Kafka).
+    pub consumer_lag: IntGaugeVec,
 }
 
 impl Metrics {
@@ -80,6 +82,11 @@ impl Metrics {
         registry.register(Box::new(handler_seconds.clone()))?;
         let in_flight = gauge("router_in_flight", "Messages taken from the broker and not yet settled")?;
         let connected = gauge("router_subscription_connected", "1 while the subscription is consuming")?;
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new("router_consumer_lag", "Messages of a partition after the group's committed offset (Kafka)"),
+            &["subscription", "topic", "partition"],
+        )?;
+        registry.register(Box::new(consumer_lag.clone()))?;
         Ok(Metrics {
             registry,
             received,
@@ -93,6 +100,7 @@ impl Metrics {
             handler_seconds,
             in_flight,
             connected,
+            consumer_lag,
         })
     }
 

@@ -31,6 +31,8 @@ pub struct ConsumeSpec {
     /// The whole subscription entry, for what is specific to one broker (Redis
     /// streams and group, claim_idle, body_field ...).
     pub config: SubscriptionConfig,
+    /// `router_consumer_lag{subscription, topic, partition}`, for brokers that know it.
+    pub lag: Option<prometheus::IntGaugeVec>,
 }
 
 /// Whether a subscription currently has a live consumer; read by `/readyz`.

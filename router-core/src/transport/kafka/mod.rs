@@ -171,12 +171,27 @@ impl State {
     }
 }
 
-/// The consumer context: rebalance handling.
+/// The consumer context: rebalance handling, lag from librdkafka's statistics.
 struct Context {
     state: Arc<std::sync::OnceLock<Arc<State>>>,
+    lag: Option<prometheus::IntGaugeVec>,
+    subscription: String,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(lag) = &self.lag else { return };
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1: not assigned here, or not known yet (no committed offset).
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    lag.with_label_values(&[self.subscription.as_str(), topic.as_str(), &partition.to_string()])
+                        .set(p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for Context {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -280,10 +295,19 @@ impl Transport for KafkaTransport {
             .set("auto.commit.interval.ms", "200")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false");
-        if !self.properties.iter().any(|(k, _)| k == "auto.offset.reset") {
-            c.set("auto.offset.reset", "earliest");
+        // Defaults a user may override: start at the beginning of a topic the group has
+        // no offset for (nothing published before the first start is skipped), and
+        // statistics every 5 s for the lag gauge.
+        for (key, value) in [("auto.offset.reset", "earliest"), ("statistics.interval.ms", "5000")] {
+            if !self.properties.iter().any(|(k, _)| k == key) {
+                c.set(key, value);
+            }
         }
-        let consumer: StreamConsumer<Context> = match c.create_with_context(Context { state: state_slot.clone() }) {
+        let consumer: StreamConsumer<Context> = match c.create_with_context(Context {
+            state: state_slot.clone(),
+            lag: spec.lag.clone(),
+            subscription: spec.subscription.clone(),
+        }) {
             Ok(c) => c,
             Err(e) => {
                 warn!(subscription = %spec.subscription, error = %e, "cannot create the kafka consumer");

@@ -243,3 +243,35 @@ async fn two_instances_split_partitions_and_a_rebalance_loses_nothing() {
     println!("kafka rebalance: {n} messages, first instance {na}, second {nb}, duplicates {}", na + nb - n);
     s.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_waiting_for_their_time_do_not_hold_up_the_topic() {
+    let s = setup("kwait", 1).await;
+    // A read-ahead of 4, and 10 messages whose retries wait 5 s in the retry topic:
+    // the 40 messages behind them must not wait for those retries.
+    let extra = "ordering: unordered\n    in_place_retry_max: 0s";
+    let yaml = kafka_config(&[&s.topic], &s.group, &[s.php.url()], extra)
+        .replace("prefetch: 32", "prefetch: 4")
+        .replace("initial_delay: 200ms", "initial_delay: 5s")
+        .replace("max_delay: 2s", "max_delay: 10s");
+    let mut router = Router::start(&s.dir, &yaml).await;
+    s.kafka.publish(&s.topic, &batch("late", 10, |_| vec![("behave", "fail-until:2".to_string())]), |_| None).await;
+    wait_for("10 first attempts failed, retries waiting in the retry topic", WAIT, || async {
+        let failed = seen(&s.php.log).iter().filter(|x| x.id.starts_with("late-") && x.status == 500).count();
+        failed >= 10 && router.logs().contains("retry waiting until due")
+    })
+    .await;
+    s.kafka.publish(&s.topic, &batch("free", 40, |_| vec![]), |_| None).await;
+    wait_for("the retried messages handled", WAIT, || async {
+        seen(&s.php.log).iter().filter(|x| x.id.starts_with("late-") && x.status == 200).count() >= 10
+    })
+    .await;
+    s.wait_committed(1, 50).await;
+    assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
+    let log = seen(&s.php.log);
+    let last_free = log.iter().filter(|x| x.id.starts_with("free-")).map(|x| x.time).fold(0.0, f64::max);
+    let first_retry = log.iter().filter(|x| x.attempt == 2).map(|x| x.time).fold(f64::MAX, f64::min);
+    assert_eq!(log.iter().filter(|x| x.id.starts_with("free-")).count(), 40);
+    assert!(last_free < first_retry, "the 40 were handled while the retries waited ({last_free} vs {first_retry})");
+    s.cleanup().await;
+}

@@ -259,8 +259,9 @@ struct Pending {
 
 /// What handles tell the consume loop.
 enum Event {
-    /// The lane's message is finished: hand out the next one.
-    Free(Lane),
+    /// The lane's message is finished: hand out the next one. The flag says whether
+    /// it counted toward the read-ahead bound (retry-topic messages do not).
+    Free(Lane, bool),
     /// Deliver this message again (in-place retry, or a failed produce).
     Again(Pending),
 }
@@ -345,6 +346,7 @@ impl Transport for KafkaTransport {
         };
         let shared = Arc::new(Shared {
             state: state.clone(),
+            waiting: Mutex::new(HashMap::new()),
             producer,
             retry_topic: retry_topic.clone(),
             dead_letter: config.dead_letter.clone().unwrap_or_default().topic,
@@ -365,8 +367,10 @@ impl Transport for KafkaTransport {
                 _ = stop.cancelled() => break,
                 Some(ev) = event_rx.recv() => {
                     let next = match ev {
-                        Event::Free(lane) => {
-                            open = open.saturating_sub(1);
+                        Event::Free(lane, counted) => {
+                            if counted {
+                                open = open.saturating_sub(1);
+                            }
                             busy.remove(&lane);
                             lanes.get_mut(&lane).and_then(VecDeque::pop_front)
                         }
@@ -398,7 +402,11 @@ impl Transport for KafkaTransport {
                         KafkaOrdering::Key => Lane::Key(part, record.key.clone()),
                         KafkaOrdering::Unordered => { own += 1; Lane::Own(own) }
                     };
-                    open += 1;
+                    // Retry-topic messages wait for their due time without holding up the
+                    // source topics; their partition is paused meanwhile (see hand_out).
+                    if record.topic != retry_topic {
+                        open += 1;
+                    }
                     let p = Pending { record, lane: lane.clone(), generation, attempt: None, first_failure: None };
                     if busy.contains(&lane) {
                         lanes.entry(lane).or_default().push_back(p);
@@ -458,11 +466,43 @@ async fn wait_idle(state: &State) {
 /// What every handle of a subscription needs.
 struct Shared {
     state: Arc<State>,
+    /// Retry partitions with a message waiting for its due time, and how many.
+    waiting: Mutex<HashMap<Part, usize>>,
     producer: FutureProducer,
     retry_topic: String,
     dead_letter: Option<String>,
     in_place_max: Duration,
     subscription: String,
+}
+
+impl Shared {
+    /// Pause a retry partition while a message of it waits (`hold`), resume it when
+    /// none does any more.
+    fn hold(&self, part: &Part, hold: bool) {
+        let mut waiting = self.waiting.lock();
+        let n = waiting.entry(part.clone()).or_insert(0);
+        let change = if hold {
+            *n += 1;
+            *n == 1
+        } else {
+            *n = n.saturating_sub(1);
+            *n == 0
+        };
+        if *n == 0 {
+            waiting.remove(part);
+        }
+        drop(waiting);
+        let Some(consumer) = self.state.consumer.get() else { return };
+        if change {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&part.0, part.1);
+            let result = if hold { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+            if let Err(e) = result {
+                // Revoked meanwhile: nothing to pause or resume.
+                debug!(subscription = %self.subscription, topic = %part.0, partition = part.1, error = %e, "pause/resume");
+            }
+        }
+    }
 }
 
 impl KafkaTransport {
@@ -480,7 +520,8 @@ impl KafkaTransport {
         busy.insert(p.lane.clone());
         if !shared.state.is_current(&part, p.generation) {
             // Revoked since it was read: its next owner delivers it.
-            let _ = events.send(Event::Free(p.lane));
+            let counted = p.record.topic != shared.retry_topic;
+            let _ = events.send(Event::Free(p.lane, counted));
             return true;
         }
         // A message from the retry topic waits for its time in its lane.
@@ -488,10 +529,16 @@ impl KafkaTransport {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         if p.attempt.is_none() {
             if let Some(wait) = due.and_then(|d| d.checked_sub(now_ms)).filter(|w| *w > 0) {
-                let events = events.clone();
+                // Stop fetching this retry partition while its head waits: what is
+                // behind it is due later anyway (retries are appended in time order,
+                // give or take differing delays).
+                shared.hold(&part, true);
+                debug!(subscription = %shared.subscription, offset = p.record.offset, wait_ms = wait, "retry waiting until due");
+                let (events, shared) = (events.clone(), shared.clone());
                 let mut p = p;
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(wait)).await;
+                    shared.hold(&part, false);
                     p.attempt = p.record.header(header::ATTEMPT).and_then(|a| a.parse().ok()).or(Some(1));
                     let _ = events.send(Event::Again(p));
                 });
@@ -527,7 +574,8 @@ impl KafkaHandle {
         let Some(p) = self.pending.take() else { return };
         let part = (p.record.topic.clone(), p.record.partition);
         self.shared.state.finish(&part, p.generation, p.record.offset, settled);
-        let _ = self.events.send(Event::Free(p.lane));
+        let counted = p.record.topic != self.shared.retry_topic;
+        let _ = self.events.send(Event::Free(p.lane, counted));
     }
 
     /// Deliver again after `after`, keeping the lane (in-place retry, failed produce).

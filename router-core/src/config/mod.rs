@@ -115,8 +115,9 @@ pub struct TransportConfig {
     pub brokers: Vec<String>,
     /// Kafka: librdkafka client properties passed through as they are
     /// (`security.protocol`, `sasl.mechanism`, `sasl.username`, `ssl.ca.location`,
-    /// `client.id`, `auto.offset.reset` ...). Use `${VAR}` for secrets.
-    #[serde(default)]
+    /// `client.id`, `auto.offset.reset` ...). Use `${VAR}` for secrets. Numbers and
+    /// booleans may be written bare.
+    #[serde(default, deserialize_with = "crate::config::scalars::deserialize")]
     pub properties: BTreeMap<String, String>,
     /// Redis: this router instance's consumer name in every consumer group. Keep it
     /// stable across restarts (a restarted instance first re-reads its own pending
@@ -406,5 +407,38 @@ pub(crate) mod duration {
         humantime::parse_duration(text.trim()).map_err(|e| {
             serde::de::Error::custom(format!("invalid duration {text:?}: {e} (write it like 250ms, 5s, 2m or 1h 30m)"))
         })
+    }
+}
+
+/// A map whose values are written as any YAML scalar (`6000`, `true`, `SASL_SSL`) and
+/// kept as text, as client libraries take them.
+pub(crate) mod scalars {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Bool(bool),
+        Int(i64),
+        Float(f64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        let raw = BTreeMap::<String, Scalar>::deserialize(d)?;
+        Ok(raw
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Scalar::Bool(b) => b.to_string(),
+                    Scalar::Int(i) => i.to_string(),
+                    Scalar::Float(f) => f.to_string(),
+                    Scalar::Text(t) => t,
+                };
+                (k, v)
+            })
+            .collect())
     }
 }

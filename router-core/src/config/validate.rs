@@ -261,13 +261,20 @@ fn check_kafka_transport(t: &TransportConfig, p: &str, add: &mut impl FnMut(Stri
             add(format!("{p}.brokers[{i}]"), format!("{b:?} is not host:port, like 127.0.0.1:9092"));
         }
     }
-    for key in t.properties.keys() {
+    let mut client = rdkafka::ClientConfig::new();
+    for (key, value) in &t.properties {
         if ROUTER_OWNED_PROPERTIES.contains(&key.as_str()) {
             add(
                 format!("{p}.properties.{key}"),
                 "set by the router (brokers, the subscription's group, offsets committed only once handled)".into(),
             );
+        } else {
+            client.set(key, value);
         }
+    }
+    // librdkafka checks names and values when a client is made (no connection yet).
+    if let Err(e) = client.create::<rdkafka::consumer::BaseConsumer>() {
+        add(format!("{p}.properties"), format!("librdkafka refuses them: {e}"));
     }
 }
 
@@ -574,7 +581,7 @@ routes:
 
     const KAFKA: &str = r#"
 transports:
-  kafka: { type: kafka, brokers: ["127.0.0.1:9092"], properties: { security.protocol: SASL_SSL } }
+  kafka: { type: kafka, brokers: ["127.0.0.1:9092"], properties: { security.protocol: SASL_SSL, sasl.mechanism: SCRAM-SHA-512, sasl.username: u, sasl.password: "${PASS}", session.timeout.ms: 6000 } }
 handlers:
   orders: { endpoints: ["http://127.0.0.1:8080/"] }
 subscriptions:
@@ -590,6 +597,7 @@ routes:
         assert_eq!(s.ordering, crate::config::KafkaOrdering::Key);
         assert_eq!(s.in_place_retry_max, std::time::Duration::from_secs(10));
         assert_eq!(c.transports["kafka"].properties["security.protocol"], "SASL_SSL");
+        assert_eq!(c.transports["kafka"].properties["session.timeout.ms"], "6000", "bare numbers are fine");
     }
 
     #[test]
@@ -599,7 +607,8 @@ routes:
             (KAFKA.replace("topics: [orders]", "topics: [orders], topic_pattern: \"o.*\""), "subscriptions.orders.topic_pattern: set either topics or topic_pattern, not both"),
             (KAFKA.replace("group: billing, ", ""), "subscriptions.orders.group: a kafka subscription needs a consumer group id"),
             (KAFKA.replace("127.0.0.1:9092", "localhost"), "transports.kafka.brokers[0]: \"localhost\" is not host:port"),
-            (KAFKA.replace("security.protocol: SASL_SSL", "group.id: x"), "transports.kafka.properties.group.id: set by the router"),
+            (KAFKA.replace("security.protocol: SASL_SSL,", "group.id: x,"), "transports.kafka.properties.group.id: set by the router"),
+            (KAFKA.replace("session.timeout.ms: 6000", "fetch.wait.maxx.ms: 5"), "transports.kafka.properties: librdkafka refuses them: "),
             (KAFKA.replace("ordering: key", "ordered: true"), "subscriptions.orders.ordered: kafka subscriptions say `ordering: partition | key | unordered` instead"),
             (KAFKA.replace("ordering: key", "retry_topic: orders"), "subscriptions.orders.retry_topic: \"orders\" is a source topic"),
             (KAFKA.replace("brokers: [\"127.0.0.1:9092\"]", "url: \"kafka://x:1\""), "transports.kafka.url: a kafka transport lists `brokers` (host:port), not a url"),

@@ -6,13 +6,14 @@
 //! [`phases::main`], which runs the phases and writes the report:
 //!
 //! - `amqp-http` (`src/amqp_http.rs`): RabbitMQ;
-//! - `redis-http` (`src/redis_http.rs`): Redis Streams.
+//! - `redis-http` (`src/redis_http.rs`): Redis Streams;
+//! - `kafka-http` (`src/kafka_http.rs`): Kafka (tansu in development).
 //!
 //! Modules:
 //!
 //! | module | what |
 //! | --- | --- |
-//! | [`opts`] | the command-line options both binaries share |
+//! | [`opts`] | the command-line options every binary shares |
 //! | [`phases`] | the phases (A handler alone, B router, R references, C latency) and `main` |
 //! | [`broker`] | what a broker gives the phases |
 //! | [`report`] | the markdown report |

@@ -20,6 +20,14 @@ use tracing::warn;
 use crate::config::{DeadLetterConfig, SubscriptionConfig, TransportConfig, TransportKind};
 use crate::message::{Delivery, Message};
 
+/// Names producers use, on brokers without message properties (Redis fields, Kafka
+/// headers), for the message id, content type and type.
+pub mod field {
+    pub const MESSAGE_ID: &str = "message_id";
+    pub const CONTENT_TYPE: &str = "content_type";
+    pub const TYPE: &str = "type";
+}
+
 /// What a transport needs to consume one subscription.
 #[derive(Clone, Debug)]
 pub struct ConsumeSpec {

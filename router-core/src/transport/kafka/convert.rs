@@ -18,10 +18,9 @@ use crate::message::Message;
 
 /// Header names of the Kafka transport (beside the router's own `x-router-*`).
 pub mod field {
-    pub const MESSAGE_ID: &str = "message_id";
+    pub use crate::transport::field::{CONTENT_TYPE, MESSAGE_ID, TYPE};
+    /// The CloudEvents Kafka binding's id header.
     pub const CE_ID: &str = "ce_id";
-    pub const CONTENT_TYPE: &str = "content_type";
-    pub const TYPE: &str = "type";
     pub const KEY: &str = "kafka-key";
     pub const KEY_HEX: &str = "kafka-key-hex";
     /// When a message in the retry topic is due, in ms since the epoch.

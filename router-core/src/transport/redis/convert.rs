@@ -16,11 +16,7 @@ use redis::Value;
 use crate::message::{header, Message};
 
 /// Field conventions shared with producers (and with `publish`).
-pub mod field {
-    pub const MESSAGE_ID: &str = "message_id";
-    pub const CONTENT_TYPE: &str = "content_type";
-    pub const TYPE: &str = "type";
-}
+pub use crate::transport::field;
 
 /// One stream entry. `fields` is `None` when the entry is still pending but its
 /// content is gone (the stream was trimmed past it).

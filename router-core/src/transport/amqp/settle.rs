@@ -286,17 +286,8 @@ const REDECLARE_AFTER: Duration = Duration::from_secs(600);
 
 /// A durable queue whose messages expire after `ttl_ms` and are then dead-lettered by
 /// the broker back to the subscription's queue (through the default exchange).
-///
-/// A quorum queue with at-least-once dead-lettering: the broker keeps an expired
-/// message until the subscription's queue has confirmed it. A classic queue
-/// dead-letters at most once, so a broker stopping just as a retry expires would drop
-/// it (seen in the broker-restart test).
 async fn declare_delay_queue(session: &Session, name: &str, ttl_ms: u64) -> Result<(), SettleError> {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
-    // Required by at-least-once dead-lettering.
-    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
     args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms as i64));
     let expires = ttl_ms.saturating_add(DELAY_QUEUE_IDLE.as_millis() as u64);
     args.insert("x-expires".into(), AMQPValue::LongLongInt(expires as i64));

@@ -186,9 +186,6 @@ impl Pipeline {
     async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let spec = ConsumeSpec {
             subscription: self.name.clone(),
-            queue: self.config.queue.clone(),
-            prefetch: self.config.prefetch,
-            dead_letter: self.config.dead_letter(),
             config: self.config.clone(),
             lag: Some(self.metrics.consumer_lag.clone()),
         };

@@ -68,8 +68,10 @@ impl Transport for Arc<MemoryBroker> {
         status: Arc<SourceStatus>,
         stop: CancellationToken,
     ) {
-        let queue = self.queue(&spec.queue);
-        let window = Arc::new(Semaphore::new(usize::from(spec.prefetch.max(1))));
+        let queue = self.queue(&spec.config.queue);
+        let dead_letter_queue =
+            spec.config.dead_letter().routing_key.unwrap_or_else(|| format!("{}.dlq", spec.config.queue));
+        let window = Arc::new(Semaphore::new(usize::from(spec.config.prefetch.max(1))));
         status.set_connected(true);
         loop {
             let permit = tokio::select! {
@@ -91,13 +93,9 @@ impl Transport for Arc<MemoryBroker> {
             let Some(message) = message else { break };
             let handle = MemoryHandle {
                 broker: self.clone(),
-                queue: spec.queue.clone(),
+                queue: spec.config.queue.clone(),
                 subscription: spec.subscription.clone(),
-                dead_letter_queue: spec
-                    .dead_letter
-                    .routing_key
-                    .clone()
-                    .unwrap_or_else(|| format!("{}.dlq", spec.queue)),
+                dead_letter_queue: dead_letter_queue.clone(),
                 message: message.clone(),
                 _permit: permit,
             };
@@ -107,7 +105,7 @@ impl Transport for Arc<MemoryBroker> {
         }
         status.set_connected(false);
         // Wait for every handed-out delivery to be settled or dropped.
-        let _ = window.acquire_many(u32::from(spec.prefetch.max(1))).await;
+        let _ = window.acquire_many(u32::from(spec.config.prefetch.max(1))).await;
     }
 
     async fn publish(&self, _exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::{DeadLetterConfig, SubscriptionConfig, TransportConfig, TransportKind};
+use crate::config::{SubscriptionConfig, TransportConfig, TransportKind};
 use crate::message::{Delivery, Message};
 
 /// Names producers use, on brokers without message properties (Redis fields, Kafka
@@ -32,12 +32,9 @@ pub mod field {
 #[derive(Clone, Debug)]
 pub struct ConsumeSpec {
     pub subscription: String,
-    pub queue: String,
-    /// Most unsettled deliveries at once (broker-side flow control).
-    pub prefetch: u16,
-    pub dead_letter: DeadLetterConfig,
-    /// The whole subscription entry, for what is specific to one broker (Redis
-    /// streams and group, claim_idle, body_field ...).
+    /// The subscription entry: what to read (AMQP `queue`, Redis `streams`, Kafka
+    /// `topics`), `prefetch` (most unsettled deliveries at once), dead-letter
+    /// destination, and what is specific to one broker.
     pub config: SubscriptionConfig,
     /// `router_consumer_lag{subscription, topic, partition}`, for brokers that know it.
     pub lag: Option<prometheus::IntGaugeVec>,
@@ -87,7 +84,7 @@ pub trait Inbox: Send + Sync {
 
 #[async_trait]
 pub trait Transport: Send + Sync {
-    /// Consume `spec.queue` into `inbox` until `stop` is cancelled or the inbox refuses
+    /// Consume the subscription's source into `inbox` until `stop` is cancelled or the inbox refuses
     /// a delivery, reconnecting on its own after broker failures. It returns once the
     /// deliveries already handed out are settled or dropped (so their acks reach the
     /// broker).

@@ -156,39 +156,40 @@ impl AmqpTransport {
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
         let connection = self.connection().await?;
-        if spec.dead_letter.exchange.is_empty() {
-            if let Some(q) = &spec.dead_letter.routing_key {
+        let dead_letter = spec.config.dead_letter();
+        if dead_letter.exchange.is_empty() {
+            if let Some(q) = &dead_letter.routing_key {
                 declare_owned_queue(&connection, q, FieldTable::default()).await.map_err(SessionError::Other)?;
             }
         }
         let publisher = confirm_channel(&connection).await?;
         let channel = connection.create_channel().await?;
-        channel.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
+        channel.basic_qos(spec.config.prefetch, BasicQosOptions::default()).await?;
         let consumer_tag = format!("message-router/{}/{}", spec.subscription, uuid::Uuid::new_v4());
         let mut consumer = channel
             .basic_consume(
-                spec.queue.as_str().into(),
+                spec.config.queue.as_str().into(),
                 consumer_tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| SessionError::Other(format!("consuming queue {:?}: {e}", spec.queue)))?;
+            .map_err(|e| SessionError::Other(format!("consuming queue {:?}: {e}", spec.config.queue)))?;
         status.set_connected(true);
-        info!(subscription = %spec.subscription, queue = %spec.queue, prefetch = spec.prefetch, "consuming");
+        info!(subscription = %spec.subscription, queue = %spec.config.queue, prefetch = spec.config.prefetch, "consuming");
 
         let session = Arc::new(Session {
             connection: connection.clone(),
             publisher,
             subscription: spec.subscription.clone(),
-            queue: spec.queue.clone(),
-            dead_letter: spec.dead_letter.clone(),
+            queue: spec.config.queue.clone(),
+            dead_letter,
             delay_queues: Mutex::new(HashMap::new()),
             broken: CancellationToken::new(),
         });
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(run_acker(channel.clone(), ack_rx));
-        let source = super::source_uri(&self.display, &spec.queue);
+        let source = super::source_uri(&self.display, &spec.config.queue);
         let result = loop {
             let next = tokio::select! {
                 biased;

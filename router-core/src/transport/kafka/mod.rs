@@ -353,7 +353,7 @@ impl Transport for KafkaTransport {
             in_place_max: config.in_place_retry_max,
             subscription: spec.subscription.clone(),
         });
-        let limit = usize::from(spec.prefetch.max(1));
+        let limit = usize::from(spec.config.prefetch.max(1));
         let (events, mut event_rx) = mpsc::unbounded_channel::<Event>();
         let mut lanes: HashMap<Lane, VecDeque<Pending>> = HashMap::new();
         let mut busy: std::collections::HashSet<Lane> = std::collections::HashSet::new();
@@ -582,14 +582,9 @@ impl KafkaHandle {
     fn again(&mut self, after: Duration, attempt: u32, first_failure: Option<SystemTime>) {
         let Some(mut p) = self.pending.take() else { return };
         let part = (p.record.topic.clone(), p.record.partition);
-        // Not finished for offsets, but no longer in flight for a revoke to wait on.
-        {
-            let mut parts = self.shared.state.parts.lock();
-            if let Some(s) = parts.get_mut(&part).filter(|s| s.generation == p.generation) {
-                s.in_flight = s.in_flight.saturating_sub(1);
-            }
-        }
-        self.shared.state.finished.notify_all();
+        // Not settled (the offset stays open), but no longer in flight for a revoke to
+        // wait on.
+        self.shared.state.finish(&part, p.generation, p.record.offset, false);
         p.attempt = Some(attempt);
         p.first_failure = first_failure;
         let events = self.events.clone();

@@ -419,7 +419,7 @@ impl Transport for RedisTransport {
             // Read no further ahead than the pipeline's window: an entry read but not
             // started ages toward claim_idle, and in ordered mode must not be claimed
             // by another instance while an earlier one is still being handled.
-            limit: if spec.config.ordered { 1 } else { usize::from(spec.prefetch.max(1)) },
+            limit: if spec.config.ordered { 1 } else { usize::from(spec.config.prefetch.max(1)) },
             display: &self.display,
             consumer: &self.consumer,
         };

@@ -11,7 +11,8 @@
 //!   the single settle point, graceful drain. [`Router`] wires a config to targets.
 //! - [`dedup`]: Redis-backed skipping of messages already handled (optional).
 //! - [`target`]: the [`Target`] trait handlers are reached through.
-//! - [`transport`]: brokers (`amqp`, `redis`, `memory`) behind the [`Transport`] trait.
+//! - [`transport`]: brokers (`amqp`, `kafka`, `redis`, `memory`) behind the
+//!   [`Transport`] trait.
 //! - [`config`]: the YAML model shared by daemon and extension; loading, `${ENV}`
 //!   interpolation and validation with key paths.
 //! - [`metrics`]: the Prometheus registry.

@@ -681,20 +681,26 @@ impl KafkaRecord {
 
 /// A test's own Kafka clients: create topics, produce, read topics back, offsets.
 pub struct Kafka {
+    brokers: String,
     producer: rdkafka::producer::FutureProducer,
     admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
 }
 
 impl Kafka {
+    /// Clients of the shared test broker (scripts/setup starts it).
     pub fn connect() -> Self {
+        Self::connect_to(&kafka_brokers())
+    }
+
+    pub fn connect_to(brokers: &str) -> Self {
         let mut c = rdkafka::ClientConfig::new();
-        c.set("bootstrap.servers", kafka_brokers());
+        c.set("bootstrap.servers", brokers);
         // One record per batch: tansu 0.6 (the test broker) serves a fetch only from
         // the start of a record batch, so a consumer resuming at a committed offset
         // inside a batch would get nothing (a real Kafka broker returns the batch).
         let producer = c.clone().set("acks", "all").set("batch.num.messages", "1").create().expect("kafka producer");
         let admin = c.create().expect("kafka admin");
-        Kafka { producer, admin }
+        Kafka { brokers: brokers.to_string(), producer, admin }
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
@@ -737,7 +743,7 @@ impl Kafka {
         use rdkafka::consumer::{Consumer, StreamConsumer};
         use rdkafka::message::{Headers, Message};
         let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
+            .set("bootstrap.servers", &self.brokers)
             .set("group.id", unique("reader"))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
@@ -778,7 +784,7 @@ impl Kafka {
     pub fn committed(&self, group: &str, topic: &str, partition: i32) -> i64 {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
+            .set("bootstrap.servers", &self.brokers)
             .set("group.id", group)
             .create()
             .expect("offset reader");
@@ -795,6 +801,72 @@ impl Kafka {
 
     pub async fn delete_topics(&self, topics: &[&str]) {
         let _ = self.admin.delete_topics(topics, &rdkafka::admin::AdminOptions::new()).await;
+    }
+}
+
+/// A tansu broker of the test's own (so killing it disturbs no other test), keeping its
+/// data in SQLite under the scratch directory, so what it acknowledged survives a
+/// SIGKILL. The binary is the one scripts/setup builds (`TANSU_BIN` overrides).
+pub struct Tansu {
+    proc: Proc,
+    port: u16,
+    db: PathBuf,
+    log: PathBuf,
+}
+
+impl Tansu {
+    pub async fn start(dir: &Scratch) -> Self {
+        let port = free_port();
+        let (db, log) = (dir.path("tansu.db"), dir.path("tansu.log"));
+        let proc = Self::spawn(port, &db, &log);
+        let t = Tansu { proc, port, db, log };
+        t.wait_listening().await;
+        t
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Start it again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.proc.kill();
+        self.proc = Self::spawn(self.port, &self.db, &self.log);
+        self.wait_listening().await;
+    }
+
+    fn spawn(port: u16, db: &Path, log: &Path) -> Proc {
+        let bin = std::env::var("TANSU_BIN").map(PathBuf::from).unwrap_or_else(|_| {
+            let cache = std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+            cache.join("message-router/bin/tansu")
+        });
+        let url = format!("tcp://127.0.0.1:{port}");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("tansu log");
+        let err = out.try_clone().expect("tansu log");
+        let child = Command::new(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            // tansu takes the path of a sqlite:// URL as relative: an absolute one needs "//".
+            .args(["--storage-engine", &format!("sqlite:///{}", db.display())])
+            .process_group(0)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} starts (scripts/setup builds it): {e}", bin.display()));
+        Proc { child, name: format!("tansu:{port}") }
+    }
+
+    async fn wait_listening(&self) {
+        let port = self.port;
+        wait_for("tansu to listen", Duration::from_secs(20), || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
     }
 }
 

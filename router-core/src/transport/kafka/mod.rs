@@ -8,9 +8,16 @@
 //! The consume loop reads records and puts each in a lane: its partition
 //! (`ordering: partition`), its partition and key (`key`), or a lane of its own
 //! (`unordered`). A lane hands one message at a time to the pipeline; the next goes
-//! when the previous is settled. Offsets are stored (and auto-committed every second)
+//! when the previous is settled. Offsets are stored (and auto-committed every 200 ms)
 //! only up to the first message of the partition that is not settled, so a message in
 //! flight, waiting for a retry or queued behind its key is never skipped.
+//!
+//! Flow control: at most `prefetch` messages are read and not finished, and a
+//! partition reads at most 2 × `prefetch` offsets past its commit point (it is paused
+//! until the commit point moves), so a crash delivers at most that many messages per
+//! partition again (plus what settled in the last auto-commit interval). At the read-ahead bound the loop stops polling; after
+//! `POLL_STALL` it pauses every partition and polls again, so rebalances are served
+//! and the group membership survives slow handlers.
 //!
 //! Retries: one due within `in_place_retry_max` is waited for in its lane (holding its
 //! key's order; not durable: after a crash it starts again at attempt 1). A longer one
@@ -61,6 +68,14 @@ const PRODUCE_TIMEOUT: Duration = Duration::from_secs(30);
 const PRODUCE_BACKOFF: Duration = Duration::from_secs(1);
 /// How long a revoke waits for in-flight messages of the revoked partitions.
 const REVOKE_WAIT: Duration = Duration::from_secs(30);
+/// A partition reads at most this many times `prefetch` offsets past its commit
+/// point. Twice the window, so a window of settled messages never waits for a fetch
+/// round trip (pausing at exactly `prefetch` would stop and restart fetching after
+/// every window); the span only fills when the head of the partition is stuck.
+const SPAN_FACTOR: i64 = 2;
+/// How long the loop may go without polling at the read-ahead bound before it pauses
+/// every partition and polls again (rebalances and group membership need polls).
+const POLL_STALL: Duration = Duration::from_secs(1);
 
 pub struct KafkaTransport {
     name: String,
@@ -131,6 +146,21 @@ struct PartState {
     generation: u64,
     /// Handed to the pipeline and not finished (settled or given up).
     in_flight: usize,
+    /// Why fetching from the partition is paused (librdkafka keeps one flag; several
+    /// reasons may hold it). Retry messages of it waiting for their due time:
+    waiting: usize,
+    /// Reading ran `span_limit` offsets past the commit point: a crash would deliver
+    /// all of those again, so read no further until the commit point moves.
+    full: bool,
+    /// The whole subscription is at its read-ahead bound and the loop polls only to
+    /// serve rebalances and keep its group membership (see `POLL_STALL`).
+    stalled: bool,
+}
+
+impl PartState {
+    fn paused(&self) -> bool {
+        self.waiting > 0 || self.full || self.stalled
+    }
 }
 
 struct State {
@@ -138,9 +168,44 @@ struct State {
     parts: Mutex<HashMap<Part, PartState>>,
     finished: Condvar,
     consumer: std::sync::OnceLock<Arc<StreamConsumer<Context>>>,
+    /// How far a partition may read past its commit point (`SPAN_FACTOR` × prefetch).
+    span_limit: i64,
 }
 
 impl State {
+    /// Change why `part` is paused, and pause or resume it at the broker client when
+    /// that flips.
+    fn pause_reason(&self, part: &Part, change: impl FnOnce(&mut PartState)) {
+        let mut parts = self.parts.lock();
+        let p = parts.entry(part.clone()).or_default();
+        self.change_pause(part, p, change);
+    }
+
+    /// Change why `p` is paused, with the lock on `parts` held: librdkafka's flag is
+    /// flipped in the same critical section, so two threads changing reasons (a read
+    /// filling the span, a settle moving the commit point) cannot flip it in the
+    /// opposite order of the state they saw.
+    fn change_pause(&self, part: &Part, p: &mut PartState, change: impl FnOnce(&mut PartState)) {
+        let before = p.paused();
+        change(p);
+        let after = p.paused();
+        if before != after {
+            self.set_paused(part, after);
+        }
+    }
+
+    fn set_paused(&self, part: &Part, pause: bool) {
+        let Some(consumer) = self.consumer.get() else { return };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&part.0, part.1);
+        let result = if pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+        debug!(subscription = %self.subscription, topic = %part.0, partition = part.1, pause, "fetching paused or resumed");
+        if let Err(e) = result {
+            // Revoked meanwhile: nothing to pause or resume.
+            debug!(subscription = %self.subscription, topic = %part.0, partition = part.1, error = %e, "pause/resume");
+        }
+    }
+
     /// Store the new commit point of `part` (auto-commit sends it within 200 ms).
     fn store(&self, part: &Part, offset: i64) {
         let Some(consumer) = self.consumer.get() else { return };
@@ -159,6 +224,10 @@ impl State {
         let Some(p) = parts.get_mut(part).filter(|p| p.generation == generation) else { return };
         p.in_flight = p.in_flight.saturating_sub(1);
         let commit = if settled { p.offsets.settle(offset) } else { None };
+        // The commit point moved: a partition held for its span may read again.
+        if commit.is_some() && p.full && p.offsets.span() < self.span_limit {
+            self.change_pause(part, p, |p| p.full = false);
+        }
         drop(parts);
         self.finished.notify_all();
         if let Some(c) = commit {
@@ -171,15 +240,50 @@ impl State {
     }
 }
 
-/// The consumer context: rebalance handling, lag from librdkafka's statistics.
+/// The consumer context: rebalance handling, lag from librdkafka's statistics, and
+/// whether any broker is reachable (`/readyz`).
 struct Context {
     state: Arc<std::sync::OnceLock<Arc<State>>>,
     lag: Option<prometheus::IntGaugeVec>,
     subscription: String,
+    status: Arc<SourceStatus>,
+}
+
+impl Context {
+    /// librdkafka reconnects by itself; this only reports what it sees.
+    fn reachable(&self, up: bool) {
+        if up != self.status.is_connected() {
+            if up {
+                info!(subscription = %self.subscription, "kafka brokers reachable again: consuming");
+            } else {
+                warn!(subscription = %self.subscription, "every kafka broker is unreachable; librdkafka keeps reconnecting");
+            }
+            self.status.set_connected(up);
+        }
+    }
 }
 
 impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode::{AllBrokersDown, BrokerTransportFailure};
+        match error {
+            KafkaError::Global(AllBrokersDown) => self.reachable(false),
+            // librdkafka logs each failed connection itself (and retries it); whether
+            // any broker is left is what the statistics below tell.
+            KafkaError::Global(BrokerTransportFailure) => {
+                debug!(subscription = %self.subscription, reason, "kafka broker connection failed")
+            }
+            _ => warn!(subscription = %self.subscription, error = %error, reason, "kafka client error"),
+        }
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
+        // Reachable while any real broker (bootstrap entries have nodeid -1 and stay
+        // DOWN once the cluster is known) is connected; every 5 s.
+        let up = statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        if up || statistics.brokers.values().any(|b| b.nodeid >= 0) {
+            self.reachable(up);
+        }
         let Some(lag) = &self.lag else { return };
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -194,13 +298,18 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Some(state) = self.state.get() else { return };
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let parts: Vec<String> =
                     tpl.elements().iter().map(|e| format!("{}[{}]", e.topic(), e.partition())).collect();
                 info!(subscription = %state.subscription, partitions = ?parts, "partitions assigned");
+                // Their state starts afresh (see the revoke), so must librdkafka's: a
+                // partition paused when it was revoked may come back still paused.
+                if let Err(e) = consumer.resume(tpl) {
+                    debug!(subscription = %state.subscription, error = %e, "resume at assignment");
+                }
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!(subscription = %state.subscription, error = %e, "rebalance failed"),
@@ -242,7 +351,8 @@ impl ConsumerContext for Context {
         let mut parts = state.parts.lock();
         for p in &revoked {
             if let Some(s) = parts.get_mut(p) {
-                s.offsets = Offsets::default();
+                // Its next assignment starts afresh: unpaused, nothing read.
+                *s = PartState { generation: s.generation, ..PartState::default() };
             }
         }
     }
@@ -308,6 +418,7 @@ impl Transport for KafkaTransport {
             state: state_slot.clone(),
             lag: spec.lag.clone(),
             subscription: spec.subscription.clone(),
+            status: status.clone(),
         }) {
             Ok(c) => c,
             Err(e) => {
@@ -321,6 +432,7 @@ impl Transport for KafkaTransport {
             parts: Mutex::new(HashMap::new()),
             finished: Condvar::new(),
             consumer: std::sync::OnceLock::new(),
+            span_limit: SPAN_FACTOR * i64::from(spec.config.prefetch.max(1)),
         });
         let _ = state.consumer.set(consumer.clone());
         let _ = state_slot.set(state.clone());
@@ -346,7 +458,6 @@ impl Transport for KafkaTransport {
         };
         let shared = Arc::new(Shared {
             state: state.clone(),
-            waiting: Mutex::new(HashMap::new()),
             producer,
             retry_topic: retry_topic.clone(),
             dead_letter: config.dead_letter.clone().unwrap_or_default().topic,
@@ -358,13 +469,27 @@ impl Transport for KafkaTransport {
         let mut lanes: HashMap<Lane, VecDeque<Pending>> = HashMap::new();
         let mut busy: std::collections::HashSet<Lane> = std::collections::HashSet::new();
         let mut own = 0u64;
-        let mut open = 0usize; // read and not finished, over all lanes
+        // Read and not finished, over all lanes.
+        let mut open = 0usize;
+        // Paused every assigned partition to go on polling while at the bound.
+        let mut stalled = false;
 
         loop {
-            let read = open < limit;
+            if stalled && open < limit {
+                stalled = false;
+                self.stall(&state, false);
+            }
+            let read = open < limit || stalled;
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
+                // At the bound for a while: pause every partition and poll again, so
+                // rebalances are served and librdkafka's max.poll.interval.ms is not
+                // exceeded by a slow handler (it would drop the group membership).
+                _ = tokio::time::sleep(POLL_STALL), if !read => {
+                    stalled = true;
+                    self.stall(&state, true);
+                }
                 Some(ev) = event_rx.recv() => {
                     let next = match ev {
                         Event::Free(lane, counted) => {
@@ -384,9 +509,20 @@ impl Transport for KafkaTransport {
                 }
                 m = consumer.recv(), if read => {
                     let record = match m {
-                        Ok(m) => Record::from_borrowed(&m),
+                        Ok(m) => {
+                            if !status.is_connected() {
+                                consumer.context().reachable(true);
+                            }
+                            Record::from_borrowed(&m)
+                        }
                         Err(e) => {
-                            warn!(subscription = %spec.subscription, error = %e, "kafka consumer error");
+                            // A lost broker connection also arrives here, as often as
+                            // librdkafka retries it: the client's log has it already.
+                            if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure) {
+                                debug!(subscription = %spec.subscription, error = %e, "kafka consumer error");
+                            } else {
+                                warn!(subscription = %spec.subscription, error = %e, "kafka consumer error");
+                            }
                             continue;
                         }
                     };
@@ -395,6 +531,16 @@ impl Transport for KafkaTransport {
                         let mut parts = state.parts.lock();
                         let p = parts.entry(part.clone()).or_default();
                         p.offsets.read(record.offset);
+                        // Bound what a crash would deliver again (duplicates) to
+                        // `span_limit` per partition; also catch a partition assigned
+                        // while stalled.
+                        let full = p.offsets.span() >= state.span_limit;
+                        if (full && !p.full) || (stalled && !p.stalled) {
+                            state.change_pause(&part, p, |p| {
+                                p.full |= full;
+                                p.stalled |= stalled;
+                            });
+                        }
                         p.generation
                     };
                     let lane = match config.ordering {
@@ -466,8 +612,6 @@ async fn wait_idle(state: &State) {
 /// What every handle of a subscription needs.
 struct Shared {
     state: Arc<State>,
-    /// Retry partitions with a message waiting for its due time, and how many.
-    waiting: Mutex<HashMap<Part, usize>>,
     producer: FutureProducer,
     retry_topic: String,
     dead_letter: Option<String>,
@@ -479,33 +623,32 @@ impl Shared {
     /// Pause a retry partition while a message of it waits (`hold`), resume it when
     /// none does any more.
     fn hold(&self, part: &Part, hold: bool) {
-        let mut waiting = self.waiting.lock();
-        let n = waiting.entry(part.clone()).or_insert(0);
-        let change = if hold {
-            *n += 1;
-            *n == 1
-        } else {
-            *n = n.saturating_sub(1);
-            *n == 0
-        };
-        if *n == 0 {
-            waiting.remove(part);
-        }
-        drop(waiting);
-        let Some(consumer) = self.state.consumer.get() else { return };
-        if change {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&part.0, part.1);
-            let result = if hold { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
-            if let Err(e) = result {
-                // Revoked meanwhile: nothing to pause or resume.
-                debug!(subscription = %self.subscription, topic = %part.0, partition = part.1, error = %e, "pause/resume");
-            }
-        }
+        self.state.pause_reason(part, |p| {
+            p.waiting = if hold { p.waiting + 1 } else { p.waiting.saturating_sub(1) };
+        });
     }
 }
 
 impl KafkaTransport {
+    /// Pause (or resume) every assigned partition for the read-ahead bound.
+    fn stall(&self, state: &State, on: bool) {
+        let assigned: Vec<Part> = match state.consumer.get().map(|c| c.assignment()) {
+            Some(Ok(tpl)) => tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect(),
+            _ => Vec::new(),
+        };
+        // Resume also what was paused for the stall and is no longer assigned here.
+        let mut parts: Vec<Part> = assigned;
+        if !on {
+            parts.extend(state.parts.lock().iter().filter(|(_, p)| p.stalled).map(|(k, _)| k.clone()));
+            parts.sort();
+            parts.dedup();
+        }
+        debug!(subscription = %state.subscription, partitions = parts.len(), on, "read-ahead bound: pause while polling");
+        for part in &parts {
+            state.pause_reason(part, |p| p.stalled = on);
+        }
+    }
+
     /// Hand one message to the pipeline: now, or when due (a retry-topic message).
     /// Returns false when the router is stopping.
     async fn hand_out(

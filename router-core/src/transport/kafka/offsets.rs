@@ -36,6 +36,16 @@ impl Offsets {
         self.open.first().copied().or(self.next)
     }
 
+    /// How far reading has run ahead of the commit point, in offsets: what a crash
+    /// now would deliver again. Gaps (compaction, transaction markers) count too,
+    /// which errs on the safe side.
+    pub fn span(&self) -> i64 {
+        match (self.commit_point(), self.next) {
+            (Some(c), Some(n)) => n - c,
+            _ => 0,
+        }
+    }
+
     /// How many are read and not settled.
     #[cfg(test)]
     pub fn open(&self) -> usize {
@@ -66,6 +76,23 @@ mod tests {
         assert_eq!(o.open(), 0);
         // Settling an unknown offset changes nothing.
         assert_eq!(o.settle(99), None);
+    }
+
+    #[test]
+    fn span_is_what_a_crash_would_deliver_again() {
+        let mut o = Offsets::default();
+        assert_eq!(o.span(), 0);
+        for off in 0..10 {
+            o.read(off);
+        }
+        assert_eq!(o.span(), 10);
+        // Settled behind an unsettled head: still redelivered after a crash.
+        for off in 1..10 {
+            o.settle(off);
+        }
+        assert_eq!(o.span(), 10);
+        o.settle(0);
+        assert_eq!(o.span(), 0);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! - the backlog: N records (a small JSON payload, header `message_id`, record key one
 //!   of 64, each key always on the same partition) on a fresh topic of 8 partitions,
-//!   written by one rdkafka producer with its default batching (linger 5 ms); every
+//!   written by one rdkafka producer, one record per batch (`kafka::backlog_producer`: tansu
+//!   resumes a paused partition only at a batch start); every
 //!   topic and group name has a UUID suffix, and the topic is deleted at the end (also
 //!   on error and Ctrl-C) with those the router creates beside it: `<group>.retry` and
 //!   `<topic>.dlq`;
@@ -27,8 +28,9 @@
 //!
 //! The broker of `scripts/setup` is tansu 0.6, which serves a fetch only from the start
 //! of a record batch: a consumer starting or resuming at an offset inside a batch gets
-//! nothing. Every consumer here starts at offset 0 of a fresh topic and then always
-//! asks for the offset after the last batch it got, so batching the backlog is safe.
+//! nothing. The router pauses a partition whose head is stuck and resumes it where it
+//! stopped, so the backlog is written one record per batch; the paced records of phase
+//! C (linger 0) are single-record batches anyway.
 
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitCode;
@@ -45,7 +47,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use reqwest::header::HeaderMap;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -53,6 +55,7 @@ use tokio::task::JoinSet;
 use router_bench::broker::Broker;
 use router_bench::drain::{DrainMeter, Flags, RefConsumer, RefDrain};
 use router_bench::http::{add, header_map, post, router_headers};
+use router_bench::kafka::{backlog_producer, client, consumer};
 use router_bench::latency::{Paced, Pacer, SENT_NS};
 use router_bench::opts::Common;
 use router_bench::router::config;
@@ -119,8 +122,8 @@ fn notes(args: &Args) {
          - tansu 0.6 (the broker of `scripts/setup`, in-memory storage) holds every fetch for about \
          `fetch.wait.max.ms` (half of it from 250 ms up) even when records are waiting, so with librdkafka's default \
          of 500 ms every record would wait ~250 ms: phase C's latencies are mostly this wait (the same for router and \
-         reference). It also serves a fetch only from the start of a record batch (fine here: every consumer starts \
-         at 0 and reads whole batches), and answers ListOffsets \"latest\" with the first offset of the last batch + 1, \
+         reference). It also serves a fetch only from the start of a record batch (the backlog is written one \
+         record per batch, as a consumer resuming a paused partition mid-batch would get nothing), and answers ListOffsets \"latest\" with the first offset of the last batch + 1, \
          so records left are counted from the producer's delivery reports, not watermarks.\n\
          - \"left unacked\" = records produced minus the group's committed offsets after the router stopped.\n",
         p = args.partitions,
@@ -149,7 +152,7 @@ struct Kafka {
     partitions: i32,
     keys: u64,
     admin: AdminClient<DefaultClientContext>,
-    /// Writes backlogs: the client's default batching.
+    /// Writes backlogs: one record per batch (see `kafka::backlog_producer`).
     producer: FutureProducer,
     /// Writes the paced records of phase C: no linger.
     paced: FutureProducer,
@@ -164,33 +167,10 @@ struct Kafka {
     ends: Mutex<HashMap<String, Vec<i64>>>,
 }
 
-fn client(brokers: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers);
-    c
-}
-
-/// A consumer of `group` as the router's is set up: offsets stored by the application
-/// and auto-committed every 200 ms, from the earliest offset when the group has none.
-fn consumer(brokers: &str, fetch_wait_ms: u32, group: &str, topic: &str) -> Result<StreamConsumer> {
-    let consumer: StreamConsumer = client(brokers)
-        .set("group.id", group)
-        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "200")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .context("creating a kafka consumer")?;
-    consumer.subscribe(&[topic]).with_context(|| format!("subscribing to {topic}"))?;
-    Ok(consumer)
-}
-
 impl Kafka {
     fn new(args: &Args) -> Result<Self> {
         let brokers = args.kafka_brokers.clone();
-        let producer = client(&brokers).set("acks", "all").create().context("creating the kafka producer")?;
+        let producer = backlog_producer(&brokers).create().context("creating the kafka producer")?;
         let paced = client(&brokers)
             .set("acks", "all")
             .set("linger.ms", "0")
@@ -325,7 +305,7 @@ impl Broker for Kafka {
     const NAME: &'static str = "Kafka (tansu)";
     const SLUG: &'static str = "kafka_http";
     const PROCESS: (&'static str, &'static str) = ("tansu", "tansu");
-    const FILL: &'static str = "one rdkafka producer, acks=all, default batching (linger 5 ms)";
+    const FILL: &'static str = "one rdkafka producer, acks=all, one record per batch";
     const REFERENCES: [&'static str; 2] = [
         "rdkafka StreamConsumer + reqwest POST + stored/auto-committed offsets (minimal reference)",
         "rdkafka StreamConsumer, store each offset, auto-commit, no HTTP (raw Kafka limit)",

@@ -7,7 +7,9 @@
 //!
 //! - `amqp-http` (`src/amqp_http.rs`): RabbitMQ;
 //! - `redis-http` (`src/redis_http.rs`): Redis Streams;
-//! - `kafka-http` (`src/kafka_http.rs`): Kafka (tansu in development).
+//! - `kafka-http` (`src/kafka_http.rs`): Kafka (tansu in development);
+//! - `kafka-core` (`src/kafka_core.rs`): Kafka → router-core in process → a no-op
+//!   target vs a raw rdkafka loop (the router's own cost, no HTTP, no PHP).
 //!
 //! Modules:
 //!
@@ -24,6 +26,7 @@
 //! | [`cpu`] | CPU accounting from `/proc` |
 //! | [`wrk`] | running and parsing `wrk` |
 //! | [`http`] | router-like request headers, the POST every reference consumer does |
+//! | [`kafka`] | Kafka clients set up as the router's (both Kafka benches) |
 //! | [`drain`] | timing a drain from first to N-th ack; reference consumers on a thread |
 //! | [`latency`] | open-loop pacing, the stamp log, percentiles |
 
@@ -31,6 +34,7 @@ pub mod broker;
 pub mod cpu;
 pub mod drain;
 pub mod http;
+pub mod kafka;
 pub mod latency;
 pub mod metrics;
 pub mod opts;

@@ -1,0 +1,167 @@
+<?php
+
+namespace MessageRouter\Tests;
+
+/** The in-process worker against RabbitMQ: outcomes, metadata, limits, signals, exit(). */
+final class InProcessAmqpTest extends WorkerTestCase
+{
+    private function config(string $queue, array $sub = []): array
+    {
+        return [
+            'shutdown' => ['grace_period' => '10s'],
+            'transports' => ['rabbit' => self::amqpTransport()],
+            'handlers' => ['php' => ['max_in_flight' => 8]],
+            'subscriptions' => ['main' => $sub + ['transport' => 'rabbit', 'queue' => $queue, 'prefetch' => 16, 'retry' => self::retry()]],
+            'routes' => [['name' => 'work', 'handler' => 'php']],
+        ];
+    }
+
+    public function testOutcomesAndMetadata(): void
+    {
+        $queue = self::unique('php-amqp');
+        $this->declareQueue($queue);
+        $this->publishAmqp($queue, [
+            ['ok-1', '{"n":1}', ['behave' => 'ok', 'tenant' => 'acme']],
+            ['later-1', 'x', ['behave' => 'retry-later:0.4']],
+            ['poison-1', 'x', ['behave' => 'reject']],
+            ['broken-1', 'x', ['behave' => 'fail']],
+            ['flaky-1', 'x', ['behave' => 'fail-until:2']],
+        ]);
+        $w = $this->startWorker($this->config($queue));
+        $this->waitFor('the good ones handled and the bad ones dead-lettered', 30, function () use ($w, $queue) {
+            $done = $w->done();
+            return isset($done['ok-1'], $done['later-1'], $done['flaky-1']) && $this->countAmqp("$queue.dlq") >= 2;
+        });
+        $w->signal(SIGTERM);
+        $this->assertSame(0, $w->wait(15), 'clean exit on SIGTERM: ' . $w->stderr());
+        $this->assertSame('signal', $w->result()['reason'] ?? null);
+
+        $done = $w->done();
+        $started = $w->started();
+        $ok = $done['ok-1'][0];
+        $this->assertSame(['ok-1', 1, '{"n":1}', 'acme', 'work', 'php', 'main', $queue],
+            [$ok['id'], $ok['attempt'], $ok['body'], $ok['headers']['tenant'], $ok['route'], $ok['handler'], $ok['subscription'], $ok['key']]);
+        $this->assertStringEndsWith("/$queue", $ok['source']);
+        $this->assertSame([1, 2], array_column($started['later-1'], 'attempt'));
+        $gap = $started['later-1'][1]['time'] - $started['later-1'][0]['time'];
+        $this->assertGreaterThanOrEqual(0.39, $gap, 'RetryLater(0.4) waited its delay');
+        $this->assertSame([1, 2], array_column($started['flaky-1'], 'attempt'));
+        $this->assertCount(1, $started['poison-1'], 'Reject: no retry');
+        $this->assertSame([1, 2, 3], array_column($started['broken-1'], 'attempt'), 'retried per policy');
+
+        $dead = [];
+        foreach ($this->drainAmqp("$queue.dlq") as [$body, $headers, $id]) {
+            $dead[$id] = $headers;
+        }
+        $this->assertEqualsCanonicalizing(['broken-1', 'poison-1'], array_keys($dead));
+        $this->assertSame('rejected by handler: bad poison-1', $dead['poison-1']['x-router-reason']);
+        $this->assertSame('max attempts exhausted (3 of 3)', $dead['broken-1']['x-router-reason']);
+        $this->assertStringStartsWith('RuntimeException: boom broken-1', $dead['broken-1']['x-router-last-error']);
+        $this->assertStringContainsString('#0 ', $dead['broken-1']['x-router-last-error'], 'the trace comes along');
+        $this->assertSame(0, $this->countAmqp($queue), 'nothing left unacked');
+        $this->deleteQueues($queue, "$queue.dlq");
+    }
+
+    public function testLimitsStopTheWorker(): void
+    {
+        $queue = self::unique('php-limit');
+        $this->declareQueue($queue);
+        $this->publishAmqp($queue, array_map(fn ($i) => ["m-$i", 'x', []], range(1, 40)));
+        $w = $this->startWorker($this->config($queue, ['prefetch' => 4]), ['limit' => 5], 'limit');
+        $this->assertSame(0, $w->wait(30), $w->stderr());
+        $this->assertSame('limit', $w->result()['reason']);
+        $handled = $w->result()['handled'];
+        // Stops fetching at 5; what was fetched already (prefetch 4) is finished first.
+        $this->assertGreaterThanOrEqual(5, $handled);
+        $this->assertLessThanOrEqual(5 + 4, $handled);
+        $this->assertSame(40 - $handled, $this->countAmqp($queue), 'the rest stays queued');
+
+        $t = $this->startWorker($this->config($queue), ['time_limit' => 1], 'time');
+        $this->assertSame(0, $t->wait(30), $t->stderr());
+        $this->assertSame('time_limit', $t->result()['reason']);
+        $m = $this->startWorker($this->config($queue), ['memory_limit' => '1K'], 'memory');
+        $this->assertSame(0, $m->wait(30), $m->stderr());
+        $this->assertSame('memory_limit', $m->result()['reason']);
+        $this->deleteQueues($queue, "$queue.dlq");
+    }
+
+    public function testBadOptionsAndMissingHandlersAreExplained(): void
+    {
+        $queue = self::unique('php-bad');
+        $router = new \MessageRouter\Router($this->config($queue));
+        try {
+            $router->run();
+            $this->fail('run() without a handler');
+        } catch (\Exception $e) {
+            $this->assertStringContainsString('no PHP handler for route "work"', $e->getMessage());
+        }
+        $router->route('work', fn () => null);
+        try {
+            $router->run(['limt' => 3]);
+            $this->fail('an unknown option');
+        } catch (\Exception $e) {
+            $this->assertStringContainsString('option "limt" is unknown', $e->getMessage());
+        }
+        try {
+            $router->route('nope', fn () => null);
+            $this->fail('an unknown route');
+        } catch (\Exception $e) {
+            $this->assertStringContainsString('"nope" is neither a route nor a handler', $e->getMessage());
+        }
+        try {
+            new \MessageRouter\Router(['transports' => ['x' => ['type' => 'amqp', 'url' => 'ftp://nope']]]);
+            $this->fail('a bad config');
+        } catch (\Exception $e) {
+            $this->assertStringContainsString('<config array>', $e->getMessage());
+        }
+    }
+
+    public function testSigtermDrainsWithoutLoss(): void
+    {
+        $queue = self::unique('php-term');
+        $this->declareQueue($queue);
+        $ids = array_map(fn ($i) => "t-$i", range(1, 60));
+        $this->publishAmqp($queue, array_map(fn ($id) => [$id, 'x', ['behave' => 'slow:30']], $ids));
+        $w = $this->startWorker($this->config($queue), [], 'first');
+        $this->waitFor('10 handled', 30, fn () => count($w->done()) >= 10);
+        $w->signal(SIGTERM);
+        $this->assertSame(0, $w->wait(20), $w->stderr());
+        $this->assertSame('signal', $w->result()['reason']);
+        // Everything it started, it finished.
+        $this->assertSame(array_keys($w->started()), array_keys($w->done()));
+        $first = count($w->done());
+        $this->assertSame(60 - $first, $this->countAmqp($queue), 'the rest left queued');
+        $second = $this->startWorker($this->config($queue), [], 'second');
+        $this->waitFor('the rest handled by a second worker', 30, fn () => count($second->done()) >= 60 - $first);
+        $second->signal(SIGTERM);
+        $this->assertSame(0, $second->wait(20));
+        $all = array_merge(array_keys($w->done()), array_keys($second->done()));
+        sort($all);
+        $want = $ids;
+        sort($want);
+        $this->assertSame($want, $all, 'each message handled once across the two workers');
+        $this->deleteQueues($queue, "$queue.dlq");
+    }
+
+    /** @dataProvider crashes */
+    public function testAHandlerThatEndsTheProcessDoesNotLoseItsMessage(string $behave, string $what): void
+    {
+        $queue = self::unique('php-crash');
+        $this->declareQueue($queue);
+        $this->publishAmqp($queue, [['before', 'x', []], ['crasher', 'x', ['behave' => $behave]], ['after', 'x', []]]);
+        $w = $this->startWorker($this->config($queue, ['prefetch' => 1]), [], 'crash');
+        $this->assertNotSame(0, $w->wait(30), "$what ends the worker");
+        $this->assertArrayNotHasKey('crasher', $w->done());
+        $again = $this->startWorker($this->config($queue), [], 'again');
+        $this->waitFor('the message handled by the next worker', 30, fn () => isset($again->done()['crasher'], $again->done()['after']));
+        $again->signal(SIGTERM);
+        $this->assertSame(0, $again->wait(20));
+        $this->assertSame(0, $this->countAmqp($queue));
+        $this->deleteQueues($queue, "$queue.dlq");
+    }
+
+    public static function crashes(): array
+    {
+        return ['exit()' => ['exit', 'exit()'], 'a fatal error' => ['fatal', 'a fatal error']];
+    }
+}

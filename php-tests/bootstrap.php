@@ -1,0 +1,15 @@
+<?php
+// PHPUnit bootstrap: the extension must be loaded (php-tests/run writes the ini file
+// that loads it), and the test helpers autoloaded.
+if (!extension_loaded('message_router')) {
+    fwrite(STDERR, "php-tests: the message_router extension is not loaded; run php-tests/run\n");
+    exit(2);
+}
+foreach (['amqp', 'redis'] as $ext) {
+    if (!extension_loaded($ext)) {
+        fwrite(STDERR, "php-tests: the $ext extension is missing (scripts/setup installs php8.2-$ext)\n");
+        exit(2);
+    }
+}
+require_once '/usr/share/php/PHPUnit/Autoload.php';
+require_once __DIR__ . '/src/WorkerTestCase.php';

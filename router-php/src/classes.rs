@@ -1,0 +1,506 @@
+//! The PHP API (namespace `MessageRouter`) and the run loop on the PHP thread.
+//!
+//! What a handler does becomes an outcome (shared/DESIGN.md, "In-process contract"):
+//! return → ack; `RetryLater` → retry after its delay; `Reject` → dead-letter now;
+//! any other Throwable → a failed attempt (retried per policy, then dead-lettered with
+//! class, message and trace). `exit()` and fatal errors end the process: the message
+//! in hand is never answered, so the broker gets it back unsettled.
+
+// Parameter names are PHP's (named arguments): camelCase, as PHP code writes them.
+// The macros copy them into generated code, so the allowance is module-wide.
+#![allow(non_snake_case)]
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ext_php_rs::binary::Binary;
+use ext_php_rs::boxed::ZBox;
+use ext_php_rs::class::RegisteredClass;
+use ext_php_rs::convert::IntoZval;
+use ext_php_rs::flags::PropertyFlags;
+use ext_php_rs::prelude::*;
+use ext_php_rs::types::{ZendCallable, ZendHashTable, Zval};
+use ext_php_rs::zend::{ce, try_catch, CatchError, ExecutorGlobals};
+use router_core::config::Config;
+use router_core::Outcome;
+
+use crate::convert;
+use crate::signals;
+use crate::worker::{Job, Limits, Running, StopReason};
+
+/// How long the PHP thread waits for a batch before it looks at limits and signals.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A handler object: what `Router::route()` takes besides callables.
+#[php_interface]
+#[php(name = "MessageRouter\\Handler")]
+pub trait Handler {
+    fn handle(&self, message: &Message);
+}
+
+/// One delivery as a handler sees it: read-only.
+#[php_class]
+#[php(name = "MessageRouter\\Message")]
+#[derive(Clone, Default)]
+pub struct Message {
+    id: String,
+    body: Vec<u8>,
+    headers: BTreeMap<String, String>,
+    key: Option<String>,
+    content_type: Option<String>,
+    kind: Option<String>,
+    source: String,
+    route: String,
+    handler: String,
+    subscription: String,
+    attempt: i64,
+}
+
+#[php_impl]
+impl Message {
+    /// For tests and the HTTP entry point (daemon mode builds messages in PHP).
+    #[php(defaults(attempt = 1))]
+    #[allow(clippy::too_many_arguments)]
+    pub fn __construct(
+        body: Binary<u8>,
+        headers: Option<HashMap<String, String>>,
+        id: Option<String>,
+        key: Option<String>,
+        route: Option<String>,
+        attempt: Option<i64>,
+        source: Option<String>,
+        subscription: Option<String>,
+        handler: Option<String>,
+        contentType: Option<String>,
+        kind: Option<String>,
+    ) -> Self {
+        Message {
+            id: id.unwrap_or_default(),
+            body: body.into(),
+            headers: headers.unwrap_or_default().into_iter().collect(),
+            key,
+            content_type: contentType,
+            kind,
+            source: source.unwrap_or_default(),
+            route: route.unwrap_or_default(),
+            handler: handler.unwrap_or_default(),
+            subscription: subscription.unwrap_or_default(),
+            attempt: attempt.unwrap_or(1),
+        }
+    }
+
+    /// The broker's message id (`message_id` / `ce_id`), or one the router made.
+    pub fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    /// The payload, byte for byte (never assumed to be UTF-8 or JSON).
+    pub fn body(&self) -> Binary<u8> {
+        Binary::new(self.body.clone())
+    }
+
+    /// Message headers (AMQP headers, Kafka headers, Redis fields), by name.
+    pub fn headers(&self) -> BTreeMap<String, String> {
+        self.headers.clone()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).cloned()
+    }
+
+    /// The routing key (AMQP), the topic (Kafka), the stream (Redis).
+    pub fn key(&self) -> Option<String> {
+        self.key.clone()
+    }
+
+    pub fn content_type(&self) -> Option<String> {
+        self.content_type.clone()
+    }
+
+    /// The message type (AMQP `type`, a `type` header or field).
+    #[php(name = "type")]
+    pub fn kind(&self) -> Option<String> {
+        self.kind.clone()
+    }
+
+    /// Where it came from, without credentials (`amqp://host/queue`, ...).
+    pub fn source(&self) -> String {
+        self.source.clone()
+    }
+
+    pub fn route(&self) -> String {
+        self.route.clone()
+    }
+
+    pub fn handler(&self) -> String {
+        self.handler.clone()
+    }
+
+    pub fn subscription(&self) -> String {
+        self.subscription.clone()
+    }
+
+    /// 1 for the first delivery.
+    pub fn attempt(&self) -> i64 {
+        self.attempt
+    }
+}
+
+impl Message {
+    fn from_job(job: &Job) -> Self {
+        let m = &job.message;
+        Message {
+            id: m.id.clone(),
+            body: m.body.to_vec(),
+            headers: m.headers.clone(),
+            key: m.key.clone(),
+            content_type: m.content_type.clone(),
+            kind: m.kind.clone(),
+            source: m.source.clone(),
+            route: job.route.clone(),
+            handler: job.handler.clone(),
+            subscription: job.subscription.clone(),
+            attempt: i64::from(job.attempt),
+        }
+    }
+}
+
+/// Throw it to have the message retried after `delay` seconds (0: the policy's
+/// backoff). Counts as a failed attempt.
+#[php_class]
+#[php(name = "MessageRouter\\RetryLater")]
+#[php(extends(ce = ce::exception, stub = "\\Exception"))]
+#[derive(Default)]
+pub struct RetryLater {
+    // Shadows \Exception::$message, so getMessage() returns it.
+    #[php(prop, flags = PropertyFlags::Protected)]
+    message: String,
+    delay: f64,
+}
+
+#[php_impl]
+impl RetryLater {
+    #[php(defaults(delay = 0.0))]
+    pub fn __construct(delay: Option<f64>, message: Option<String>) -> Self {
+        let delay = delay.unwrap_or(0.0);
+        let message = message.unwrap_or_else(|| format!("retry in {delay}s"));
+        RetryLater { message, delay }
+    }
+
+    /// Seconds to wait before the next attempt (0: the retry policy decides).
+    pub fn delay(&self) -> f64 {
+        self.delay
+    }
+}
+
+/// Throw it to dead-letter the message now, with the exception's message as the
+/// reason (a poison message: no retry helps).
+#[php_class]
+#[php(name = "MessageRouter\\Reject")]
+#[php(extends(ce = ce::exception, stub = "\\Exception"))]
+#[derive(Default)]
+pub struct Reject {
+    // Shadows \Exception::$message, so getMessage() returns the reason.
+    #[php(prop, flags = PropertyFlags::Protected)]
+    message: String,
+}
+
+#[php_impl]
+impl Reject {
+    pub fn __construct(reason: Option<String>) -> Self {
+        Reject { message: reason.unwrap_or_else(|| "rejected".into()) }
+    }
+
+    /// Why the message is dead-lettered (its dead-letter reason).
+    pub fn reason(&self) -> String {
+        self.message.clone()
+    }
+}
+
+/// The in-process router: the daemon's config, PHP handlers, `run()`.
+#[php_class]
+#[php(name = "MessageRouter\\Router")]
+pub struct Router {
+    config: Config,
+    /// Route or handler name → the callable to call (an object's `handle` is turned
+    /// into `[$object, 'handle']` when it is registered).
+    handlers: RefCell<HashMap<String, Zval>>,
+    stop: Arc<AtomicBool>,
+    running: Cell<bool>,
+}
+
+#[php_impl]
+impl Router {
+    /// `$config`: the path of a YAML file in the daemon's format, or an array of the
+    /// same shape. A bad config throws with the file, key path and problem.
+    pub fn __construct(config: &Zval) -> PhpResult<Self> {
+        let config = match (config.str(), config.array()) {
+            (Some(path), _) => router_core::config::load(std::path::Path::new(path)).map_err(|e| e.to_string())?,
+            (None, Some(array)) => convert::config_from_array(array)?,
+            _ => return Err("MessageRouter\\Router: the config is a YAML file path or an array".into()),
+        };
+        Ok(Router { config, handlers: RefCell::default(), stop: Arc::default(), running: Cell::new(false) })
+    }
+
+    /// Build from YAML text (`$name` names it in errors).
+    pub fn from_yaml(yaml: &str, name: Option<String>) -> PhpResult<Self> {
+        let name = name.unwrap_or_else(|| "inline.yaml".into());
+        let config =
+            router_core::config::parse(yaml, &name, &|var| std::env::var(var).ok()).map_err(|e| e.to_string())?;
+        Ok(Router { config, handlers: RefCell::default(), stop: Arc::default(), running: Cell::new(false) })
+    }
+
+    /// Handle the messages of route `$name` (or of every route of handler `$name`)
+    /// with `$handler`: a callable, or an object implementing `Handler`.
+    pub fn route(&self, name: &str, handler: &Zval) -> PhpResult<()> {
+        if self.running.get() {
+            return Err("MessageRouter\\Router::route(): cannot change handlers while running".into());
+        }
+        let known = self.config.routes.iter().any(|r| r.name == name) || self.config.handlers.contains_key(name);
+        if !known {
+            return Err(format!(
+                "MessageRouter\\Router::route(): {name:?} is neither a route nor a handler of the config (routes: {}; handlers: {})",
+                self.config.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
+                self.config.handlers.keys().map(String::as_str).collect::<Vec<_>>().join(", "),
+            )
+            .into());
+        }
+        let callable = callable_of(handler)?;
+        self.handlers.borrow_mut().insert(name.to_string(), callable);
+        Ok(())
+    }
+
+    /// Consume until a limit is reached, SIGTERM/SIGINT arrives or `stop()` is called;
+    /// then stop fetching, finish what is in flight and return
+    /// `['handled' => int, 'reason' => string]`. Options: `limit` (messages),
+    /// `time_limit` (seconds), `memory_limit` (bytes, or "128M").
+    pub fn run(&self, options: Option<&ZendHashTable>) -> PhpResult<ZBox<ZendHashTable>> {
+        if self.running.replace(true) {
+            return Err("MessageRouter\\Router::run() is already running".into());
+        }
+        let result = self.run_inner(options);
+        self.running.set(false);
+        result
+    }
+
+    /// Stop after the message in hand (from a handler, or a pcntl signal handler).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Router {
+    fn run_inner(&self, options: Option<&ZendHashTable>) -> PhpResult<ZBox<ZendHashTable>> {
+        let limits = match options {
+            Some(o) => convert::limits(o)?,
+            None => Limits::default(),
+        };
+        self.check_handlers()?;
+        self.stop.store(false, Ordering::SeqCst);
+        let running = Running::start(&self.config)?;
+        let caught = signals::catch();
+        let started = Instant::now();
+        let mut handled = 0u64;
+        let mut reason: Option<StopReason> = None;
+        loop {
+            let batch = running.next_batch(POLL);
+            if batch.is_empty() && running.finished() {
+                break;
+            }
+            let mut jobs = batch.into_iter();
+            while let Some(job) = jobs.next() {
+                if job.abandoned() {
+                    continue;
+                }
+                match self.call(&job) {
+                    Called::Outcome(outcome) => {
+                        job.answer(outcome);
+                        handled += 1;
+                    }
+                    Called::Exit => {
+                        // exit(): the process is going away. Leave this message and
+                        // the rest of the batch unanswered (never acked: the broker
+                        // redelivers them), and let the exit go on.
+                        std::mem::forget(job);
+                        jobs.for_each(std::mem::forget);
+                        std::mem::forget(running);
+                        return Ok(ZendHashTable::new());
+                    }
+                    Called::Bailout => {
+                        // A fatal error: the same, then let the engine go on unwinding.
+                        std::mem::forget(job);
+                        jobs.for_each(std::mem::forget);
+                        std::mem::forget(running);
+                        // SAFETY: re-raising the bailout caught around the handler
+                        // call; nothing of ours on this frame needs dropping.
+                        unsafe { ext_php_rs::zend::bailout() }
+                    }
+                }
+                if reason.is_none() {
+                    reason = self.stop_reason(&limits, handled, started, &caught);
+                    if reason.is_some() {
+                        running.stop();
+                    }
+                }
+            }
+            if reason.is_none() {
+                reason = self.stop_reason(&limits, handled, started, &caught);
+                if reason.is_some() {
+                    running.stop();
+                }
+            }
+            if reason.is_none() && running.finished() {
+                reason = Some(StopReason::RouterEnded);
+            }
+        }
+        drop(caught);
+        let mut out = ZendHashTable::new();
+        out.insert("handled", handled as i64)?;
+        out.insert("reason", reason.unwrap_or(StopReason::RouterEnded).as_str())?;
+        Ok(out)
+    }
+
+    fn stop_reason(
+        &self,
+        limits: &Limits,
+        handled: u64,
+        started: Instant,
+        caught: &signals::Caught,
+    ) -> Option<StopReason> {
+        if let Some(sig) = caught.signal() {
+            return Some(StopReason::Signal(sig));
+        }
+        if self.stop.load(Ordering::SeqCst) {
+            return Some(StopReason::Requested);
+        }
+        limits.reached(handled, started, memory_usage)
+    }
+
+    /// Every route must have a PHP handler, by its name or its handler's.
+    fn check_handlers(&self) -> PhpResult<()> {
+        let handlers = self.handlers.borrow();
+        let mut missing = Vec::new();
+        for r in &self.config.routes {
+            if !handlers.contains_key(&r.name) && !handlers.contains_key(&r.handler) {
+                missing.push(format!("route {:?} (handler {:?})", r.name, r.handler));
+            }
+        }
+        for (name, s) in &self.config.subscriptions {
+            if let Some(h) = &s.default_handler {
+                if !handlers.contains_key(h) {
+                    missing.push(format!("handler {h:?} (default of subscription {name:?})"));
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "MessageRouter\\Router::run(): no PHP handler for {}: register one with $router->route(name, $handler)",
+                missing.join(", ")
+            )
+            .into())
+        }
+    }
+
+    /// Call the handler of `job` and say how it went.
+    fn call(&self, job: &Job) -> Called {
+        let handlers = self.handlers.borrow();
+        let Some(callable) = handlers.get(&job.route).or_else(|| handlers.get(&job.handler)) else {
+            return Called::Outcome(Outcome::Reject {
+                reason: format!("no PHP handler for route {:?} (handler {:?})", job.route, job.handler),
+            });
+        };
+        let message = match Message::from_job(job).into_zval(false) {
+            Ok(m) => m,
+            Err(e) => {
+                return Called::Outcome(Outcome::Retry { after: None, error: format!("cannot build the message: {e}") })
+            }
+        };
+        let result = try_catch(AssertUnwindSafe(|| match ZendCallable::new(callable) {
+            Ok(f) => f.try_call(vec![&message]).map(|_| ()),
+            Err(e) => Err(e),
+        }));
+        match result {
+            Err(CatchError::Bailout) => Called::Bailout,
+            Err(e) => Called::Outcome(Outcome::Retry { after: None, error: format!("the handler panicked: {e}") }),
+            Ok(Ok(())) if !ExecutorGlobals::has_exception() => Called::Outcome(Outcome::Ack),
+            Ok(_) => thrown(),
+        }
+    }
+}
+
+enum Called {
+    Outcome(Outcome),
+    /// `exit()` or `die()` (a pending non-Throwable unwind).
+    Exit,
+    /// A fatal error unwound past the call.
+    Bailout,
+}
+
+/// What the pending exception says.
+fn thrown() -> Called {
+    let is_throwable = ExecutorGlobals::get().exception().is_some_and(|e| e.instance_of(ce::throwable()));
+    if !is_throwable {
+        if ExecutorGlobals::has_exception() {
+            return Called::Exit;
+        }
+        return Called::Outcome(Outcome::Retry { after: None, error: "the handler could not be called".into() });
+    }
+    let Some(ex) = ExecutorGlobals::take_exception() else {
+        return Called::Outcome(Outcome::Retry { after: None, error: "the handler failed".into() });
+    };
+    let text = |method: &str| -> String {
+        let got = ex.try_call_method(method, vec![]).ok().and_then(|z| z.string()).unwrap_or_default();
+        // A method of a user's exception class may itself throw: drop that one.
+        let _ = ExecutorGlobals::take_exception();
+        got
+    };
+    if ex.instance_of(RetryLater::get_metadata().ce()) {
+        let delay = ex.try_call_method("delay", vec![]).ok().and_then(|z| z.double()).unwrap_or(0.0);
+        let _ = ExecutorGlobals::take_exception();
+        let after = (delay > 0.0 && delay.is_finite()).then(|| Duration::from_secs_f64(delay));
+        return Called::Outcome(Outcome::Retry { after, error: format!("RetryLater: {}", text("getMessage")) });
+    }
+    if ex.instance_of(Reject::get_metadata().ce()) {
+        return Called::Outcome(Outcome::Reject { reason: text("getMessage") });
+    }
+    let class = ex.get_class_name().unwrap_or_else(|_| "Throwable".into());
+    let error = format!("{class}: {}\n{}", text("getMessage"), text("getTraceAsString"));
+    Called::Outcome(Outcome::Retry { after: None, error })
+}
+
+/// A callable as given, or `[$object, 'handle']` for a handler object.
+fn callable_of(handler: &Zval) -> PhpResult<Zval> {
+    if handler.is_callable() {
+        return Ok(handler.shallow_clone());
+    }
+    // Any object with a public handle() method (implementing Handler or not):
+    // `[$object, 'handle']` is callable exactly then.
+    if handler.object().is_some() {
+        {
+            let mut pair = ZendHashTable::new();
+            pair.push(handler.shallow_clone())?;
+            pair.push("handle")?;
+            let mut callable = Zval::new();
+            callable.set_hashtable(pair);
+            if callable.is_callable() {
+                return Ok(callable);
+            }
+        }
+    }
+    Err("MessageRouter\\Router::route(): the handler must be a callable or an object implementing MessageRouter\\Handler (a public handle(Message) method)".into())
+}
+
+/// PHP's own `memory_get_usage()`, what `--memory-limit` means to PHP developers.
+fn memory_usage() -> u64 {
+    ZendCallable::try_from_name("memory_get_usage")
+        .ok()
+        .and_then(|f| f.try_call(vec![]).ok())
+        .and_then(|z| z.long())
+        .map_or(0, |n| n.max(0) as u64)
+}

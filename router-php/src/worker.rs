@@ -1,0 +1,282 @@
+//! The Rust half of the in-process worker, free of PHP types (PHP values may only be
+//! touched on the PHP thread; nothing here ever holds one).
+//!
+//! ```text
+//!  runtime threads (tokio)                          PHP thread (Router::run)
+//!  router-core pipelines ─▶ PhpTarget::deliver ─▶ jobs channel ─▶ next_batch() ─▶ handler
+//!                                ▲                                                 │
+//!                                └──────────── Job::answer(Outcome) ◀──────────────┘
+//! ```
+//!
+//! The runtime is created lazily and once per process id (php-fpm and `pcntl_fork`
+//! fork after the extension loads; threads do not survive a fork), with every
+//! signal blocked in its threads so SIGTERM and SIGINT reach the PHP thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use router_core::config::Config;
+use router_core::{DeliveryInfo, Message, Metrics, Outcome, Target};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// Most jobs handed to the PHP thread per wake-up (batching is 2–3× faster than one
+/// wake-up per message; see shared/notes/php-extension.md).
+pub const BATCH: usize = 64;
+
+/// One delivery attempt waiting for the PHP thread: owned data only.
+pub struct Job {
+    pub message: Message,
+    pub attempt: u32,
+    pub subscription: String,
+    pub route: String,
+    pub handler: String,
+    reply: oneshot::Sender<Outcome>,
+}
+
+impl Job {
+    /// The engine gave up on this attempt (grace period over): do not run it.
+    pub fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    pub fn answer(self, outcome: Outcome) {
+        // The engine may have given up meanwhile; then the broker has it back.
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// Every handler of the config is reached through one of these: the delivery goes to
+/// the PHP thread and the attempt waits for its answer.
+struct PhpTarget {
+    jobs: Sender<Job>,
+}
+
+#[async_trait]
+impl Target for PhpTarget {
+    async fn deliver(&self, d: DeliveryInfo<'_>) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            message: d.message.clone(),
+            attempt: d.attempt,
+            subscription: d.subscription.to_string(),
+            route: d.route.to_string(),
+            handler: d.handler.to_string(),
+            reply,
+        };
+        if self.jobs.send(job).is_err() {
+            return Outcome::Retry { after: None, error: "the PHP worker stopped before handling it".into() };
+        }
+        // A handler that calls exit() or dies of a fatal error never answers: the
+        // process is going away and the broker gets the message back unsettled.
+        answer.await.unwrap_or_else(|_| Outcome::Retry {
+            after: None,
+            error: "the PHP worker dropped the message without an answer".into(),
+        })
+    }
+}
+
+/// Why a run stopped (returned to PHP).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// `limit` messages handled.
+    Limit,
+    /// `time_limit` passed.
+    TimeLimit,
+    /// `memory_limit` exceeded after a message.
+    MemoryLimit,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// `Router::stop()` from a handler.
+    Requested,
+    /// Every subscription stopped on its own (the router ended without being asked).
+    RouterEnded,
+}
+
+impl StopReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StopReason::Limit => "limit",
+            StopReason::TimeLimit => "time_limit",
+            StopReason::MemoryLimit => "memory_limit",
+            StopReason::Signal(_) => "signal",
+            StopReason::Requested => "stop",
+            StopReason::RouterEnded => "router_ended",
+        }
+    }
+}
+
+/// Worker limits, as `messenger:consume` has them. `None`: no limit.
+#[derive(Clone, Debug, Default)]
+pub struct Limits {
+    pub messages: Option<u64>,
+    pub time: Option<Duration>,
+    pub memory_bytes: Option<u64>,
+}
+
+impl Limits {
+    /// The first limit reached, if any.
+    pub fn reached(&self, handled: u64, started: Instant, memory: impl FnOnce() -> u64) -> Option<StopReason> {
+        if self.messages.is_some_and(|n| handled >= n) {
+            return Some(StopReason::Limit);
+        }
+        if self.time.is_some_and(|t| started.elapsed() >= t) {
+            return Some(StopReason::TimeLimit);
+        }
+        if self.memory_bytes.is_some_and(|m| memory() >= m) {
+            return Some(StopReason::MemoryLimit);
+        }
+        None
+    }
+}
+
+/// A router running on the background runtime for one `run()`.
+pub struct Running {
+    jobs: Receiver<Job>,
+    stop: CancellationToken,
+    done: Receiver<()>,
+}
+
+impl Running {
+    /// Build the router of `config` (every handler reached through the PHP thread)
+    /// and start it on the runtime.
+    pub fn start(config: &Config) -> Result<Running, String> {
+        init_log(&config.log.level);
+        let runtime = runtime()?;
+        // Unbounded, yet bounded: the engine holds at most `prefetch` messages per
+        // subscription and `max_in_flight` per handler.
+        let (tx, jobs) = crossbeam_channel::unbounded();
+        let targets: HashMap<String, Arc<dyn Target>> = config
+            .handlers
+            .keys()
+            .map(|name| (name.clone(), Arc::new(PhpTarget { jobs: tx.clone() }) as Arc<dyn Target>))
+            .collect();
+        drop(tx);
+        let metrics = Metrics::new().map_err(|e| format!("metrics: {e}"))?;
+        let router = {
+            // Transports spawn their clients' tasks when built: inside the runtime.
+            let _guard = runtime.enter();
+            router_core::Router::new(config, targets, Arc::new(metrics)).map_err(|e| e.to_string())?
+        };
+        let stop = CancellationToken::new();
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let token = stop.clone();
+        runtime.spawn(async move {
+            router.run(token).await;
+            let _ = done_tx.send(());
+        });
+        Ok(Running { jobs, stop, done })
+    }
+
+    /// Wait up to `wait` for jobs; return at most [`BATCH`] of them (empty: none came).
+    pub fn next_batch(&self, wait: Duration) -> Vec<Job> {
+        let mut batch = Vec::new();
+        match self.jobs.recv_timeout(wait) {
+            Ok(job) => batch.push(job),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return batch,
+        }
+        while batch.len() < BATCH {
+            match self.jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Stop fetching; in-flight messages are still handed out until the router has
+    /// drained (within the config's shutdown grace period).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// The router has stopped: every subscription drained and its connection closed.
+    pub fn finished(&self) -> bool {
+        !self.done.is_empty() || self.done.try_recv().is_ok()
+    }
+}
+
+/// The router's log goes to stderr, like a PHP CLI worker's own output: filtered by
+/// `MESSAGE_ROUTER_LOG` (or `RUST_LOG`), else by the config's `log.level`.
+fn init_log(level: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = std::env::var("MESSAGE_ROUTER_LOG")
+            .or_else(|_| std::env::var("RUST_LOG"))
+            .unwrap_or_else(|_| level.to_string());
+        let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Another tracing user in the process may have set a global subscriber first.
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    });
+}
+
+/// The process's runtime, created on first use and again in a forked child.
+static RUNTIME: Mutex<Option<(u32, Arc<tokio::runtime::Runtime>)>> = Mutex::new(None);
+
+fn runtime() -> Result<Arc<tokio::runtime::Runtime>, String> {
+    let pid = std::process::id();
+    let mut slot = RUNTIME.lock();
+    if let Some((owner, rt)) = slot.as_ref() {
+        if *owner == pid {
+            return Ok(rt.clone());
+        }
+        // Inherited from the parent by fork: its threads are not here. Leak it rather
+        // than drop it (dropping would wait for threads that do not exist).
+        if let Some((_, rt)) = slot.take() {
+            std::mem::forget(rt);
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("message-router")
+        .enable_all()
+        .on_thread_start(block_signals)
+        .build()
+        .map_err(|e| format!("cannot start the router's runtime: {e}"))?;
+    let rt = Arc::new(rt);
+    *slot = Some((pid, rt.clone()));
+    Ok(rt)
+}
+
+/// Runtime threads never take a signal: SIGTERM and SIGINT go to the PHP thread,
+/// whose handlers (ours during `run()`, pcntl's otherwise) decide.
+fn block_signals() {
+    // SAFETY: sigfillset and pthread_sigmask only touch the set we own and this
+    // thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Stop the runtime at module shutdown, waiting at most `wait` for its tasks (what
+/// is still in flight then goes back to the broker unsettled when the connections
+/// close). Only this process's own runtime: a forked child's inherited one has no
+/// threads to stop.
+pub fn shutdown(wait: Duration) {
+    let taken = {
+        let mut slot = RUNTIME.lock();
+        match slot.as_ref() {
+            Some((owner, _)) if *owner == std::process::id() => slot.take(),
+            _ => None,
+        }
+    };
+    if let Some((_, rt)) = taken {
+        match Arc::try_unwrap(rt) {
+            Ok(rt) => rt.shutdown_timeout(wait),
+            // A run() is still using it (a bailout left its frame): let the process
+            // exit take the threads.
+            Err(rt) => std::mem::forget(rt),
+        }
+    }
+}

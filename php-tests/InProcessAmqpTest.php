@@ -20,13 +20,7 @@ final class InProcessAmqpTest extends WorkerTestCase
     {
         $queue = self::unique('php-amqp');
         $this->declareQueue($queue);
-        $this->publishAmqp($queue, [
-            ['ok-1', '{"n":1}', ['behave' => 'ok', 'tenant' => 'acme']],
-            ['later-1', 'x', ['behave' => 'retry-later:0.4']],
-            ['poison-1', 'x', ['behave' => 'reject']],
-            ['broken-1', 'x', ['behave' => 'fail']],
-            ['flaky-1', 'x', ['behave' => 'fail-until:2']],
-        ]);
+        $this->publishAmqp($queue, self::OUTCOMES);
         $w = $this->startWorker($this->config($queue));
         $this->waitFor('the good ones handled and the bad ones dead-lettered', 30, function () use ($w, $queue) {
             $done = $w->done();
@@ -36,29 +30,8 @@ final class InProcessAmqpTest extends WorkerTestCase
         $this->assertSame(0, $w->wait(15), 'clean exit on SIGTERM: ' . $w->stderr());
         $this->assertSame('signal', $w->result()['reason'] ?? null);
 
-        $done = $w->done();
-        $started = $w->started();
-        $ok = $done['ok-1'][0];
-        $this->assertSame(['ok-1', 1, '{"n":1}', 'acme', 'work', 'php', 'main', $queue],
-            [$ok['id'], $ok['attempt'], $ok['body'], $ok['headers']['tenant'], $ok['route'], $ok['handler'], $ok['subscription'], $ok['key']]);
-        $this->assertStringEndsWith("/$queue", $ok['source']);
-        $this->assertSame([1, 2], array_column($started['later-1'], 'attempt'));
-        $gap = $started['later-1'][1]['time'] - $started['later-1'][0]['time'];
-        $this->assertGreaterThanOrEqual(0.39, $gap, 'RetryLater(0.4) waited its delay');
-        $this->assertSame([1, 2], array_column($started['flaky-1'], 'attempt'));
-        $this->assertCount(1, $started['poison-1'], 'Reject: no retry');
-        $this->assertSame([1, 2, 3], array_column($started['broken-1'], 'attempt'), 'retried per policy');
-
-        $dead = [];
-        foreach ($this->drainAmqp("$queue.dlq") as [$body, $headers, $id]) {
-            $dead[$id] = $headers;
-        }
-        $this->assertEqualsCanonicalizing(['broken-1', 'poison-1'], array_keys($dead));
-        $this->assertSame('rejected by handler: bad poison-1', $dead['poison-1']['x-router-reason']);
-        $this->assertSame('max attempts exhausted (3 of 3)', $dead['broken-1']['x-router-reason']);
-        $this->assertStringStartsWith('RuntimeException: boom broken-1', $dead['broken-1']['x-router-last-error']);
+        $dead = $this->assertOutcomes($w, $queue, false);
         $this->assertStringContainsString('#0 ', $dead['broken-1']['x-router-last-error'], 'the trace comes along');
-        $this->assertSame(0, $this->countAmqp($queue), 'nothing left unacked');
         $this->deleteQueues($queue, "$queue.dlq");
     }
 

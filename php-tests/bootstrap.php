@@ -13,3 +13,10 @@ foreach (['amqp', 'redis'] as $ext) {
 }
 require_once '/usr/share/php/PHPUnit/Autoload.php';
 require_once __DIR__ . '/src/WorkerTestCase.php';
+require_once __DIR__ . '/handlers/BehaveHandler.php';
+require_once __DIR__ . '/../router-php/php/autoload.php';
+// Debian's Symfony 5.4 (php-symfony-*), and the test app.
+require_once '/usr/share/php/Symfony/Bundle/FrameworkBundle/autoload.php';
+require_once '/usr/share/php/Symfony/Component/Console/autoload.php';
+require_once __DIR__ . '/symfony/handlers.php';
+require_once __DIR__ . '/symfony/TestKernel.php';

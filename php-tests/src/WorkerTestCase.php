@@ -65,6 +65,47 @@ abstract class WorkerTestCase extends TestCase
         }
     }
 
+    /** The five messages of the outcome tests: [id, body, headers]. */
+    protected const OUTCOMES = [
+        ['ok-1', '{"n":1}', ['behave' => 'ok', 'tenant' => 'acme']],
+        ['later-1', 'x', ['behave' => 'retry-later:0.4']],
+        ['poison-1', 'x', ['behave' => 'reject']],
+        ['broken-1', 'x', ['behave' => 'fail']],
+        ['flaky-1', 'x', ['behave' => 'fail-until:2']],
+    ];
+
+    /**
+     * What BehaveHandler did with OUTCOMES from `$queue`, in process or behind HTTP
+     * (`$http`: the daemon's reasons start with the status, Retry-After is whole
+     * seconds). Returns the dead letters' headers by id.
+     */
+    protected function assertOutcomes(Worker $w, string $queue, bool $http): array
+    {
+        $done = $w->done();
+        $started = $w->started();
+        $ok = $done['ok-1'][0];
+        $this->assertSame(['ok-1', 1, '{"n":1}', 'acme', 'work', 'php', 'main', $queue],
+            [$ok['id'], $ok['attempt'], $ok['body'], $ok['headers']['tenant'], $ok['route'], $ok['handler'], $ok['subscription'], $ok['key']]);
+        $this->assertStringEndsWith("/$queue", $ok['source']);
+        $this->assertSame([1, 2], array_column($started['later-1'], 'attempt'));
+        $gap = $started['later-1'][1]['time'] - $started['later-1'][0]['time'];
+        $this->assertGreaterThanOrEqual($http ? 0.95 : 0.39, $gap, 'RetryLater(0.4) waited its delay');
+        $this->assertSame([1, 2], array_column($started['flaky-1'], 'attempt'));
+        $this->assertCount(1, $started['poison-1'], 'Reject: no retry');
+        $this->assertSame([1, 2, 3], array_column($started['broken-1'], 'attempt'), 'retried per policy');
+        $dead = [];
+        foreach ($this->drainAmqp("$queue.dlq") as [$body, $headers, $id]) {
+            $dead[$id] = $headers;
+        }
+        $this->assertEqualsCanonicalizing(['broken-1', 'poison-1'], array_keys($dead));
+        $status = fn (int $code) => $http ? "HTTP $code: " : '';
+        $this->assertSame('rejected by handler: ' . $status(422) . 'bad poison-1', $dead['poison-1']['x-router-reason']);
+        $this->assertSame('max attempts exhausted (3 of 3)', $dead['broken-1']['x-router-reason']);
+        $this->assertStringStartsWith($status(500) . 'RuntimeException: boom broken-1', $dead['broken-1']['x-router-last-error']);
+        $this->assertSame(0, $this->countAmqp($queue), 'nothing left unacked');
+        return $dead;
+    }
+
     // --- RabbitMQ (php-amqp) ---
 
     protected function amqp(): \AMQPChannel

@@ -1,0 +1,18 @@
+<?php
+// The HTTP entry point for apps without Symfony (php -S, PHP-FPM): point the daemon's
+// handler endpoint at it. Handlers come from the file named by MESSAGE_ROUTER_HANDLERS,
+// which returns an array route => handler (a callable or a MessageRouter\Handler);
+// MESSAGE_ROUTER_SIGNING_SECRET, when set, must match the daemon's signing.secret.
+//
+//     MESSAGE_ROUTER_HANDLERS=config/handlers.php php -S 0.0.0.0:8080 vendor/message-router/message-router/router-php/php/front.php
+
+$autoload = getenv('MESSAGE_ROUTER_AUTOLOAD') ?: __DIR__ . '/autoload.php';
+require_once $autoload;
+$file = getenv('MESSAGE_ROUTER_HANDLERS');
+if (!$file || !is_file($file)) {
+    http_response_code(500);
+    echo "MESSAGE_ROUTER_HANDLERS must name a PHP file returning [route => handler]\n";
+    return;
+}
+$secret = getenv('MESSAGE_ROUTER_SIGNING_SECRET') ?: null;
+(new MessageRouter\Http\Dispatcher(require $file, $secret))->serveGlobals();

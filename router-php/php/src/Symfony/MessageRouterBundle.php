@@ -1,0 +1,39 @@
+<?php
+
+namespace MessageRouter\Symfony;
+
+use MessageRouter\Attribute\AsRouteHandler;
+use MessageRouter\Symfony\DependencyInjection\HandlerPass;
+use MessageRouter\Symfony\DependencyInjection\MessageRouterExtension;
+use Symfony\Component\DependencyInjection\ChildDefinition;
+use Symfony\Component\DependencyInjection\ContainerBuilder;
+use Symfony\Component\DependencyInjection\Extension\ExtensionInterface;
+use Symfony\Component\HttpKernel\Bundle\Bundle;
+
+/**
+ * Registers handler classes marked #[AsRouteHandler('route')], the console worker
+ * `message-router:consume` (in process, needs the extension) and the controller that
+ * serves daemon deliveries over HTTP. Configuration:
+ *
+ *     message_router:
+ *         config: '%kernel.project_dir%/config/router.yaml'   # the daemon's file
+ *         signing_secret: '%env(ROUTER_SIGNING_SECRET)%'      # optional
+ */
+final class MessageRouterBundle extends Bundle
+{
+    public function build(ContainerBuilder $container): void
+    {
+        $container->registerAttributeForAutoconfiguration(
+            AsRouteHandler::class,
+            static function (ChildDefinition $definition, AsRouteHandler $attribute): void {
+                $definition->addTag(HandlerPass::TAG, ['route' => $attribute->route]);
+            }
+        );
+        $container->addCompilerPass(new HandlerPass());
+    }
+
+    public function getContainerExtension(): ?ExtensionInterface
+    {
+        return new MessageRouterExtension();
+    }
+}

@@ -65,7 +65,15 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secret: Option<&[u8]>) -> Result<He
         if lower == "traceparent" || lower == "tracestate" {
             put(&lower, v)?;
         }
-        put(&format!("{MESSAGE_HEADER_PREFIX}{lower}"), v)?;
+        if lower.starts_with("x-router-") {
+            // The router's own bookkeeping from an earlier attempt (a retry copy's
+            // last error may hold a handler's multi-line answer): informative, never
+            // a reason to refuse the message. Control characters become spaces.
+            let clean: String = v.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+            put(&format!("{MESSAGE_HEADER_PREFIX}{lower}"), &clean)?;
+        } else {
+            put(&format!("{MESSAGE_HEADER_PREFIX}{lower}"), v)?;
+        }
     }
     if let Some(secret) = secret {
         let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0).to_string();
@@ -120,6 +128,18 @@ pub fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Option<Duration> {
 mod tests {
     use super::*;
     use router_core::Message;
+
+    #[test]
+    fn routers_own_headers_from_an_earlier_attempt_are_cleaned_not_refused() {
+        let mut m = Message { id: "m-1".into(), ..Message::default() };
+        m.headers.insert("x-router-last-error".into(), "HTTP 500: boom\n#0 trace".into());
+        let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
+        let h = request_headers(&d, None).expect("sent");
+        assert_eq!(h["x-message-header-x-router-last-error"], "HTTP 500: boom #0 trace");
+        m.headers.insert("note".into(), "a\nb".into());
+        let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
+        assert!(request_headers(&d, None).is_err(), "a producer's header still makes it poison");
+    }
 
     #[test]
     fn maps_statuses_per_contract() {

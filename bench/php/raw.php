@@ -1,7 +1,7 @@
 <?php
 // The raw PHP client loop, no framework: the limit of a PHP consumer.
 //   php raw.php amqp QUEUE N OUT    php-amqp consume, ack each (prefetch 256)
-//   php raw.php redis STREAM N OUT  phpredis XREADGROUP COUNT 256, XACK each
+//   php raw.php redis STREAM N OUT  phpredis XREADGROUP COUNT 256, one XACK per batch
 require __DIR__ . '/common.php';
 
 [$_, $kind, $name, $n, $out] = $argv;
@@ -24,9 +24,13 @@ if ($kind === 'amqp') {
     $group = "$name-raw";
     while (Tally::$n < $n) {
         $got = $r->xReadGroup($group, 'raw', [$name => '>'], 256, 1000) ?: [];
+        $ids = [];
         foreach ($got[$name] ?? [] as $id => $fields) {
             Tally::hit();
-            $r->xAck($name, $group, [$id]);
+            $ids[] = $id;
+        }
+        if ($ids) {
+            $r->xAck($name, $group, $ids);
         }
     }
 }

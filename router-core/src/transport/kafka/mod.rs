@@ -202,11 +202,27 @@ impl State {
         let Some(consumer) = self.consumer.get() else { return };
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&part.0, part.1);
+        // An error: revoked meanwhile, nothing to pause or resume.
         let result = if pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
-        debug!(subscription = %self.subscription, topic = %part.0, partition = part.1, pause, "fetching paused or resumed");
-        if let Err(e) = result {
-            // Revoked meanwhile: nothing to pause or resume.
-            debug!(subscription = %self.subscription, topic = %part.0, partition = part.1, error = %e, "pause/resume");
+        debug!(subscription = %self.subscription, topic = %part.0, partition = part.1, pause, result = ?result, "fetching paused or resumed");
+    }
+
+    /// Pause (or resume) every assigned partition for the read-ahead bound.
+    fn stall(&self, on: bool) {
+        let assigned: Vec<Part> = match self.consumer.get().map(|c| c.assignment()) {
+            Some(Ok(tpl)) => tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect(),
+            _ => Vec::new(),
+        };
+        // Resume also what was paused for the stall and is no longer assigned here.
+        let mut parts: Vec<Part> = assigned;
+        if !on {
+            parts.extend(self.parts.lock().iter().filter(|(_, p)| p.stalled).map(|(k, _)| k.clone()));
+            parts.sort();
+            parts.dedup();
+        }
+        debug!(subscription = %self.subscription, partitions = parts.len(), on, "read-ahead bound: pause while polling");
+        for part in &parts {
+            self.pause_reason(part, |p| p.stalled = on);
         }
     }
 
@@ -481,7 +497,7 @@ impl Transport for KafkaTransport {
         loop {
             if stalled && open < limit {
                 stalled = false;
-                self.stall(&state, false);
+                state.stall(false);
             }
             let read = open < limit || stalled;
             tokio::select! {
@@ -492,7 +508,7 @@ impl Transport for KafkaTransport {
                 // exceeded by a slow handler (it would drop the group membership).
                 _ = tokio::time::sleep(POLL_STALL), if !read => {
                     stalled = true;
-                    self.stall(&state, true);
+                    state.stall(true);
                 }
                 Some(ev) = event_rx.recv() => {
                     let next = match ev {
@@ -539,12 +555,10 @@ impl Transport for KafkaTransport {
                         // `span_limit` per partition; also catch a partition assigned
                         // while stalled.
                         let full = p.offsets.span() >= state.span_limit;
-                        if (full && !p.full) || (stalled && !p.stalled) {
-                            state.change_pause(&part, p, |p| {
-                                p.full |= full;
-                                p.stalled |= stalled;
-                            });
-                        }
+                        state.change_pause(&part, p, |p| {
+                            p.full |= full;
+                            p.stalled |= stalled;
+                        });
                         p.generation
                     };
                     let lane = match config.ordering {
@@ -634,25 +648,6 @@ impl Shared {
 }
 
 impl KafkaTransport {
-    /// Pause (or resume) every assigned partition for the read-ahead bound.
-    fn stall(&self, state: &State, on: bool) {
-        let assigned: Vec<Part> = match state.consumer.get().map(|c| c.assignment()) {
-            Some(Ok(tpl)) => tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect(),
-            _ => Vec::new(),
-        };
-        // Resume also what was paused for the stall and is no longer assigned here.
-        let mut parts: Vec<Part> = assigned;
-        if !on {
-            parts.extend(state.parts.lock().iter().filter(|(_, p)| p.stalled).map(|(k, _)| k.clone()));
-            parts.sort();
-            parts.dedup();
-        }
-        debug!(subscription = %state.subscription, partitions = parts.len(), on, "read-ahead bound: pause while polling");
-        for part in &parts {
-            state.pause_reason(part, |p| p.stalled = on);
-        }
-    }
-
     /// Hand one message to the pipeline: now, or when due (a retry-topic message).
     /// Returns false when the router is stopping.
     async fn hand_out(

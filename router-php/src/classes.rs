@@ -306,6 +306,15 @@ impl Router {
         let started = Instant::now();
         let mut handled = 0u64;
         let mut reason: Option<StopReason> = None;
+        // After every message and every wait: the first stop reason stops fetching.
+        let note_stop = |reason: &mut Option<StopReason>, handled: u64, running: &Running| {
+            if reason.is_none() {
+                *reason = self.stop_reason(&limits, handled, started, &caught);
+                if reason.is_some() {
+                    running.stop();
+                }
+            }
+        };
         loop {
             let batch = running.next_batch(POLL);
             if batch.is_empty() && running.finished() {
@@ -321,38 +330,25 @@ impl Router {
                         job.answer(outcome);
                         handled += 1;
                     }
-                    Called::Exit => {
-                        // exit(): the process is going away. Leave this message and
-                        // the rest of the batch unanswered (never acked: the broker
-                        // redelivers them), and let the exit go on.
+                    crash @ (Called::Exit | Called::Bailout) => {
+                        // exit() or a fatal error: the process is going away. Leave
+                        // this message and the rest of the batch unanswered (never
+                        // acked: the broker redelivers them).
                         std::mem::forget(job);
                         jobs.for_each(std::mem::forget);
                         std::mem::forget(running);
+                        if matches!(crash, Called::Bailout) {
+                            // SAFETY: re-raising the bailout caught around the handler
+                            // call; nothing of ours on this frame needs dropping.
+                            unsafe { ext_php_rs::zend::bailout() }
+                        }
+                        // Let the exit go on.
                         return Ok(ZendHashTable::new());
                     }
-                    Called::Bailout => {
-                        // A fatal error: the same, then let the engine go on unwinding.
-                        std::mem::forget(job);
-                        jobs.for_each(std::mem::forget);
-                        std::mem::forget(running);
-                        // SAFETY: re-raising the bailout caught around the handler
-                        // call; nothing of ours on this frame needs dropping.
-                        unsafe { ext_php_rs::zend::bailout() }
-                    }
                 }
-                if reason.is_none() {
-                    reason = self.stop_reason(&limits, handled, started, &caught);
-                    if reason.is_some() {
-                        running.stop();
-                    }
-                }
+                note_stop(&mut reason, handled, &running);
             }
-            if reason.is_none() {
-                reason = self.stop_reason(&limits, handled, started, &caught);
-                if reason.is_some() {
-                    running.stop();
-                }
-            }
+            note_stop(&mut reason, handled, &running);
             if reason.is_none() && running.finished() {
                 reason = Some(StopReason::RouterEnded);
             }
@@ -482,15 +478,13 @@ fn callable_of(handler: &Zval) -> PhpResult<Zval> {
     // Any object with a public handle() method (implementing Handler or not):
     // `[$object, 'handle']` is callable exactly then.
     if handler.object().is_some() {
-        {
-            let mut pair = ZendHashTable::new();
-            pair.push(handler.shallow_clone())?;
-            pair.push("handle")?;
-            let mut callable = Zval::new();
-            callable.set_hashtable(pair);
-            if callable.is_callable() {
-                return Ok(callable);
-            }
+        let mut pair = ZendHashTable::new();
+        pair.push(handler.shallow_clone())?;
+        pair.push("handle")?;
+        let mut callable = Zval::new();
+        callable.set_hashtable(pair);
+        if callable.is_callable() {
+            return Ok(callable);
         }
     }
     Err("MessageRouter\\Router::route(): the handler must be a callable or an object implementing MessageRouter\\Handler (a public handle(Message) method)".into())

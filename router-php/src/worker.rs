@@ -13,6 +13,7 @@
 //! signal blocked in its threads so SIGTERM and SIGINT reach the PHP thread.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,7 +139,7 @@ impl Limits {
 pub struct Running {
     jobs: Receiver<Job>,
     stop: CancellationToken,
-    done: Receiver<()>,
+    done: Arc<AtomicBool>,
 }
 
 impl Running {
@@ -163,11 +164,11 @@ impl Running {
             router_core::Router::new(config, targets, Arc::new(metrics)).map_err(|e| e.to_string())?
         };
         let stop = CancellationToken::new();
-        let (done_tx, done) = crossbeam_channel::bounded(1);
-        let token = stop.clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let (token, flag) = (stop.clone(), done.clone());
         runtime.spawn(async move {
             router.run(token).await;
-            let _ = done_tx.send(());
+            flag.store(true, Ordering::SeqCst);
         });
         Ok(Running { jobs, stop, done })
     }
@@ -200,7 +201,7 @@ impl Running {
 
     /// The router has stopped: every subscription drained and its connection closed.
     pub fn finished(&self) -> bool {
-        !self.done.is_empty() || self.done.try_recv().is_ok()
+        self.done.load(Ordering::SeqCst)
     }
 }
 

@@ -193,10 +193,14 @@ abstract class WorkerTestCase extends TestCase
 
     // --- Kafka (tests/bin/kafka_tool.rs: no PHP client speaks to tansu) ---
 
+    private static function kafkaToolBin(): string
+    {
+        return getenv('KAFKA_TOOL') ?: __DIR__ . '/../../target/debug/kafka-tool';
+    }
+
     protected static function kafkaTool(string ...$args): string
     {
-        $bin = getenv('KAFKA_TOOL') ?: __DIR__ . '/../../target/debug/kafka-tool';
-        $cmd = implode(' ', array_map('escapeshellarg', [$bin, ...$args]));
+        $cmd = implode(' ', array_map('escapeshellarg', [self::kafkaToolBin(), ...$args]));
         return (string) shell_exec($cmd);
     }
 
@@ -208,8 +212,7 @@ abstract class WorkerTestCase extends TestCase
         }
         $file = tempnam(sys_get_temp_dir(), 'kafka');
         file_put_contents($file, $lines);
-        $bin = getenv('KAFKA_TOOL') ?: __DIR__ . '/../../target/debug/kafka-tool';
-        exec(escapeshellarg($bin) . ' publish ' . escapeshellarg($topic) . ' < ' . escapeshellarg($file), $out, $code);
+        exec(escapeshellarg(self::kafkaToolBin()) . ' publish ' . escapeshellarg($topic) . ' < ' . escapeshellarg($file), $out, $code);
         unlink($file);
         if ($code !== 0) {
             throw new \RuntimeException("kafka-tool publish $topic failed ($code)");

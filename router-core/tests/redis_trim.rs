@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is the report
 //! The retry stream is trimmed only to what every group has read and acked, against a
 //! real Redis (127.0.0.1:6379 or REDIS_URL).
 

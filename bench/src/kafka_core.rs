@@ -273,7 +273,7 @@ routes:
     }
     let secs = target.first.get().map_or(0.0, |t| t.elapsed().as_secs_f64());
     stop.cancel();
-    running.await.context("the router task")?;
+    running.await.context("the router task")??;
     Ok(args.messages as f64 / secs)
 }
 

@@ -1,9 +1,12 @@
-//! The delivery engine: one pipeline per subscription.
+//! The delivery engine: one pipeline per subscription, each consumer under a
+//! supervisor.
 //!
 //! ```text
-//! transport.consume ──inbox.put()──▶ window slot, route ──▶ task: handler slot, target.deliver
-//!        ▲                                                                   │ Outcome
-//!        └──────────── delivery.settle(Settlement) ◀── decide() ◀────────────┘
+//!             supervisor: restart with backoff, stall watchdog
+//!                  │
+//! transport.consume ──inbox.put()──▶ window slot, route ──▶ task: circuit, handler slot, target.deliver
+//!        ▲                                                                            │ Outcome
+//!        └──── delivery.settle(Settlement), retried until the broker takes it ◀── decide() ◀┘
 //! ```
 //!
 //! Bounds: the broker hands a subscription at most `prefetch` unsettled messages, and
@@ -12,28 +15,50 @@
 //! handler has its own `max_in_flight` semaphore shared by every subscription; a task
 //! waits for it without holding up messages bound for other handlers.
 //!
+//! Never silent (README "Reliability"):
+//! - **Supervision.** When a consumer ends without being asked (it failed, it
+//!   panicked, it just returned) the supervisor logs it, counts it and starts it
+//!   again with backoff; `/readyz` says why meanwhile. A fatal error (a consumer that
+//!   can never work as configured) stops the whole router with an error.
+//! - **Stall watchdog.** When the broker reports messages waiting and none arrived for
+//!   `stall_timeout` while the window had room and no circuit was open, the consumer
+//!   is reported stalled and started again.
+//! - **Settlement.** A settlement the broker refuses (a dead-letter exchange that does
+//!   not exist) is tried again with backoff — the settlement, never the handler — while
+//!   the message stays unacked and holds its window slot; a warning per message at
+//!   most once a minute, `router_settling`, and `/readyz` tell the operator.
+//! - **Circuit breakers.** When a handler fails most attempts, its circuit opens
+//!   ([`crate::breaker`]): the subscriptions routed to it take nothing new, attempts
+//!   wait, and a failed attempt while the circuit is not closed is not counted against
+//!   its message.
+//!
 //! Shutdown: stop taking deliveries, let in-flight work finish within the grace
 //! period, drop (= hand back to the broker) whatever is still running, then let the
 //! transport flush its acks and close.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::backoff;
+use crate::breaker::{Breaker, CircuitState, Observer, Verdict};
 use crate::config::{Config, SubscriptionConfig};
 use crate::dedup::Dedup;
-use crate::message::{Delivery, Settlement};
+use crate::health::{Problem, Readiness, SourceStatus};
+use crate::message::{Delivery, SettleError, Settlement};
 use crate::metrics::Metrics;
-use crate::retry::{decide, Decision, RetryPolicy};
+use crate::retry::{decide, Decision, Outcome, RetryPolicy};
 use crate::routing::RoutingTable;
 use crate::target::{DeliveryInfo, Target};
-use crate::transport::{self, ConsumeSpec, Inbox, SourceStatus, Transport};
+use crate::transport::{self, ConsumeError, ConsumeSpec, Inbox, Transport};
 
 /// Why a router could not be built from a valid config.
 #[derive(Debug, thiserror::Error)]
@@ -42,11 +67,27 @@ pub enum BuildError {
     MissingTarget(String),
 }
 
-/// A handler as the engine sees it: how to reach it and how many may be in flight.
+/// Why a router stopped without being asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("subscription {subscription:?} cannot run: {reason}")]
+    Fatal { subscription: String, reason: String },
+}
+
+/// A consumer that ran this long before ending resets the supervisor's backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+/// How often a message whose settlement keeps failing is logged.
+const SETTLE_WARN_EVERY: Duration = Duration::from_secs(60);
+/// Longest wait for the broker's backlog answer in a stall check.
+const BACKLOG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A handler as the engine sees it: how to reach it, how many may be in flight, and
+/// its circuit.
 #[derive(Clone)]
 struct Handler {
     target: Arc<dyn Target>,
     limit: Arc<Semaphore>,
+    breaker: Arc<Breaker>,
 }
 
 /// Everything one subscription pipeline needs, shared by its tasks.
@@ -59,7 +100,15 @@ struct Pipeline {
     metrics: Arc<Metrics>,
     status: Arc<SourceStatus>,
     grace: Duration,
+    reconnect_max: Duration,
     dedup: Option<Dedup>,
+    /// Circuits of the handlers this subscription can reach: while one is open, the
+    /// subscription takes nothing new from the broker.
+    breakers: Vec<Arc<Breaker>>,
+    /// Messages whose settlement is being retried, and the last refusal.
+    settling: Mutex<(usize, String)>,
+    /// When the consumer last handed over a delivery (or started): the watchdog's clock.
+    last_received: Mutex<Instant>,
 }
 
 /// The whole router: every subscription of a config, wired to its targets.
@@ -69,14 +118,29 @@ pub struct Router {
     metrics: Arc<Metrics>,
 }
 
-/// Live readiness of every subscription, for `/readyz`.
-#[derive(Clone)]
-pub struct Readiness(Vec<(String, Arc<SourceStatus>)>);
+/// Keeps `router_circuit_state` and `router_circuit_opened_total` in step with a circuit.
+struct CircuitMetrics(Arc<Metrics>);
 
-impl Readiness {
-    /// Names of subscriptions without a live consumer.
-    pub fn not_ready(&self) -> Vec<String> {
-        self.0.iter().filter(|(_, s)| !s.is_connected()).map(|(n, _)| n.clone()).collect()
+impl Observer for CircuitMetrics {
+    fn changed(&self, handler: &str, state: CircuitState, _reason: &str) {
+        self.0.circuit_state.with_label_values(&[handler]).set(state as i64);
+        if state == CircuitState::Open {
+            self.0.circuit_opened.with_label_values(&[handler]).inc();
+        }
+    }
+}
+
+/// Shows an open circuit on the health of a subscription routed to its handler.
+struct CircuitHealth(Arc<SourceStatus>);
+
+impl Observer for CircuitHealth {
+    fn changed(&self, handler: &str, state: CircuitState, reason: &str) {
+        let problem = Problem::CircuitOpen(handler.to_string());
+        match state {
+            CircuitState::Closed => self.0.clear(&problem),
+            CircuitState::Open => self.0.report(problem, format!("{reason}; taking nothing new")),
+            CircuitState::HalfOpen => self.0.report(problem, "half-open: probing the handler"),
+        }
     }
 }
 
@@ -93,9 +157,12 @@ impl Router {
                 || config.subscriptions.values().any(|s| s.default_handler.as_deref() == Some(name));
             match targets.get(name) {
                 Some(t) => {
+                    let breaker = Breaker::new(name, h.circuit_breaker.clone());
+                    breaker.observe(Arc::new(CircuitMetrics(metrics.clone())));
+                    metrics.circuit_state.with_label_values(&[name.as_str()]).set(0);
                     handlers.insert(
                         name.clone(),
-                        Handler { target: t.clone(), limit: Arc::new(Semaphore::new(h.max_in_flight.max(1))) },
+                        Handler { target: t.clone(), limit: Arc::new(Semaphore::new(h.max_in_flight.max(1))), breaker },
                     );
                 }
                 None if used => return Err(BuildError::MissingTarget(name.clone())),
@@ -112,6 +179,17 @@ impl Router {
                 continue;
             };
             let gauge = metrics.connected.with_label_values(&[name.as_str()]);
+            let status = Arc::new(SourceStatus::new(Some(gauge)));
+            let breakers: Vec<Arc<Breaker>> = config
+                .reachable_handlers(name)
+                .filter_map(|(h, _)| handlers.get(h))
+                .map(|h| h.breaker.clone())
+                .collect();
+            for b in &breakers {
+                b.observe(Arc::new(CircuitHealth(status.clone())));
+            }
+            let reconnect_max =
+                config.transports.get(&s.transport).map_or(Duration::from_secs(30), |t| t.reconnect_max_delay);
             pipelines.push(Arc::new(Pipeline {
                 name: name.clone(),
                 config: s.clone(),
@@ -119,9 +197,13 @@ impl Router {
                 routes: routes.clone(),
                 handlers: handlers.clone(),
                 metrics: metrics.clone(),
-                status: Arc::new(SourceStatus::new(Some(gauge))),
+                status,
                 grace: config.shutdown.grace_period,
+                reconnect_max,
                 dedup: s.dedup.as_ref().map(|d| Dedup::new(name, d)),
+                breakers,
+                settling: Mutex::new((0, String::new())),
+                last_received: Mutex::new(Instant::now()),
             }));
         }
         Ok(Router { pipelines, transports: transports.into_values().collect(), metrics })
@@ -135,21 +217,46 @@ impl Router {
         self.metrics.clone()
     }
 
-    /// Run every subscription until `shutdown` is cancelled, then drain and return.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Run every subscription until `shutdown` is cancelled, then drain and return. A
+    /// subscription that can never run (a fatal consumer error) stops the others too,
+    /// and the error is returned.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
+        let stop = CancellationToken::new();
+        let link = {
+            let (outer, inner) = (shutdown.clone(), stop.clone());
+            tokio::spawn(async move {
+                outer.cancelled().await;
+                inner.cancel();
+            })
+        };
         let mut all = tokio::task::JoinSet::new();
         for p in &self.pipelines {
-            all.spawn(p.clone().run(shutdown.clone()));
+            let (p, stop) = (p.clone(), stop.clone());
+            all.spawn(async move {
+                let result = p.clone().run(stop.clone()).await;
+                if result.is_err() {
+                    stop.cancel();
+                }
+                result.map_err(|reason| RunError::Fatal { subscription: p.name.clone(), reason })
+            });
         }
+        let mut failure = None;
         while let Some(res) = all.join_next().await {
-            if let Err(e) = res {
-                error!(error = %e, "a subscription pipeline failed");
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    error!(error = %e, "stopping the router");
+                    failure.get_or_insert(e);
+                }
+                Err(e) => error!(error = %e, "a subscription pipeline failed"),
             }
         }
+        link.abort();
         for t in &self.transports {
             t.close().await;
         }
         info!("router stopped");
+        failure.map_or(Ok(()), Err)
     }
 }
 
@@ -171,19 +278,51 @@ impl Inbox for PipelineInbox {
         if self.shutdown.is_cancelled() {
             return Err(d);
         }
+        // A handler this subscription routes to is failing: take nothing new. This one
+        // waits here, unacked; the rest stays at the broker.
+        for b in &self.pipeline.breakers {
+            if !b.wait_not_open(&self.shutdown).await {
+                return Err(d);
+            }
+        }
         let name = [self.pipeline.name.as_str()];
         self.pipeline.metrics.received.with_label_values(&name).inc();
         if d.redelivered {
             self.pipeline.metrics.redelivered.with_label_values(&name).inc();
         }
+        self.pipeline.touch();
         let Some(slot) = acquire(&self.window, &self.shutdown).await else { return Err(d) };
         self.pipeline.clone().dispatch(d, slot, self);
         Ok(())
     }
+
+    fn paused(&self) -> bool {
+        self.pipeline.paused()
+    }
+
+    async fn pause_changed(&self) {
+        let changes: Vec<_> = self.pipeline.breakers.iter().map(|b| Box::pin(b.changed())).collect();
+        if changes.is_empty() {
+            return std::future::pending().await;
+        }
+        futures::future::select_all(changes).await;
+    }
+}
+
+/// How one consumer run ended, as the supervisor sees it.
+enum Ended {
+    /// The router is stopping.
+    Shutdown,
+    /// The watchdog found it stalled (and it was stopped).
+    Stalled(String),
+    /// It ended on its own.
+    Returned(Result<Result<(), ConsumeError>, tokio::task::JoinError>),
 }
 
 impl Pipeline {
-    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Run the subscription until `shutdown`. `Err` carries the reason a consumer can
+    /// never run (fatal).
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), String> {
         let spec = ConsumeSpec {
             subscription: self.name.clone(),
             config: self.config.clone(),
@@ -200,19 +339,66 @@ impl Pipeline {
             abort: abort.clone(),
         });
         info!(subscription = %self.name, "subscription started");
-        let stop_consuming = CancellationToken::new();
-        let mut consumer = tokio::spawn({
-            let (transport, status, stop) = (self.transport.clone(), self.status.clone(), stop_consuming.clone());
-            async move { transport.consume(spec, inbox, status, stop).await }
-        });
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            res = &mut consumer => {
-                error!(subscription = %self.name, result = ?res, "transport stopped on its own");
+        let labels = [self.name.as_str()];
+        let mut backoff = backoff::reconnect(self.reconnect_max);
+        let mut fatal = None;
+        let mut consumer;
+        loop {
+            let run = shutdown.child_token();
+            self.touch();
+            let started = Instant::now();
+            consumer = tokio::spawn({
+                let (transport, spec, status, run) =
+                    (self.transport.clone(), spec.clone(), self.status.clone(), run.clone());
+                let inbox: Arc<dyn Inbox> = inbox.clone();
+                async move { transport.consume(spec, inbox, status, run).await }
+            });
+            self.status.clear(&Problem::Restarting);
+            let ended = tokio::select! {
+                _ = shutdown.cancelled() => Ended::Shutdown,
+                reason = self.watch_stall(&inbox, &spec) => Ended::Stalled(reason),
+                res = &mut consumer => Ended::Returned(res),
+            };
+            let reason = match ended {
+                Ended::Shutdown => break,
+                Ended::Stalled(reason) => {
+                    self.metrics.stalls.with_label_values(&labels).inc();
+                    warn!(subscription = %self.name, reason = %reason, "consumer stalled; starting it again");
+                    self.status.report(Problem::Restarting, format!("stalled: {reason}"));
+                    run.cancel();
+                    // Its in-flight messages settle through the old consumer first;
+                    // one that takes longer than the grace period finishes beside the new one.
+                    if tokio::time::timeout(self.grace, &mut consumer).await.is_err() {
+                        warn!(subscription = %self.name, "the stalled consumer is still finishing its messages; starting a new one beside it");
+                    }
+                    self.metrics.consumer_restarts.with_label_values(&labels).inc();
+                    continue;
+                }
+                Ended::Returned(Ok(Ok(()))) => "the consumer ended on its own".to_string(),
+                Ended::Returned(Ok(Err(ConsumeError::Fatal(e)))) => {
+                    error!(subscription = %self.name, error = %e, "the consumer cannot run as configured");
+                    self.status.report(Problem::Restarting, format!("cannot run: {e}"));
+                    fatal = Some(e);
+                    break;
+                }
+                Ended::Returned(Ok(Err(ConsumeError::Failed(e)))) => e,
+                Ended::Returned(Err(e)) => format!("the consumer task failed: {e}"),
+            };
+            self.status.set_connected(false);
+            self.metrics.consumer_restarts.with_label_values(&labels).inc();
+            if started.elapsed() >= HEALTHY_RUN {
+                backoff = backoff::reconnect(self.reconnect_max);
+            }
+            let wait = backoff.next_delay();
+            error!(subscription = %self.name, reason = %reason, retry_in = ?wait, "consumer stopped; starting it again");
+            self.status.report(Problem::Restarting, format!("{reason}; starting again in {wait:?}"));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
-        // Stop taking deliveries; let in-flight work finish within the grace period.
-        stop_consuming.cancel();
+        // Stop taking deliveries (fatal: the others are told to stop by `run`); let
+        // in-flight work finish within the grace period.
         tasks.close();
         if !tasks.is_empty() {
             info!(subscription = %self.name, in_flight = tasks.len(), grace = ?self.grace, "draining in-flight messages");
@@ -226,7 +412,55 @@ impl Pipeline {
         if !consumer.is_finished() && tokio::time::timeout(Duration::from_secs(10), consumer).await.is_err() {
             warn!(subscription = %self.name, "transport did not stop within 10s");
         }
+        self.status.set_connected(false);
         info!(subscription = %self.name, "subscription stopped");
+        fatal.map_or(Ok(()), Err)
+    }
+
+    /// Note that the consumer is alive and delivering (the watchdog's clock).
+    fn touch(&self) {
+        *self.last_received.lock() = Instant::now();
+    }
+
+    /// Whether the subscription takes nothing new (a circuit it routes to is open).
+    fn paused(&self) -> bool {
+        self.breakers.iter().any(|b| b.is_open())
+    }
+
+    /// Complete with the reason when the consumer is stalled: the broker reports
+    /// messages waiting, none arrived for `stall_timeout`, the window has room, and
+    /// nothing paused the subscription on purpose. Never completes when the watchdog
+    /// is off.
+    async fn watch_stall(&self, inbox: &PipelineInbox, spec: &ConsumeSpec) -> String {
+        let limit = self.config.stall_timeout;
+        if limit.is_zero() {
+            return std::future::pending().await;
+        }
+        let every = (limit / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
+        loop {
+            tokio::time::sleep(every).await;
+            if self.paused() || !self.status.is_connected() {
+                // Idle on purpose, or the transport's reconnect loop is at work (and
+                // `/readyz` already says so): the clock starts again afterwards.
+                self.touch();
+                continue;
+            }
+            let idle = self.last_received.lock().elapsed();
+            if idle < limit || inbox.window.available_permits() == 0 {
+                continue;
+            }
+            match tokio::time::timeout(BACKLOG_TIMEOUT, self.transport.backlog(spec)).await {
+                Ok(Ok(Some(waiting))) if waiting > 0 => {
+                    return format!(
+                        "{waiting} messages wait at the broker but none arrived for {:.0?} while the window had room",
+                        idle
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => debug!(subscription = %self.name, error = %e, "stall check: cannot read the backlog"),
+                Err(_) => debug!(subscription = %self.name, "stall check: the broker did not answer in time"),
+            }
+        }
     }
 
     /// Route one delivery and start its task. The task waits for a slot of its
@@ -264,7 +498,7 @@ impl Pipeline {
         inbox.tasks.spawn(async move {
             let work = async {
                 match route {
-                    Err(reason) => self.dead_letter_unhandled(d, reason).await,
+                    Err(reason) => self.dead_letter_unhandled(d, reason, &abort).await,
                     // Earlier deliveries ended without an answer (the consumer died
                     // or was stopped mid-handling): a message that keeps killing its
                     // consumer must not be delivered forever.
@@ -282,14 +516,10 @@ impl Pipeline {
                             SystemTime::now(),
                         );
                         failure.attempts = d.attempt - 1;
-                        self.settle(d, Settlement::DeadLetter(failure), &route, &handler_name).await;
+                        self.settle(d, Settlement::DeadLetter(failure), &route, &handler_name, &abort).await;
                     }
                     Ok((route, handler_name, handler, policy)) => {
-                        // Shutdown while waiting: the delivery is dropped, so handed back.
-                        if let Some(slot) = acquire(&handler.limit, &shutdown).await {
-                            self.handle(d, &route, &handler_name, &handler, &policy).await;
-                            drop(slot);
-                        }
+                        self.handle(d, &route, &handler_name, &handler, &policy, &shutdown, &abort).await;
                     }
                 }
             };
@@ -303,28 +533,48 @@ impl Pipeline {
         });
     }
 
-    /// One attempt: deliver, decide, settle.
-    async fn handle(&self, d: Delivery, route: &str, handler_name: &str, handler: &Handler, policy: &RetryPolicy) {
+    /// Deliver (again while the handler's circuit is not closed), decide, settle.
+    #[allow(clippy::too_many_arguments)]
+    async fn handle(
+        &self,
+        d: Delivery,
+        route: &str,
+        handler_name: &str,
+        handler: &Handler,
+        policy: &RetryPolicy,
+        shutdown: &CancellationToken,
+        abort: &CancellationToken,
+    ) {
         if self.already_handled(&d).await {
             self.metrics.deduplicated.with_label_values(&[self.name.as_str()]).inc();
             debug!(subscription = %self.name, id = %d.message.id, "already handled; acking without delivery");
-            self.settle(d, Settlement::Ack, route, handler_name).await;
+            self.settle(d, Settlement::Ack, route, handler_name, abort).await;
             return;
         }
-        let in_flight = self.metrics.in_flight.with_label_values(&[self.name.as_str()]);
-        in_flight.inc();
-        let started = Instant::now();
-        let outcome = handler
-            .target
-            .deliver(DeliveryInfo {
-                message: &d.message,
-                attempt: d.attempt,
-                subscription: &self.name,
-                route,
-                handler: handler_name,
-            })
-            .await;
-        self.metrics.handler_seconds.with_label_values(&[handler_name]).observe(started.elapsed().as_secs_f64());
+        let outcome = loop {
+            // Shutdown while waiting: the delivery is dropped, so handed back.
+            let Some(admission) = handler.breaker.admit(shutdown).await else { return };
+            let Some(slot) = acquire(&handler.limit, shutdown).await else { return };
+            let outcome = self.deliver(&d, route, handler_name, handler).await;
+            drop(slot);
+            let verdict = match &outcome {
+                o if o.is_failure() => Verdict::Failure,
+                Outcome::Undeliverable { .. } => Verdict::Neutral,
+                _ => Verdict::Success,
+            };
+            let error = match &outcome {
+                Outcome::Retry { error, .. } => error.as_str(),
+                _ => "",
+            };
+            if admission.record(verdict, error) && verdict == Verdict::Failure {
+                // The handler is failing as a whole, not this message: wait for the
+                // circuit and try it again with the same attempt number.
+                self.metrics.attempts_held.with_label_values(&[handler_name]).inc();
+                debug!(subscription = %self.name, id = %d.message.id, attempt = d.attempt, error, "attempt failed while the circuit is open; not counted, waiting for the circuit");
+                continue;
+            }
+            break outcome;
+        };
         let now = SystemTime::now();
         let failure = |reason: String, error: String| d.failure(reason, error, Some(route), Some(handler_name), now);
         let settlement = match decide(policy, d.attempt, outcome, fastrand::f64()) {
@@ -344,8 +594,27 @@ impl Pipeline {
             }
             Decision::DeadLetter { reason, error } => Settlement::DeadLetter(failure(reason, error)),
         };
-        self.settle(d, settlement, route, handler_name).await;
+        self.settle(d, settlement, route, handler_name, abort).await;
+    }
+
+    /// One attempt at the handler.
+    async fn deliver(&self, d: &Delivery, route: &str, handler_name: &str, handler: &Handler) -> Outcome {
+        let in_flight = self.metrics.in_flight.with_label_values(&[self.name.as_str()]);
+        in_flight.inc();
+        let started = std::time::Instant::now();
+        let outcome = handler
+            .target
+            .deliver(DeliveryInfo {
+                message: &d.message,
+                attempt: d.attempt,
+                subscription: &self.name,
+                route,
+                handler: handler_name,
+            })
+            .await;
+        self.metrics.handler_seconds.with_label_values(&[handler_name]).observe(started.elapsed().as_secs_f64());
         in_flight.dec();
+        outcome
     }
 
     /// Whether dedup knows this message as handled. A dedup store that cannot answer
@@ -363,13 +632,23 @@ impl Pipeline {
     }
 
     /// Dead-letter a message that never reached a handler.
-    async fn dead_letter_unhandled(&self, d: Delivery, reason: String) {
+    async fn dead_letter_unhandled(&self, d: Delivery, reason: String, abort: &CancellationToken) {
         let failure = d.failure(reason.clone(), reason, None, None, SystemTime::now());
-        self.settle(d, Settlement::DeadLetter(failure), "", "").await;
+        self.settle(d, Settlement::DeadLetter(failure), "", "", abort).await;
     }
 
-    /// The one place a delivery is settled, counted and logged.
-    async fn settle(&self, d: Delivery, settlement: Settlement, route: &str, handler: &str) {
+    /// The one place a delivery is settled, counted and logged. A settlement the
+    /// broker refuses is tried again with backoff until it lands (the message stays
+    /// unacked and keeps its window slot), until the broker takes the message back by
+    /// itself, or until the grace period of a shutdown is over (then it is handed back).
+    async fn settle(
+        &self,
+        mut d: Delivery,
+        settlement: Settlement,
+        route: &str,
+        handler: &str,
+        abort: &CancellationToken,
+    ) {
         let labels = [self.name.as_str(), route, handler];
         let id = d.message.id.clone();
         let counter = match &settlement {
@@ -387,16 +666,65 @@ impl Pipeline {
             }
             Settlement::Release => None,
         };
-        match d.settle(settlement).await {
-            Ok(()) => {
-                if let Some(c) = counter {
-                    c.with_label_values(&labels).inc();
+        let mut backoff = None;
+        let mut warned: Option<Instant> = None;
+        let mut tries = 0u32;
+        loop {
+            match d.settle(&settlement).await {
+                Ok(()) => {
+                    if let Some(c) = counter {
+                        c.with_label_values(&labels).inc();
+                    }
+                    if tries > 0 {
+                        info!(subscription = %self.name, %id, tries = tries + 1, "settled after the broker refused it earlier");
+                    }
+                    break;
+                }
+                Err(SettleError::Gone(reason)) => {
+                    warn!(subscription = %self.name, %id, reason = %reason, "the broker took the message back before it was settled; it will be delivered again");
+                    break;
+                }
+                Err(SettleError::Failed(reason)) => {
+                    tries += 1;
+                    self.metrics.settle_failures.with_label_values(&[self.name.as_str()]).inc();
+                    if tries == 1 {
+                        self.settling_changed(1, &reason);
+                    } else {
+                        self.settling_changed(0, &reason);
+                    }
+                    let wait = backoff.get_or_insert_with(backoff::settle).next_delay();
+                    if warned.is_none_or(|t| t.elapsed() >= SETTLE_WARN_EVERY) {
+                        warned = Some(Instant::now());
+                        warn!(subscription = %self.name, %id, tries, error = %reason, retry_in = ?wait, "settlement refused by the broker; trying it again (not the handler), the message stays unacked");
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = abort.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
-            Err(e) => {
-                self.metrics.settle_failures.with_label_values(&[self.name.as_str()]).inc();
-                error!(subscription = %self.name, %id, error = %e, "settlement failed; the broker will redeliver the message");
-            }
+        }
+        if tries > 0 {
+            self.settling_changed(-1, "");
+        }
+    }
+
+    /// Track messages whose settlement is being retried, for `router_settling` and `/readyz`.
+    fn settling_changed(&self, delta: i64, reason: &str) {
+        let mut s = self.settling.lock();
+        s.0 = s.0.saturating_add_signed(delta as isize);
+        if !reason.is_empty() {
+            s.1 = reason.to_string();
+        }
+        self.metrics.settling.with_label_values(&[self.name.as_str()]).set(s.0 as i64);
+        if s.0 == 0 {
+            self.status.clear(&Problem::Settling);
+        } else {
+            self.status.report(
+                Problem::Settling,
+                format!("{} message(s) whose settlement the broker refuses, retrying; last: {}", s.0, s.1),
+            );
         }
     }
 }

@@ -8,7 +8,12 @@
 //!   [`decide`] function that turns an outcome into ack / retry / dead-letter.
 //! - [`routing`]: the routing table (subscription, routing-key globs, headers).
 //! - [`engine`]: the per-subscription pipeline: bounded in-flight, per-handler limits,
-//!   the single settle point, graceful drain. [`Router`] wires a config to targets.
+//!   the single settle point (settlements the broker refuses are retried), the
+//!   supervisor and stall watchdog of each consumer, graceful drain. [`Router`] wires a
+//!   config to targets.
+//! - [`breaker`]: the circuit breaker of each handler.
+//! - [`health`]: what `/readyz` reports per subscription ([`Readiness`]).
+//! - [`backoff`]: the one exponential backoff (reconnects, restarts, settle retries).
 //! - [`dedup`]: Redis-backed skipping of messages already handled (optional).
 //! - [`target`]: the [`Target`] trait handlers are reached through.
 //! - [`transport`]: brokers (`amqp`, `kafka`, `redis`, `memory`) behind the
@@ -17,9 +22,12 @@
 //!   interpolation and validation with key paths.
 //! - [`metrics`]: the Prometheus registry.
 
+pub mod backoff;
+pub mod breaker;
 pub mod config;
 pub mod dedup;
 pub mod engine;
+pub mod health;
 pub mod message;
 pub mod metrics;
 pub mod retry;
@@ -27,7 +35,8 @@ pub mod routing;
 pub mod target;
 pub mod transport;
 
-pub use engine::{BuildError, Readiness, Router};
+pub use engine::{BuildError, Router, RunError};
+pub use health::Readiness;
 pub use message::{Delivery, Failure, Message, Settlement};
 pub use metrics::Metrics;
 pub use retry::{decide, Decision, Outcome, RetryPolicy};

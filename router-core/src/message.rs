@@ -1,9 +1,12 @@
 //! The broker-neutral message, the delivery that carries it through the router, and
 //! the settlement a delivery ends with.
 //!
-//! A [`Delivery`] is settled exactly once: [`Delivery::settle`] consumes it. One that is
-//! dropped unsettled (a task aborted at the end of the shutdown grace period, a panic)
-//! hands its message back to the broker through [`Settle::abandon`], so it is
+//! A [`Delivery`] is settled once: after [`Delivery::settle`] succeeded there is
+//! nothing left to settle. A settlement the broker refuses (a dead-letter exchange
+//! that does not exist, a full disk) leaves the delivery as it was, still held at the
+//! broker, so the engine can try the same settlement again: never the handler. One
+//! that is dropped unsettled (a task aborted at the end of the shutdown grace period,
+//! a panic) hands its message back to the broker through [`Settle::abandon`], so it is
 //! redelivered rather than lost.
 
 use std::collections::BTreeMap;
@@ -40,6 +43,12 @@ pub mod header {
     pub const ORIGINAL_STREAM: &str = "x-router-original-stream";
     /// Id of the stream entry the message first arrived as (Redis).
     pub const ORIGINAL_ID: &str = "x-router-original-id";
+    /// When a waiting retry is due, in milliseconds since the Unix epoch.
+    pub const DUE: &str = "x-router-due";
+    /// The id the router gave a message that arrived without one (AMQP without
+    /// `message_id`), kept on its retry copies and dead letter so every attempt
+    /// carries the same `ce-id`.
+    pub const MESSAGE_ID: &str = "x-router-message-id";
 }
 
 /// One message as the router sees it, whatever broker it came from.
@@ -118,19 +127,27 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Error a transport reports when it could not apply a settlement. The transport has
-/// already handed the message back to the broker (or the broker will redeliver it
-/// because the channel is gone), so nothing is lost; the engine only counts and logs.
+/// Why a transport could not apply a settlement.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SettleError(pub String);
+pub enum SettleError {
+    /// Nothing happened at the broker, which still holds the message for this
+    /// consumer (unacked): the same settlement may be tried again.
+    #[error("{0}")]
+    Failed(String),
+    /// The broker no longer holds the message for this consumer (its channel closed,
+    /// its partition was revoked, its group was destroyed): it is delivered again from
+    /// the broker, and there is nothing left to settle here.
+    #[error("{0}")]
+    Gone(String),
+}
 
 /// The transport's half of a delivery: how to settle it at the broker.
 #[async_trait]
 pub trait Settle: Send + Sync {
     /// Apply the settlement. Durable publishes (retry, dead-letter) are confirmed by
-    /// the broker before the original is acked.
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), SettleError>;
+    /// the broker before the original is acked. After [`SettleError::Failed`] the
+    /// handle is unchanged and the same settlement may be applied again.
+    async fn settle(&mut self, settlement: &Settlement) -> Result<(), SettleError>;
 
     /// The delivery was dropped without being settled: hand it back to the broker for
     /// redelivery. Called from `Drop`, so it must not block.
@@ -190,12 +207,18 @@ impl Delivery {
         }
     }
 
-    /// Settle at the broker. Consumes the delivery: it cannot be settled twice.
-    pub async fn settle(mut self, settlement: Settlement) -> Result<(), SettleError> {
-        match self.handle.take() {
-            Some(handle) => handle.settle(settlement).await,
-            None => Err(SettleError("delivery already settled".into())),
+    /// Settle at the broker. After `Ok` (or [`SettleError::Gone`]) there is nothing
+    /// left to settle; after [`SettleError::Failed`] the delivery is still held and the
+    /// same settlement can be tried again.
+    pub async fn settle(&mut self, settlement: &Settlement) -> Result<(), SettleError> {
+        let Some(handle) = self.handle.as_mut() else {
+            return Err(SettleError::Gone("delivery already settled".into()));
+        };
+        let result = handle.settle(settlement).await;
+        if !matches!(result, Err(SettleError::Failed(_))) {
+            self.handle = None;
         }
+        result
     }
 }
 

@@ -13,7 +13,7 @@ pub struct Metrics {
     pub acked: IntCounterVec,
     pub retried: IntCounterVec,
     pub dead_lettered: IntCounterVec,
-    /// A settlement the broker did not confirm; the message is redelivered.
+    /// Settlement tries the broker refused (each is tried again, never the handler).
     pub settle_failures: IntCounterVec,
     /// Deliveries acked without calling the handler: already handled (dedup).
     pub deduplicated: IntCounterVec,
@@ -25,6 +25,19 @@ pub struct Metrics {
     pub connected: IntGaugeVec,
     /// Messages in a partition behind the group's committed offset (Kafka).
     pub consumer_lag: IntGaugeVec,
+    /// Messages whose settlement is being retried right now (held unacked).
+    pub settling: IntGaugeVec,
+    /// Consumers started again by the supervisor (ended on their own, failed, stalled).
+    pub consumer_restarts: IntCounterVec,
+    /// Stalls the watchdog found (work waiting at the broker, nothing arriving).
+    pub stalls: IntCounterVec,
+    /// 0 closed, 1 open, 2 half-open, per handler.
+    pub circuit_state: IntGaugeVec,
+    /// Times a handler's circuit opened.
+    pub circuit_opened: IntCounterVec,
+    /// Failed attempts not counted against their message because the handler's
+    /// circuit was open (the message waited and was tried again).
+    pub attempts_held: IntCounterVec,
 }
 
 impl Metrics {
@@ -59,7 +72,7 @@ impl Metrics {
         )?;
         let settle_failures = counter(
             "router_settle_failures_total",
-            "Settlements the broker did not confirm (the message is redelivered)",
+            "Settlement tries the broker refused (the settlement is tried again; the handler is not called again)",
             &["subscription"],
         )?;
         let deduplicated = counter(
@@ -87,6 +100,32 @@ impl Metrics {
             &["subscription", "topic", "partition"],
         )?;
         registry.register(Box::new(consumer_lag.clone()))?;
+        let settling = gauge(
+            "router_settling",
+            "Messages whose settlement (ack, retry or dead-letter write) the broker refused and that are being retried",
+        )?;
+        let consumer_restarts = counter(
+            "router_consumer_restarts_total",
+            "Consumers started again by the supervisor (ended on their own, failed or stalled)",
+            &["subscription"],
+        )?;
+        let stalls = counter(
+            "router_consumer_stalls_total",
+            "Stalls found by the watchdog: messages waiting at the broker, none arriving, room in the window",
+            &["subscription"],
+        )?;
+        let circuit_state = IntGaugeVec::new(
+            Opts::new("router_circuit_state", "Circuit of a handler: 0 closed, 1 open, 2 half-open"),
+            &["handler"],
+        )?;
+        registry.register(Box::new(circuit_state.clone()))?;
+        let circuit_opened =
+            counter("router_circuit_opened_total", "Times the circuit of a handler opened", &["handler"])?;
+        let attempts_held = counter(
+            "router_attempts_held_total",
+            "Failed attempts not counted against their message because the handler's circuit was open",
+            &["handler"],
+        )?;
         Ok(Metrics {
             registry,
             received,
@@ -101,6 +140,12 @@ impl Metrics {
             in_flight,
             connected,
             consumer_lag,
+            settling,
+            consumer_restarts,
+            stalls,
+            circuit_state,
+            circuit_opened,
+            attempts_held,
         })
     }
 

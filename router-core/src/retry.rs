@@ -17,6 +17,17 @@ pub enum Outcome {
     Retry { after: Option<Duration>, error: String },
     /// Poison message: dead-letter now, whatever attempts are left.
     Reject { reason: String },
+    /// The target cannot even send this message to its handler (a header its
+    /// protocol cannot carry): dead-letter now; no handler saw it.
+    Undeliverable { reason: String },
+}
+
+impl Outcome {
+    /// Whether the handler (or the way to it) failed: what the circuit breaker counts.
+    /// A rejection is an answer, and an undeliverable message is the message's fault.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Outcome::Retry { .. })
+    }
 }
 
 /// Retry policy of a subscription or route; plain data from the config.
@@ -88,6 +99,9 @@ pub fn decide(policy: &RetryPolicy, attempt: u32, outcome: Outcome, draw: f64) -
         Outcome::Ack => Decision::Ack,
         Outcome::Reject { reason } => {
             Decision::DeadLetter { reason: format!("rejected by handler: {reason}"), error: reason }
+        }
+        Outcome::Undeliverable { reason } => {
+            Decision::DeadLetter { reason: format!("cannot be delivered (no handler saw it): {reason}"), error: reason }
         }
         Outcome::Retry { error, .. } if attempt >= policy.max_attempts => Decision::DeadLetter {
             reason: format!("max attempts exhausted ({attempt} of {})", policy.max_attempts),
@@ -161,6 +175,17 @@ mod tests {
                 Outcome::Retry { after: Some(Duration::from_secs(7)), error: "HTTP 429".into() },
                 0.5,
                 Decision::DeadLetter { reason: "max attempts exhausted (4 of 4)".into(), error: "HTTP 429".into() },
+            ),
+            // a message the target cannot send is dead-lettered at once, saying so
+            (
+                1,
+                Outcome::Undeliverable { reason: "value of header \"x\" cannot be sent over HTTP".into() },
+                0.5,
+                Decision::DeadLetter {
+                    reason: "cannot be delivered (no handler saw it): value of header \"x\" cannot be sent over HTTP"
+                        .into(),
+                    error: "value of header \"x\" cannot be sent over HTTP".into(),
+                },
             ),
             // reject dead-letters at once, even on the first attempt
             (

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is the report
 //! The delivery engine end to end over the memory transport, with scripted targets:
 //! outcomes become acks, retries (with the attempt carried along) and dead letters
 //! with their headers; shutdown hands unfinished work back.
@@ -59,18 +60,21 @@ fn msg(id: &str, key: &str) -> Message {
     Message { id: id.into(), key: Some(key.into()), body: bytes::Bytes::from_static(b"\x00body"), ..Message::default() }
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_up_to(Duration::from_secs(10), what, cond).await
+}
+
+async fn wait_up_to(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-fn start(
-    cfg: &router_core::config::Config,
-    target: Arc<Scripted>,
-) -> (CancellationToken, tokio::task::JoinHandle<()>, Arc<Metrics>) {
+type RunTask = tokio::task::JoinHandle<Result<(), router_core::RunError>>;
+
+fn start(cfg: &router_core::config::Config, target: Arc<Scripted>) -> (CancellationToken, RunTask, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let targets: HashMap<String, Arc<dyn Target>> = HashMap::from([("h".to_string(), target as Arc<dyn Target>)]);
     let router = Router::new(cfg, targets, metrics.clone()).expect("router");
@@ -105,7 +109,7 @@ async fn acks_retries_and_dead_letters_by_outcome() {
     let (stop, task, metrics) = start(&cfg, target.clone());
     wait_until("all settled", || broker.len("q.dlq") == 3 && target.seen.lock().len() == 7).await;
     stop.cancel();
-    task.await.expect("router task");
+    task.await.expect("router task").expect("router ran");
 
     let seen = target.seen.lock().clone();
     let attempts = |id: &str| seen.iter().filter(|(i, _, _)| i == id).map(|(_, a, _)| *a).collect::<Vec<_>>();
@@ -145,7 +149,7 @@ async fn handler_limit_bounds_concurrency_and_ordered_runs_one_at_a_time() {
         let (stop, task, _) = start(&config(&name, extra), target.clone());
         wait_until("all handled", || target.seen.lock().len() == 40).await;
         stop.cancel();
-        task.await.expect("router task");
+        task.await.expect("router task").expect("router ran");
         assert_eq!(target.max_running.load(Ordering::SeqCst), limit, "config extra {extra:?}");
         if limit == 1 {
             let order: Vec<String> = target.seen.lock().iter().map(|s| s.0.clone()).collect();
@@ -167,7 +171,11 @@ async fn shutdown_hands_unfinished_messages_back() {
     let (stop, task, _) = start(&config(&name, ""), target.clone());
     wait_until("handler busy", || target.seen.lock().len() == 4).await;
     stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops within grace + margin").expect("task");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops within grace + margin")
+        .expect("task")
+        .expect("router ran");
     assert_eq!(broker.len("q"), 10, "every unfinished message is back in the queue");
     assert!(broker.is_empty("q.dlq"));
 }
@@ -211,5 +219,181 @@ routes:
     assert!(started.elapsed() < Duration::from_secs(3), "fast handler waited {:?}", started.elapsed());
     assert_eq!(slow.seen.lock().len(), 1, "the slow handler works one at a time");
     stop.cancel();
-    task.await.expect("router task");
+    task.await.expect("router task").expect("router ran");
+}
+
+/// A config whose dead letters go to `q.dlq` and whose handler's circuit opens after
+/// `trip` failures in a row (0: never).
+fn config_with(broker: &str, extra_sub: &str, extra_handler: &str) -> router_core::config::Config {
+    let yaml = format!(
+        r#"
+shutdown: {{ grace_period: 2s }}
+transports: {{ {broker}: {{ type: memory, reconnect_max_delay: 1s }} }}
+handlers: {{ h: {{ max_in_flight: 4 {extra_handler} }} }}
+subscriptions:
+  s: {{ transport: {broker}, queue: q, prefetch: 16, retry: {{ max_attempts: 3, initial_delay: 10ms, max_delay: 50ms, jitter: 0 }} {extra_sub} }}
+routes:
+  - {{ name: orders, handler: h }}
+"#
+    );
+    parse(&yaml, "test.yaml", &|_| None).expect("valid config")
+}
+
+fn start_router(
+    cfg: &router_core::config::Config,
+    target: Arc<dyn Target>,
+) -> (CancellationToken, RunTask, Arc<Metrics>, router_core::Readiness) {
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let targets: HashMap<String, Arc<dyn Target>> = HashMap::from([("h".to_string(), target)]);
+    let router = Router::new(cfg, targets, metrics.clone()).expect("router");
+    let readiness = router.readiness();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(router.run(stop.clone()));
+    (stop, task, metrics, readiness)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_dead_letter_is_retried_not_the_handler_and_lands_when_the_destination_is_back() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    broker.refuse("q.dlq", true);
+    let target = Arc::new(Scripted {
+        script: HashMap::from([("poison".to_string(), vec![Outcome::Reject { reason: "HTTP 422: bad".into() }])]),
+        ..Scripted::default()
+    });
+    broker.push("q", msg("poison", "order.a"));
+    for i in 0..20 {
+        broker.push("q", msg(&format!("ok-{i}"), "order.a"));
+    }
+    let (stop, task, metrics, readiness) = start_router(&config_with(&name, "", ""), target.clone());
+    wait_until("the dead letter refused a few times", || broker.refusals() >= 6).await;
+    let seen = target.seen.lock().clone();
+    assert_eq!(seen.iter().filter(|s| s.0 == "poison").count(), 1, "the handler was called once");
+    assert_eq!(seen.len(), 21, "the other messages were not held up");
+    assert_eq!(metrics.settling.with_label_values(&["s"]).get(), 1);
+    assert!(metrics.settle_failures.with_label_values(&["s"]).get() >= 6);
+    let report = readiness.report();
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert!(report[0].1.iter().any(|r| r.contains("settling") && r.contains("refuses writes")), "{report:?}");
+    // The backoff grows: 6 refusals took more than 100 ms + 200 ms + ...
+    let before = broker.refusals();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(broker.refusals() - before < 8, "backed off: {} tries in 10 s", broker.refusals() - before);
+
+    broker.refuse("q.dlq", false);
+    wait_until("the dead letter lands", || broker.len("q.dlq") == 1).await;
+    assert_eq!(target.seen.lock().iter().filter(|s| s.0 == "poison").count(), 1, "still called once");
+    wait_until("settling cleared", || metrics.settling.with_label_values(&["s"]).get() == 0).await;
+    assert!(readiness.report().is_empty(), "{:?}", readiness.report());
+    assert_eq!(metrics.dead_lettered.with_label_values(&["s", "orders", "h"]).get(), 1);
+    stop.cancel();
+    task.await.expect("router task").expect("router ran");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_consumer_that_ends_is_started_again_and_readiness_says_so_meanwhile() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    use router_core::transport::memory::Sabotage;
+    broker.sabotage_next(Sabotage::Fail("connection refused".into()));
+    broker.sabotage_next(Sabotage::Fail("connection refused".into()));
+    let target = Arc::new(Scripted::default());
+    let (stop, task, metrics, readiness) = start_router(&config_with(&name, "", ""), target.clone());
+    wait_until("two restarts", || metrics.consumer_restarts.with_label_values(&["s"]).get() == 2).await;
+    let report = readiness.report();
+    assert!(report.iter().any(|(_, r)| r.iter().any(|l| l.contains("restarting: connection refused"))), "{report:?}");
+    broker.push("q", msg("m1", "order.a"));
+    wait_until("handled by the third consumer", || target.seen.lock().len() == 1).await;
+    assert!(readiness.report().is_empty(), "{:?}", readiness.report());
+    assert_eq!(metrics.connected.with_label_values(&["s"]).get(), 1);
+    stop.cancel();
+    task.await.expect("router task").expect("router ran");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fatal_consumer_error_stops_the_router_with_an_error() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    use router_core::transport::memory::Sabotage;
+    broker.sabotage_next(Sabotage::Fatal("the pattern is not a regex".into()));
+    let (_stop, task, _, _) = start_router(&config_with(&name, "", ""), Arc::new(Scripted::default()));
+    let result = tokio::time::timeout(Duration::from_secs(30), task).await.expect("stops").expect("task");
+    let err = result.expect_err("an error, not Ok");
+    assert_eq!(err.to_string(), "subscription \"s\" cannot run: the pattern is not a regex");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silently_stalled_consumer_is_found_and_started_again() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    use router_core::transport::memory::Sabotage;
+    broker.sabotage_next(Sabotage::Stall);
+    let target = Arc::new(Scripted::default());
+    let (stop, task, metrics, _) = start_router(&config_with(&name, ", stall_timeout: 4s", ""), target.clone());
+    for i in 0..5 {
+        broker.push("q", msg(&format!("m{i}"), "order.a"));
+    }
+    let started = tokio::time::Instant::now();
+    wait_until("all handled", || target.seen.lock().len() == 5).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(7), "found after {took:?}");
+    assert_eq!(metrics.stalls.with_label_values(&["s"]).get(), 1);
+    assert_eq!(metrics.consumer_restarts.with_label_values(&["s"]).get(), 1);
+    // An idle subscription with nothing waiting is not a stall.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(metrics.stalls.with_label_values(&["s"]).get(), 1);
+    stop.cancel();
+    task.await.expect("router task").expect("router ran");
+}
+
+/// Fails every attempt until `until` (tokio time), then handles.
+struct Outage {
+    until: tokio::time::Instant,
+    calls: AtomicUsize,
+    handled: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Target for Outage {
+    async fn deliver(&self, d: DeliveryInfo<'_>) -> Outcome {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if tokio::time::Instant::now() < self.until {
+            return Outcome::Retry { after: None, error: "HTTP 500: database down".into() };
+        }
+        self.handled.lock().push(d.message.id.clone());
+        Outcome::Ack
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_of_the_handler_opens_its_circuit_instead_of_burning_the_backlog() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    const N: usize = 500;
+    for i in 0..N {
+        broker.push("q", msg(&format!("m{i}"), "order.a"));
+    }
+    let target = Arc::new(Outage {
+        until: tokio::time::Instant::now() + Duration::from_secs(20),
+        calls: AtomicUsize::new(0),
+        handled: Mutex::new(Vec::new()),
+    });
+    let cfg = config_with(&name, "", ", circuit_breaker: { consecutive_failures: 5, open_for: 1s, max_open_for: 4s }");
+    let (stop, task, metrics, readiness) = start_router(&cfg, target.clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let report = readiness.report();
+    assert!(report.iter().any(|(_, r)| r.iter().any(|l| l.contains("circuit of handler \"h\" open"))), "{report:?}");
+    assert_eq!(metrics.circuit_state.with_label_values(&["h"]).get(), 1, "open");
+    let calls_in_outage = target.calls.load(Ordering::SeqCst);
+    assert!(calls_in_outage < 40, "the pool is not hammered while down: {calls_in_outage} calls in 5 s");
+    wait_up_to(Duration::from_secs(60), "everything handled after the outage", || target.handled.lock().len() == N)
+        .await;
+    assert!(broker.is_empty("q.dlq"), "nothing dead-lettered: {:?}", broker.drain("q.dlq").len());
+    assert!(metrics.circuit_opened.with_label_values(&["h"]).get() >= 1);
+    assert!(metrics.attempts_held.with_label_values(&["h"]).get() >= 1);
+    assert_eq!(metrics.circuit_state.with_label_values(&["h"]).get(), 0, "closed again");
+    assert!(readiness.report().is_empty());
+    stop.cancel();
+    task.await.expect("router task").expect("router ran");
 }

@@ -1,5 +1,7 @@
 //! The admin server: `/healthz` (the process runs), `/readyz` (every subscription has a
-//! live consumer), `/metrics` (Prometheus text format). Bound to loopback by default.
+//! live consumer and nothing wrong: no settlement refused, no circuit open, no
+//! consumer being restarted; else 503 with the reasons), `/metrics` (Prometheus text
+//! format). Bound to loopback by default.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,13 +44,20 @@ pub async fn start(
     Ok((addr, task))
 }
 
+/// 200 `ready`, or 503 with one line per subscription that is not ready and why
+/// (`orders: settling: 3 message(s) whose settlement the broker refuses ...`).
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let down = s.readiness.not_ready();
-    if down.is_empty() {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", down.join(", ")))
+    let report = s.readiness.report();
+    if report.is_empty() {
+        return (StatusCode::OK, "ready\n".to_string());
     }
+    let mut body = String::from("not ready\n");
+    for (subscription, reasons) in report {
+        for reason in reasons {
+            body.push_str(&format!("{subscription}: {reason}\n"));
+        }
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {

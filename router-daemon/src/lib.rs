@@ -84,7 +84,8 @@ pub fn http_targets(config: &Config, metrics: &Metrics) -> anyhow::Result<HashMa
     Ok(targets)
 }
 
-/// Run until SIGTERM or SIGINT, then drain within the grace period and return.
+/// Run until SIGTERM or SIGINT, then drain within the grace period and return. `Err`
+/// when a subscription cannot run as configured (the router stopped everything).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let targets = http_targets(&config, &metrics)?;
@@ -104,12 +105,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         handlers = config.handlers.len(),
         "message-router running"
     );
-    router.run(shutdown.clone()).await;
+    let result = router.run(shutdown.clone()).await;
     shutdown.cancel();
     if let Some(task) = admin {
         let _ = task.await;
     }
-    Ok(())
+    // A subscription that can never run ends the process with an error, never exit 0.
+    result.map_err(anyhow::Error::from)
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. A second one: exit at once (messages in

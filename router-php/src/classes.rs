@@ -354,6 +354,10 @@ impl Router {
             }
         }
         drop(caught);
+        if let Some(failure) = running.failure() {
+            // A subscription cannot run as configured: an error, never a normal return.
+            return Err(format!("MessageRouter\\Router::run(): {failure}").into());
+        }
         let mut out = ZendHashTable::new();
         out.insert("handled", handled as i64)?;
         out.insert("reason", reason.unwrap_or(StopReason::RouterEnded).as_str())?;
@@ -407,7 +411,7 @@ impl Router {
     fn call(&self, job: &Job) -> Called {
         let handlers = self.handlers.borrow();
         let Some(callable) = handlers.get(&job.route).or_else(|| handlers.get(&job.handler)) else {
-            return Called::Outcome(Outcome::Reject {
+            return Called::Outcome(Outcome::Undeliverable {
                 reason: format!("no PHP handler for route {:?} (handler {:?})", job.route, job.handler),
             });
         };

@@ -25,8 +25,8 @@ use router_core::{DeliveryInfo, Message, Metrics, Outcome, Target};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// Most jobs handed to the PHP thread per wake-up (batching is 2–3× faster than one
-/// wake-up per message; see shared/notes/php-extension.md).
+/// Most jobs handed to the PHP thread per wake-up (batching was measured 2–3× faster
+/// than one wake-up per message).
 pub const BATCH: usize = 64;
 
 /// One delivery attempt waiting for the PHP thread: owned data only.
@@ -140,6 +140,8 @@ pub struct Running {
     jobs: Receiver<Job>,
     stop: CancellationToken,
     done: Arc<AtomicBool>,
+    /// Why the router stopped on its own (a subscription that cannot run).
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 impl Running {
@@ -165,12 +167,16 @@ impl Running {
         };
         let stop = CancellationToken::new();
         let done = Arc::new(AtomicBool::new(false));
-        let (token, flag) = (stop.clone(), done.clone());
+        let failed = Arc::new(Mutex::new(None));
+        let (token, flag, failure) = (stop.clone(), done.clone(), failed.clone());
         runtime.spawn(async move {
-            router.run(token).await;
+            if let Err(e) = router.run(token).await {
+                tracing::error!(error = %e, "the router stopped");
+                *failure.lock() = Some(e.to_string());
+            }
             flag.store(true, Ordering::SeqCst);
         });
-        Ok(Running { jobs, stop, done })
+        Ok(Running { jobs, stop, done, failed })
     }
 
     /// Wait up to `wait` for jobs; return at most [`BATCH`] of them (empty: none came).
@@ -203,6 +209,11 @@ impl Running {
     pub fn finished(&self) -> bool {
         self.done.load(Ordering::SeqCst)
     }
+
+    /// Why the router stopped on its own, if it failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
 }
 
 /// The router's log goes to stderr, like a PHP CLI worker's own output: filtered by
@@ -215,8 +226,14 @@ fn init_log(level: &str) {
             .unwrap_or_else(|_| level.to_string());
         let filter = tracing_subscriber::EnvFilter::try_new(&filter)
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        // Another tracing user in the process may have set a global subscriber first.
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        // No colour codes unless stderr is a terminal (a log file, a pipe, php-fpm's
+        // log). Another tracing user in the process may have set a global subscriber first.
+        use std::io::IsTerminal;
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init();
     });
 }
 

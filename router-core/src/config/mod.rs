@@ -126,6 +126,16 @@ pub struct TransportConfig {
     /// Longest wait between reconnect attempts (the wait doubles from 100 ms).
     #[serde(default = "default_reconnect_max", deserialize_with = "crate::config::duration::deserialize")]
     pub reconnect_max_delay: Duration,
+    /// AMQP: heartbeat interval asked of the broker. A connection that stays silent for
+    /// two intervals (a network partition, a hung broker) is closed and reconnected,
+    /// and `/readyz` reports it. A `heartbeat=` in the URL wins. Default: 10s.
+    #[serde(default, deserialize_with = "crate::config::duration::deserialize_opt")]
+    pub heartbeat: Option<Duration>,
+    /// Kafka: how the router creates the retry and dead-letter topics it writes to
+    /// (when `declare` is on and they are missing). Unset values take the cluster's
+    /// defaults (`num.partitions`, `default.replication.factor`), so a dead letter is
+    /// as durable as the cluster makes any topic.
+    pub create_topics: Option<CreateTopics>,
     /// Exchanges, queues and bindings to declare at connect (AMQP).
     #[serde(default)]
     pub topology: Topology,
@@ -133,6 +143,19 @@ pub struct TransportConfig {
 
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
+}
+
+/// AMQP heartbeat when the config names none.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// Partitions and replication of the topics the router creates (Kafka).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CreateTopics {
+    /// Unset: the cluster's `num.partitions`.
+    pub partitions: Option<i32>,
+    /// Unset: the cluster's `default.replication.factor`.
+    pub replication_factor: Option<i32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -220,6 +243,53 @@ pub struct HandlerConfig {
     pub max_in_flight: usize,
     /// Sign requests with HMAC-SHA256 so endpoints can refuse other callers.
     pub signing: Option<SigningConfig>,
+    /// Stop feeding a handler that fails most of what it gets (its database is down,
+    /// every pod crashes): the subscriptions routed to it take nothing new from the
+    /// broker while the circuit is open, and failed attempts are not counted against
+    /// messages, so an outage does not burn the backlog into the dead-letter queue.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+/// When a handler's circuit opens, and how it probes its way back (README
+/// "Circuit breaker"). Failures are attempts that end in a retry (5xx, timeouts,
+/// refused connections, 429/503, a thrown exception); a rejection (4xx, `Reject`) is
+/// an answer, not a failure.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    pub enabled: bool,
+    /// Open after this many failed attempts in a row (0: never on this rule).
+    pub consecutive_failures: u32,
+    /// Open when at least this share (0 to 1) of the attempts of the last `window`
+    /// failed, once there were `min_attempts` of them (0: never on this rule).
+    pub failure_ratio: f64,
+    pub min_attempts: u32,
+    #[serde(deserialize_with = "crate::config::duration::deserialize")]
+    pub window: Duration,
+    /// How long the circuit stays open before probing; doubles after each failed
+    /// probe, up to `max_open_for`.
+    #[serde(deserialize_with = "crate::config::duration::deserialize")]
+    pub open_for: Duration,
+    #[serde(deserialize_with = "crate::config::duration::deserialize")]
+    pub max_open_for: Duration,
+    /// Attempts let through while half-open; all must succeed to close the circuit.
+    pub probes: u32,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            enabled: true,
+            consecutive_failures: 10,
+            failure_ratio: 0.5,
+            min_attempts: 10,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_secs(5),
+            max_open_for: Duration::from_secs(60),
+            probes: 1,
+        }
+    }
 }
 
 fn default_timeout() -> Duration {
@@ -302,6 +372,12 @@ pub struct SubscriptionConfig {
     /// Larger messages are dead-lettered unread.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Stall watchdog: when the broker reports messages waiting for this subscription
+    /// and none arrived for this long while the in-flight window had room (and no
+    /// circuit was open), the consumer is reported as stalled and reconnected. `0s`
+    /// turns the watchdog off.
+    #[serde(default = "default_stall_timeout", deserialize_with = "crate::config::duration::deserialize")]
+    pub stall_timeout: Duration,
 }
 
 /// How a Kafka subscription orders its work (see `SubscriptionConfig::ordering`).
@@ -332,6 +408,10 @@ fn default_prefetch() -> u16 {
 
 fn default_max_body() -> usize {
     16 * 1024 * 1024
+}
+
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl SubscriptionConfig {
@@ -404,9 +484,19 @@ pub(crate) mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(text.trim()).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {text:?}: {e} (write it like 250ms, 5s, 2m or 1h 30m)"))
-        })
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub fn deserialize_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => parse(&text).map(Some).map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+
+    fn parse(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text.trim())
+            .map_err(|e| format!("invalid duration {text:?}: {e} (write it like 250ms, 5s, 2m or 1h 30m)"))
     }
 }
 

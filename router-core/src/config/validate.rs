@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use super::{
-    Config, ConfigIssue, DeadLetterConfig, HandlerConfig, KafkaOrdering, SubscriptionConfig, TransportConfig,
-    TransportKind,
+    CircuitBreakerConfig, Config, ConfigIssue, DeadLetterConfig, HandlerConfig, KafkaOrdering, SubscriptionConfig,
+    TransportConfig, TransportKind,
 };
 use crate::retry::RetryPolicy;
 
@@ -52,6 +52,15 @@ impl Config {
                 add(format!("{p}.topology"), "only amqp transports declare a topology".into());
             }
             check_kafka_transport(t, &p, &mut add);
+            if let Some(h) = t.heartbeat {
+                if t.kind != TransportKind::Amqp {
+                    add(format!("{p}.heartbeat"), "only amqp transports take a heartbeat".into());
+                } else if h.is_zero() || h.as_secs() > u64::from(u16::MAX) {
+                    add(format!("{p}.heartbeat"), "must be between 1s and 65535s".into());
+                } else if h.subsec_nanos() != 0 {
+                    add(format!("{p}.heartbeat"), "AMQP counts heartbeats in whole seconds".into());
+                }
+            }
             match (&t.consumer, t.kind) {
                 (Some(c), TransportKind::Redis) if c.trim().is_empty() => {
                     add(format!("{p}.consumer"), "must not be empty (omit it to use the host name)".into())
@@ -110,6 +119,7 @@ impl Config {
                     add(format!("{p}.signing.secret"), "must be at least 16 characters".into());
                 }
             }
+            check_breaker(&h.circuit_breaker, &format!("{p}.circuit_breaker"), &mut add);
         }
 
         let handler_names = || self.handlers.keys().cloned().collect::<Vec<_>>().join(", ");
@@ -218,7 +228,7 @@ impl Config {
 
 impl Config {
     /// Handlers that messages of `subscription` can reach, with their config.
-    fn reachable_handlers<'a>(
+    pub fn reachable_handlers<'a>(
         &'a self,
         subscription: &'a str,
     ) -> impl Iterator<Item = (&'a String, &'a HandlerConfig)> {
@@ -250,10 +260,23 @@ fn check_kafka_transport(t: &TransportConfig, p: &str, add: &mut impl FnMut(Stri
         if !t.brokers.is_empty() || !t.properties.is_empty() {
             add(format!("{p}.brokers"), "`brokers` and `properties` are for kafka transports".into());
         }
+        if t.create_topics.is_some() {
+            add(format!("{p}.create_topics"), "only kafka transports create topics".into());
+        }
         return;
     }
     if t.brokers.is_empty() {
         add(format!("{p}.brokers"), "list at least one broker as host:port".into());
+    }
+    if let Some(c) = &t.create_topics {
+        for (key, value) in [("partitions", c.partitions), ("replication_factor", c.replication_factor)] {
+            if value.is_some_and(|v| v < 1) {
+                add(
+                    format!("{p}.create_topics.{key}"),
+                    "must be at least 1 (omit it for the cluster's default)".into(),
+                );
+            }
+        }
     }
     for (i, b) in t.brokers.iter().enumerate() {
         let ok = b.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -389,6 +412,11 @@ fn check_kafka_source(s: &SubscriptionConfig, dl: &DeadLetterConfig, p: &str, ad
         (true, Some(pattern)) if pattern.trim().is_empty() => {
             add(format!("{p}.topic_pattern"), "must not be empty".into())
         }
+        (true, Some(pattern)) => {
+            if let Err(e) = crate::transport::kafka::check_pattern(pattern) {
+                add(format!("{p}.topic_pattern"), e);
+            }
+        }
         _ => {}
     }
     for (i, topic) in s.topics.iter().enumerate() {
@@ -417,6 +445,33 @@ fn check_kafka_source(s: &SubscriptionConfig, dl: &DeadLetterConfig, p: &str, ad
             }
             _ => {}
         }
+    }
+}
+
+fn check_breaker(b: &CircuitBreakerConfig, p: &str, add: &mut impl FnMut(String, String)) {
+    if !b.enabled {
+        return;
+    }
+    if !(0.0..=1.0).contains(&b.failure_ratio) {
+        add(format!("{p}.failure_ratio"), format!("must be between 0 and 1 (0: not used), got {}", b.failure_ratio));
+    }
+    if b.consecutive_failures == 0 && b.failure_ratio == 0.0 {
+        add(p.to_string(), "set consecutive_failures or failure_ratio (or enabled: false)".into());
+    }
+    if b.failure_ratio > 0.0 && b.min_attempts == 0 {
+        add(format!("{p}.min_attempts"), "must be at least 1 when failure_ratio is used".into());
+    }
+    if b.failure_ratio > 0.0 && b.window.is_zero() {
+        add(format!("{p}.window"), "must be greater than 0 when failure_ratio is used".into());
+    }
+    if b.open_for.is_zero() {
+        add(format!("{p}.open_for"), "must be greater than 0".into());
+    }
+    if b.max_open_for < b.open_for {
+        add(format!("{p}.max_open_for"), "must not be shorter than open_for".into());
+    }
+    if b.probes == 0 {
+        add(format!("{p}.probes"), "must be at least 1".into());
     }
 }
 

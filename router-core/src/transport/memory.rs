@@ -1,8 +1,11 @@
 //! In-process queues, for tests and embedders. Same contract as a real broker
 //! (prefetch bound, settle once, release on drop, retries after their delay,
-//! dead-letters with headers) but nothing is durable: the process is the broker.
+//! dead-letters with headers) but nothing is durable: the process is the broker. A
+//! test can make it refuse writes to a queue ([`MemoryBroker::refuse`]), as a broker
+//! refuses a publish to a dead-letter exchange that does not exist.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
@@ -10,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
 use crate::message::{header, Delivery, Message, Settle, SettleError, Settlement};
 
 /// A named set of in-memory queues. The same name gives the same broker within a
@@ -18,6 +21,23 @@ use crate::message::{header, Delivery, Message, Settle, SettleError, Settlement}
 #[derive(Default)]
 pub struct MemoryBroker {
     queues: Mutex<HashMap<String, Arc<Queue>>>,
+    /// Queues whose writes (retries, dead letters) are refused.
+    refused: Mutex<HashSet<String>>,
+    /// Writes refused so far.
+    refusals: AtomicUsize,
+    /// What the next consumers do instead of consuming (tests of the supervisor).
+    sabotage: Mutex<VecDeque<Sabotage>>,
+}
+
+/// How a test breaks the next consumer of a [`MemoryBroker`].
+#[derive(Clone, Debug)]
+pub enum Sabotage {
+    /// Return this error at once (the supervisor starts it again).
+    Fail(String),
+    /// Return this as a fatal error (the router stops).
+    Fatal(String),
+    /// Look connected but take nothing until stopped (a silent stall).
+    Stall,
 }
 
 #[derive(Default)]
@@ -57,6 +77,34 @@ impl MemoryBroker {
     pub fn is_empty(&self, queue: &str) -> bool {
         self.len(queue) == 0
     }
+
+    /// The next consumer started on this broker does `what` instead of consuming.
+    pub fn sabotage_next(&self, what: Sabotage) {
+        self.sabotage.lock().push_back(what);
+    }
+
+    /// Refuse (or accept again) settlements that write to `queue`.
+    pub fn refuse(&self, queue: &str, refuse: bool) {
+        if refuse {
+            self.refused.lock().insert(queue.to_string());
+        } else {
+            self.refused.lock().remove(queue);
+        }
+    }
+
+    /// How many writes were refused so far.
+    pub fn refusals(&self) -> usize {
+        self.refusals.load(Ordering::SeqCst)
+    }
+
+    fn write(&self, queue: &str, message: Message) -> Result<(), SettleError> {
+        if self.refused.lock().contains(queue) {
+            self.refusals.fetch_add(1, Ordering::SeqCst);
+            return Err(SettleError::Failed(format!("queue {queue:?} refuses writes")));
+        }
+        self.push(queue, message);
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -67,7 +115,19 @@ impl Transport for Arc<MemoryBroker> {
         inbox: Arc<dyn Inbox>,
         status: Arc<SourceStatus>,
         stop: CancellationToken,
-    ) {
+    ) -> Result<(), ConsumeError> {
+        let sabotage = self.sabotage.lock().pop_front();
+        match sabotage {
+            Some(Sabotage::Fail(e)) => return Err(ConsumeError::Failed(e)),
+            Some(Sabotage::Fatal(e)) => return Err(ConsumeError::Fatal(e)),
+            Some(Sabotage::Stall) => {
+                status.set_connected(true);
+                stop.cancelled().await;
+                status.set_connected(false);
+                return Ok(());
+            }
+            None => {}
+        }
         let queue = self.queue(&spec.config.queue);
         let dead_letter_queue =
             spec.config.dead_letter().routing_key.unwrap_or_else(|| format!("{}.dlq", spec.config.queue));
@@ -106,11 +166,16 @@ impl Transport for Arc<MemoryBroker> {
         status.set_connected(false);
         // Wait for every handed-out delivery to be settled or dropped.
         let _ = window.acquire_many(u32::from(spec.config.prefetch.max(1))).await;
+        Ok(())
     }
 
     async fn publish(&self, _exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {
         self.push(routing_key, message.clone());
         Ok(())
+    }
+
+    async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
+        Ok(Some(self.len(&spec.config.queue) as u64))
     }
 }
 
@@ -125,27 +190,32 @@ struct MemoryHandle {
 
 #[async_trait]
 impl Settle for MemoryHandle {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), SettleError> {
-        let MemoryHandle { broker, queue, subscription, dead_letter_queue, mut message, _permit } = *self;
+    async fn settle(&mut self, settlement: &Settlement) -> Result<(), SettleError> {
+        let mut message = self.message.clone();
         match settlement {
             Settlement::Ack => {}
-            Settlement::Release => requeue_front(&broker, &queue, message),
+            Settlement::Release => requeue_front(&self.broker, &self.queue, message),
             Settlement::Retry { after, next_attempt, failure } => {
                 message.headers.insert(header::ATTEMPT.into(), next_attempt.to_string());
-                for (k, v) in failure.headers(&subscription) {
+                for (k, v) in failure.headers(&self.subscription) {
                     message.headers.insert(k.into(), v);
                 }
+                // Refused like a broker refuses a publish; accepted ones wait their delay.
+                if self.broker.refused.lock().contains(&self.queue) {
+                    return self.broker.write(&self.queue, message);
+                }
+                let (broker, queue, after) = (self.broker.clone(), self.queue.clone(), *after);
                 tokio::spawn(async move {
                     tokio::time::sleep(after).await;
                     broker.push(&queue, message);
                 });
             }
             Settlement::DeadLetter(failure) => {
-                for (k, v) in failure.headers(&subscription) {
+                for (k, v) in failure.headers(&self.subscription) {
                     message.headers.insert(k.into(), v);
                 }
-                message.headers.insert(header::ORIGINAL_QUEUE.into(), queue);
-                broker.push(&dead_letter_queue, message);
+                message.headers.insert(header::ORIGINAL_QUEUE.into(), self.queue.clone());
+                self.broker.write(&self.dead_letter_queue, message)?;
             }
         }
         Ok(())

@@ -9,7 +9,6 @@ pub mod memory;
 pub mod redis;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::backoff;
 use crate::config::{SubscriptionConfig, TransportConfig, TransportKind};
 use crate::message::{Delivery, Message};
 
@@ -40,64 +40,81 @@ pub struct ConsumeSpec {
     pub lag: Option<prometheus::IntGaugeVec>,
 }
 
-/// Whether a subscription currently has a live consumer; read by `/readyz`.
-#[derive(Debug, Default)]
-pub struct SourceStatus {
-    connected: AtomicBool,
-    on_change: Option<prometheus::IntGauge>,
-}
+pub use crate::health::{Problem, SourceStatus};
 
-impl SourceStatus {
-    pub fn new(gauge: Option<prometheus::IntGauge>) -> Self {
-        SourceStatus { connected: AtomicBool::new(false), on_change: gauge }
-    }
-
-    pub fn set_connected(&self, up: bool) {
-        self.connected.store(up, Ordering::Relaxed);
-        if let Some(g) = &self.on_change {
-            g.set(i64::from(up));
-        }
-    }
-
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-}
-
+/// Why a transport could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// The broker could not be reached or refused the request.
     #[error("{0}")]
     Broker(String),
+    /// This broker has no such thing (an exchange on Redis or Kafka).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("publish to {destination} not confirmed: {reason}")]
     NotConfirmed { destination: String, reason: String },
 }
 
+/// Why a consumer ended without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// It can never work as configured (a client that cannot be created, a pattern
+    /// the broker's client refuses): the router stops and exits non-zero.
+    #[error("{0}")]
+    Fatal(String),
+    /// It failed; the supervisor starts it again after a backoff.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Where a transport hands its deliveries: the subscription's pipeline. Handing over
 /// is the backpressure point: `put` waits while the subscription's in-flight window is
-/// full. Deliveries are handed over on the transport's own task (no channel hop).
+/// full, and while the subscription is paused (the circuit of a handler it routes to
+/// is open). Deliveries are handed over on the transport's own task (no channel hop).
 #[async_trait]
 pub trait Inbox: Send + Sync {
     /// Take a delivery. `Err` gives it back when the router is stopping: the transport
     /// then stops consuming (the returned delivery, once dropped, goes back to the broker).
     async fn put(&self, delivery: Delivery) -> Result<(), Delivery>;
+
+    /// Whether `put` would wait because the subscription is paused. A transport whose
+    /// loop must keep polling its broker (Kafka: group membership) checks this instead
+    /// of blocking in `put`.
+    fn paused(&self) -> bool {
+        false
+    }
+
+    /// Completes when the pause may have ended (check [`Inbox::paused`] again).
+    async fn pause_changed(&self) {
+        std::future::pending::<()>().await
+    }
 }
 
 #[async_trait]
 pub trait Transport: Send + Sync {
-    /// Consume the subscription's source into `inbox` until `stop` is cancelled or the inbox refuses
-    /// a delivery, reconnecting on its own after broker failures. It returns once the
-    /// deliveries already handed out are settled or dropped (so their acks reach the
-    /// broker).
+    /// Consume the subscription's source into `inbox` until `stop` is cancelled or the
+    /// inbox refuses a delivery (`Ok`), reconnecting on its own after broker failures.
+    /// It returns once the deliveries already handed out are settled or dropped (so
+    /// their acks reach the broker). An `Err` ends this consumer; the engine's
+    /// supervisor decides what follows.
     async fn consume(
         &self,
         spec: ConsumeSpec,
         inbox: Arc<dyn Inbox>,
         status: Arc<SourceStatus>,
         stop: CancellationToken,
-    );
+    ) -> Result<(), ConsumeError>;
 
     /// Publish `message` durably (confirmed) to `exchange` with `routing_key`.
     async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError>;
+
+    /// How many messages wait at the broker that this subscription could be taking
+    /// now (AMQP: ready messages of the queue; Redis: entries not yet delivered to the
+    /// group; Kafka: records after the committed offsets of partitions it reads). For
+    /// the stall watchdog; `None` when the transport cannot tell.
+    async fn backlog(&self, _spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
+        Ok(None)
+    }
 
     /// Close connections cleanly; called once every subscription has stopped.
     async fn close(&self) {}
@@ -136,11 +153,11 @@ pub fn source_uri(display: &str, name: &str) -> String {
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 /// Run consume sessions until one ends because the subscription stops (`Ok`) or `stop`
-/// fires. After a failed session, wait (100 ms, doubling up to `max_delay`) and start
-/// another. A session marks itself up with `status.set_connected(true)` once it
-/// consumes; only a session that stayed up [`HEALTHY_SESSION`] resets the backoff, so
-/// one that fails right after connecting (a dead-letter exchange that does not exist,
-/// say) does not redeliver into the handler ten times a second.
+/// fires. After a failed session, wait ([`backoff::reconnect`]: 100 ms, doubling up to
+/// `max_delay`) and start another; `/readyz` names the error meanwhile. A session marks
+/// itself up with `status.set_connected(true)` once it consumes; only a session that
+/// stayed up [`HEALTHY_SESSION`] resets the backoff, so one that fails right after
+/// connecting does not hammer the broker.
 pub(crate) async fn keep_consuming<F, Fut, E>(
     transport: &str,
     subscription: &str,
@@ -153,7 +170,7 @@ pub(crate) async fn keep_consuming<F, Fut, E>(
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = backoff::reconnect(max_delay);
     loop {
         let started = Instant::now();
         let result = session().await;
@@ -161,13 +178,14 @@ pub(crate) async fn keep_consuming<F, Fut, E>(
         status.set_connected(false);
         let Err(e) = result else { return };
         if was_up && started.elapsed() >= HEALTHY_SESSION {
-            backoff = Duration::from_millis(100);
+            backoff = backoff::reconnect(max_delay);
         }
-        warn!(subscription, transport, error = %e, retry_in = ?backoff, "consumer down; reconnecting");
+        let wait = backoff.next_delay();
+        status.report(Problem::Unreachable, format!("{e}; reconnecting"));
+        warn!(subscription, transport, error = %e, retry_in = ?wait, "consumer down; reconnecting");
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(max_delay);
     }
 }

@@ -56,7 +56,7 @@ impl Target for HttpTarget {
     async fn deliver(&self, d: DeliveryInfo<'_>) -> Outcome {
         let headers = match contract::request_headers(&d, self.secret.as_deref()) {
             Ok(h) => h,
-            Err(reason) => return Outcome::Reject { reason },
+            Err(reason) => return Outcome::Undeliverable { reason },
         };
         let mut tried = Vec::new();
         let mut last_error = String::from("no endpoints configured");

@@ -34,13 +34,17 @@ pub fn to_message(
     }
     // A message coming back from a retry queue carries its original routing key.
     let key = headers.get(header::ORIGINAL_ROUTING_KEY).cloned().unwrap_or_else(|| routing_key.to_string());
+    // The producer's id; else the one the router gave the message at its first
+    // delivery (carried by its retry copies); else a new one.
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string())
+        .or_else(|| headers.get(header::MESSAGE_ID).cloned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let message = Message {
-        id: properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str().to_string())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        id,
         body,
         headers,
         key: Some(key),
@@ -195,6 +199,19 @@ mod tests {
         let (m, defect) = to_message("rabbit/q", "k", &props, Bytes::new());
         assert_eq!(defect.as_deref(), Some("header \"bin\": value is not valid UTF-8 text"));
         assert!(!m.id.is_empty(), "a generated id");
+    }
+
+    #[test]
+    fn a_generated_id_travels_with_retry_copies() {
+        let (first, _) = to_message("rabbit/q", "k", &BasicProperties::default(), Bytes::new());
+        let (again, _) = to_message("rabbit/q", "k", &BasicProperties::default(), Bytes::new());
+        assert_ne!(first.id, again.id, "without an id each delivery gets a new one");
+        let copy = republish_properties(&BasicProperties::default(), &[(header::MESSAGE_ID, first.id.clone())]);
+        let (retried, _) = to_message("rabbit/q", "k", &copy, Bytes::new());
+        assert_eq!(retried.id, first.id, "the retry copy keeps the first id");
+        let mine = BasicProperties::default().with_message_id("producer-1".into());
+        let (m, _) = to_message("rabbit/q", "k", &mine, Bytes::new());
+        assert_eq!(m.id, "producer-1", "a producer's id wins");
     }
 
     #[test]

@@ -1,20 +1,26 @@
 //! RabbitMQ (AMQP 0-9-1) through lapin.
 //!
 //! - `mod.rs`: connection (shared by the transport's subscriptions, re-opened after a
-//!   failure), the consume session loop with reconnect backoff, topology, publish.
-//! - `settle.rs`: ack batching, durable retries through per-delay TTL queues, dead
-//!   letters, all publishes confirmed before the original is acked.
+//!   failure, with heartbeats so a silent network is noticed), the consume session
+//!   loop with reconnect backoff, topology, publish, the backlog for the stall watchdog.
+//! - `settle.rs`: ack batching, durable retries and dead letters, all publishes
+//!   confirmed before the original is acked.
+//! - `delay.rs`: the delay queues retries wait in, and the mover that brings them back.
+//! - `publisher.rs`: the confirm-mode publish channel, reopened after a refusal.
 //! - `convert.rs`: AMQP properties and headers ↔ the router's message model.
 //!
-//! Each consume session has its own consume channel (QoS = the subscription's prefetch)
-//! and its own confirm-mode publish channel. Delivery tags belong to a channel, so a
-//! reconnect starts a new session: handles of the old one ack into a dead channel and
-//! fail, and the broker redelivers those messages (duplicates, never losses).
+//! Each consume session has its own consume channel (QoS = the subscription's prefetch),
+//! its own publisher and its own retry mover. Delivery tags belong to a channel, so a
+//! reconnect starts a new session: handles of the old one find their channel closed,
+//! and the broker redelivers those messages (duplicates, never losses). A refused
+//! publish (a dead-letter exchange that does not exist) only costs the publisher its
+//! channel; the consume channel and every message in flight on it stay.
 
 mod convert;
+mod delay;
+mod publisher;
 mod settle;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,21 +28,23 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
-use parking_lot::Mutex;
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use settle::delay_bucket;
-use settle::{confirm_publish, declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
+pub use delay::{delay_queue, delay_queues, MOVER_PREFETCH};
+use delay::{run_mover, Delays};
+use publisher::Publisher;
+use settle::{declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
 
-use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
-use crate::config::{ArgValue, ExchangeType, Topology, TransportConfig};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
+use crate::config::{ArgValue, ExchangeType, Topology, TransportConfig, DEFAULT_HEARTBEAT};
 use crate::message::{Delivery, Message};
 
 /// A broker that does not answer a connect within this is treated as down.
@@ -49,9 +57,10 @@ pub struct AmqpTransport {
     display: String,
     topology: Topology,
     reconnect_max: Duration,
+    heartbeat: Duration,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
-    /// Publish channel for [`Transport::publish`], opened on first use.
-    publisher: tokio::sync::Mutex<Option<Channel>>,
+    /// Publisher for [`Transport::publish`], made on first use (per connection).
+    publisher: tokio::sync::Mutex<Option<Arc<Publisher>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +81,7 @@ impl AmqpTransport {
             display,
             topology: config.topology.clone(),
             reconnect_max: config.reconnect_max_delay,
+            heartbeat: config.heartbeat.unwrap_or(DEFAULT_HEARTBEAT),
             connection: tokio::sync::Mutex::new(None),
             publisher: tokio::sync::Mutex::new(None),
         }
@@ -88,8 +98,18 @@ impl AmqpTransport {
         }
         let props =
             ConnectionProperties::default().with_connection_name(format!("message-router/{}", self.name).into());
+        let mut uri: AMQPUri = self
+            .url
+            .parse()
+            .map_err(|e: String| SessionError::Other(format!("the url of transport {:?}: {e}", self.name)))?;
+        // Heartbeats every `heartbeat`: a connection silent for two of them (a network
+        // partition, a hung broker) is closed, so the consumer reconnects and
+        // `/readyz` says so instead of waiting on a dead socket.
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX).max(1));
+        }
         let conn =
-            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, props)).await.map_err(|_| {
+            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props)).await.map_err(|_| {
                 SessionError::Other(format!("no answer from {} within {CONNECT_TIMEOUT:?}", self.display))
             })??;
         let conn = Arc::new(conn);
@@ -97,6 +117,12 @@ impl AmqpTransport {
         self.declare_topology(&conn).await?;
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// The shared connection if it is up; never opens one (the stall watchdog must not
+    /// connect on its own).
+    async fn live_connection(&self) -> Option<Arc<Connection>> {
+        self.connection.lock().await.as_ref().filter(|c| c.status().connected()).cloned()
     }
 
     async fn declare_topology(&self, conn: &Connection) -> Result<(), SessionError> {
@@ -162,7 +188,6 @@ impl AmqpTransport {
                 declare_owned_queue(&connection, q, FieldTable::default()).await.map_err(SessionError::Other)?;
             }
         }
-        let publisher = confirm_channel(&connection).await?;
         let channel = connection.create_channel().await?;
         channel.basic_qos(spec.config.prefetch, BasicQosOptions::default()).await?;
         let consumer_tag = format!("message-router/{}/{}", spec.subscription, uuid::Uuid::new_v4());
@@ -178,15 +203,25 @@ impl AmqpTransport {
         status.set_connected(true);
         info!(subscription = %spec.subscription, queue = %spec.config.queue, prefetch = spec.config.prefetch, "consuming");
 
+        let publisher = Arc::new(Publisher::new(connection.clone()));
+        let (delays, declared) = Delays::new();
         let session = Arc::new(Session {
             connection: connection.clone(),
-            publisher,
+            consume_channel: channel.clone(),
+            publisher: publisher.clone(),
             subscription: spec.subscription.clone(),
             queue: spec.config.queue.clone(),
             dead_letter,
-            delay_queues: Mutex::new(HashMap::new()),
-            broken: CancellationToken::new(),
+            delays,
         });
+        let mover_stop = stop.child_token();
+        let mover = tokio::spawn(run_mover(
+            connection.clone(),
+            publisher.clone(),
+            spec.config.queue.clone(),
+            declared,
+            mover_stop.clone(),
+        ));
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(run_acker(channel.clone(), ack_rx));
         let source = super::source_uri(&self.display, &spec.config.queue);
@@ -194,13 +229,14 @@ impl AmqpTransport {
             let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break Ok(()),
-                _ = session.broken.cancelled() => break Err(SessionError::Other("publish channel failed".into())),
                 next = consumer.next() => next,
             };
             let d = match next {
                 Some(Ok(d)) => d,
                 Some(Err(e)) => break Err(e.into()),
-                None => break Err(SessionError::Other("consumer cancelled by the broker".into())),
+                None => {
+                    break Err(SessionError::Other("consumer cancelled by the broker (was the queue deleted?)".into()))
+                }
             };
             let _ = acks.send(AckCmd::Delivered(d.delivery_tag));
             let body = Bytes::from(d.data);
@@ -213,6 +249,7 @@ impl AmqpTransport {
                 routing_key: d.routing_key.as_str().to_string(),
                 properties: d.properties,
                 body,
+                id: message.id.clone(),
             };
             let redelivered = d.redelivered;
             let mut delivery = Delivery::new(message, Box::new(handle));
@@ -224,32 +261,26 @@ impl AmqpTransport {
             }
         };
         status.set_connected(false);
-        if result.is_ok() && channel.status().connected() {
+        if channel.status().connected() {
             let _ = channel.basic_cancel(consumer_tag.as_str().into(), BasicCancelOptions::default()).await;
         }
         drop(acks);
+        drop(session);
+        mover_stop.cancel();
         if result.is_ok() {
             // Stopping: wait until every delivery of this session is settled or
             // dropped, so their acks reach the broker before the channel closes.
             let _ = acker.await;
+            let _ = mover.await;
             if channel.status().connected() {
                 let _ = channel.close(200, "subscription stopped".into()).await;
             }
-            if session.publisher.status().connected() {
-                let _ = session.publisher.close(200, "subscription stopped".into()).await;
-            }
+            publisher.close().await;
         }
         // On failure the channel is gone: the broker redelivers everything unacked, so
         // reconnect at once instead of waiting for handlers whose acks cannot land.
         result
     }
-}
-
-/// A channel in confirm mode: every publish on it is acknowledged by the broker.
-async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
-    let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(channel)
 }
 
 #[async_trait]
@@ -260,30 +291,47 @@ impl Transport for AmqpTransport {
         inbox: Arc<dyn Inbox>,
         status: Arc<SourceStatus>,
         stop: CancellationToken,
-    ) {
+    ) -> Result<(), ConsumeError> {
         let session = || self.session(&spec, &inbox, &status, &stop);
         super::keep_consuming(&self.name, &spec.subscription, self.reconnect_max, &status, &stop, session).await;
+        Ok(())
     }
 
     async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {
-        let mut slot = self.publisher.lock().await;
-        let channel = match slot.as_ref().filter(|c| c.status().connected()) {
-            Some(c) => c.clone(),
-            None => {
-                let conn = self.connection().await.map_err(|e| TransportError::Broker(e.to_string()))?;
-                let ch = confirm_channel(&conn).await.map_err(|e| TransportError::Broker(e.to_string()))?;
-                *slot = Some(ch.clone());
-                ch
+        let conn = self.connection().await.map_err(|e| TransportError::Broker(e.to_string()))?;
+        let publisher = {
+            let mut slot = self.publisher.lock().await;
+            match slot.as_ref().filter(|p| p.is_on(&conn)) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = Arc::new(Publisher::new(conn));
+                    *slot = Some(p.clone());
+                    p
+                }
             }
         };
-        drop(slot);
         let props = convert::publish_properties(message);
-        confirm_publish(&channel, exchange, routing_key, &message.body, props).await.map_err(|reason| {
-            TransportError::NotConfirmed {
-                destination: format!("exchange {exchange:?} routing key {routing_key:?}"),
-                reason,
-            }
+        publisher.publish(exchange, routing_key, &message.body, props).await.map_err(|e| TransportError::NotConfirmed {
+            destination: format!("exchange {exchange:?} routing key {routing_key:?}"),
+            reason: e.to_string(),
         })
+    }
+
+    async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
+        let Some(conn) = self.live_connection().await else { return Ok(None) };
+        let ch = conn.create_channel().await.map_err(|e| TransportError::Broker(e.to_string()))?;
+        let declared = ch
+            .queue_declare(
+                spec.config.queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await;
+        if ch.status().connected() {
+            let _ = ch.close(200, "looked".into()).await;
+        }
+        let queue = declared.map_err(|e| TransportError::Broker(format!("queue {:?}: {e}", spec.config.queue)))?;
+        Ok(Some(u64::from(queue.message_count())))
     }
 
     async fn close(&self) {

@@ -9,23 +9,26 @@
 //!
 //! Durable settlements publish first and ack only after the broker confirmed the
 //! publish: a crash between the two leaves the original unacked, so it is redelivered
-//! (a duplicate, never a loss).
+//! (a duplicate, never a loss). A publish the broker refuses leaves the original
+//! unacked and untouched on its consume channel, so the engine can try the same
+//! settlement again; publishes go through their own [`Publisher`] channel, so a
+//! refusal that closes that channel never closes the consume channel.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use parking_lot::Mutex;
+use lapin::options::{BasicAckOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::protocol::AMQPSoftError;
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::convert::{republish_properties, to_text};
+use super::delay::{delay_queue, due_ms, Delays};
+use super::publisher::{soft_error, Publisher};
 use crate::config::DeadLetterConfig;
 use crate::message::{header, Settle, SettleError, Settlement};
 
@@ -123,16 +126,15 @@ fn plan_acks(outstanding: &mut BTreeSet<u64>, done: &mut BTreeSet<u64>) -> AckPl
 /// What the handles of one consume session share: where durable publishes go.
 pub struct Session {
     pub connection: Arc<Connection>,
-    /// Confirm-mode channel for retries and dead letters.
-    pub publisher: Channel,
+    /// The channel deliveries came on: their tags are valid only while it is open.
+    pub consume_channel: Channel,
+    /// Confirm-mode channel for retries and dead letters (reopens itself).
+    pub publisher: Arc<Publisher>,
     pub subscription: String,
     pub queue: String,
     pub dead_letter: DeadLetterConfig,
-    /// Retry queues declared in this session, with when (see [`DELAY_QUEUE_IDLE`]).
-    pub delay_queues: Mutex<HashMap<String, Instant>>,
-    /// Cancelled when a publish fails in a way that leaves the channel unusable; the
-    /// consumer then reconnects instead of looping redeliveries into a dead channel.
-    pub broken: CancellationToken,
+    /// Delay queues for retries (see `delay.rs`).
+    pub delays: Arc<Delays>,
 }
 
 /// The AMQP half of a [`crate::message::Delivery`].
@@ -144,13 +146,16 @@ pub struct AmqpHandle {
     pub routing_key: String,
     pub properties: BasicProperties,
     pub body: Bytes,
+    /// The message id the router uses (the producer's, or the one it gave the message).
+    pub id: String,
 }
 
 #[async_trait]
 impl Settle for AmqpHandle {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), SettleError> {
-        let published = match &settlement {
-            Settlement::Ack => Ok(()),
+    async fn settle(&mut self, settlement: &Settlement) -> Result<(), SettleError> {
+        self.check_channel()?;
+        match settlement {
+            Settlement::Ack => {}
             Settlement::Release => {
                 let _ = self.acks.send(AckCmd::Requeue(self.tag));
                 return Ok(());
@@ -158,27 +163,23 @@ impl Settle for AmqpHandle {
             Settlement::Retry { after, next_attempt, failure } => {
                 let mut extra = self.origin_headers();
                 extra.push((header::ATTEMPT, next_attempt.to_string()));
+                extra.push((header::DUE, due_ms(*after).to_string()));
                 extra.extend(failure.headers(&self.session.subscription));
-                self.publish_retry(*after, &extra).await
+                let queue = delay_queue(&self.session.queue, *after);
+                let declared = self.session.delays.ensure(&self.session.connection, &queue).await;
+                declared.map_err(|e| self.failed(e))?;
+                self.publish("", &queue, &extra).await?;
             }
             Settlement::DeadLetter(failure) => {
                 let mut extra = self.origin_headers();
                 extra.extend(failure.headers(&self.session.subscription));
                 let dl = &self.session.dead_letter;
                 let key = dl.routing_key.clone().unwrap_or_else(|| format!("{}.dlq", self.session.queue));
-                self.publish(&dl.exchange, &key, &extra).await
-            }
-        };
-        match published {
-            Ok(()) => {
-                let _ = self.acks.send(AckCmd::Ack(self.tag));
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.acks.send(AckCmd::Requeue(self.tag));
-                Err(e)
+                self.publish(&dl.exchange, &key, &extra).await?;
             }
         }
+        let _ = self.acks.send(AckCmd::Ack(self.tag));
+        Ok(())
     }
 
     fn abandon(self: Box<Self>) {
@@ -187,30 +188,41 @@ impl Settle for AmqpHandle {
 }
 
 impl AmqpHandle {
+    /// Whether the message is still this consumer's to settle: its delivery tag is
+    /// valid only on the channel it came on.
+    fn check_channel(&self) -> Result<(), SettleError> {
+        if self.session.consume_channel.status().connected() {
+            Ok(())
+        } else {
+            Err(SettleError::Gone("the channel it came on closed; RabbitMQ delivers it again".into()))
+        }
+    }
+
+    fn failed(&self, reason: String) -> SettleError {
+        match self.check_channel() {
+            Ok(()) => SettleError::Failed(reason),
+            Err(gone) => gone,
+        }
+    }
+
     /// Where the message first came from; kept from its first failure on, so a retried
-    /// message still routes and dead-letters under its original routing key.
+    /// message still routes and dead-letters under its original routing key. A message
+    /// without a producer's id keeps the one the router gave it.
     fn origin_headers(&self) -> Vec<(&'static str, String)> {
         let existing =
             |name: &str| -> Option<String> { to_text(self.properties.headers().as_ref()?.inner().get(name)?).ok() };
-        vec![
+        let mut out = vec![
             (header::ORIGINAL_EXCHANGE, existing(header::ORIGINAL_EXCHANGE).unwrap_or_else(|| self.exchange.clone())),
             (
                 header::ORIGINAL_ROUTING_KEY,
                 existing(header::ORIGINAL_ROUTING_KEY).unwrap_or_else(|| self.routing_key.clone()),
             ),
             (header::ORIGINAL_QUEUE, self.session.queue.clone()),
-        ]
-    }
-
-    async fn publish_retry(&self, after: Duration, extra: &[(&'static str, String)]) -> Result<(), SettleError> {
-        let ttl = delay_bucket(after);
-        let name = format!("{}.retry.{ttl}ms", self.session.queue);
-        let fresh = self.session.delay_queues.lock().get(&name).is_some_and(|at| at.elapsed() < REDECLARE_AFTER);
-        if !fresh {
-            declare_delay_queue(&self.session, &name, ttl).await?;
-            self.session.delay_queues.lock().insert(name.clone(), Instant::now());
+        ];
+        if self.properties.message_id().as_ref().is_none_or(|m| m.as_str().is_empty()) {
+            out.push((header::MESSAGE_ID, self.id.clone()));
         }
-        self.publish("", &name, extra).await
+        out
     }
 
     async fn publish(
@@ -221,84 +233,15 @@ impl AmqpHandle {
     ) -> Result<(), SettleError> {
         let props = republish_properties(&self.properties, extra);
         let destination = format!("exchange {exchange:?} routing key {routing_key:?}");
-        confirm_publish(&self.session.publisher, exchange, routing_key, &self.body, props).await.map_err(|e| {
-            if !self.session.publisher.status().connected() {
-                self.session.broken.cancel();
-            }
-            SettleError(format!("publish to {destination} failed: {e}"))
-        })
+        self.session
+            .publisher
+            .publish(exchange, routing_key, &self.body, props)
+            .await
+            .map_err(|e| self.failed(format!("publish to {destination} failed: {e}")))
     }
 }
 
-/// Publish with `mandatory` and wait for the broker's confirm. An unroutable message
-/// (returned) or a nack is an error: "confirmed" must mean "stored in a queue".
-pub async fn confirm_publish(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    props: BasicProperties,
-) -> Result<(), String> {
-    let confirm = channel
-        .basic_publish(
-            ShortString::from(exchange),
-            ShortString::from(routing_key),
-            BasicPublishOptions { mandatory: true, immediate: false },
-            body,
-            props,
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    match confirm {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) => Err(format!(
-            "unroutable (returned {} {}): does the destination queue exist?",
-            returned.reply_code, returned.reply_text
-        )),
-        Confirmation::Nack(_) => Err("broker nacked the publish".into()),
-        Confirmation::NotRequested => Err("channel is not in confirm mode".into()),
-    }
-}
-
-/// Retry delays are grouped into one queue per delay, rounded to two significant
-/// digits in milliseconds (1234 ms → 1200 ms), so jittered delays share a bounded set
-/// of queues instead of creating one queue per message.
-pub fn delay_bucket(after: Duration) -> u64 {
-    // Upper bound ~23 days keeps x-message-ttl well inside what RabbitMQ accepts.
-    let ms = after.as_millis().clamp(10, 2_000_000_000) as u64;
-    let digits = ms.ilog10();
-    if digits < 2 {
-        return ms;
-    }
-    let unit = 10u64.pow(digits - 1);
-    ms.div_ceil(unit) * unit
-}
-
-/// How long an unused retry queue lives on after its TTL: long enough that every
-/// message in it has expired back to its queue first. RabbitMQ's `x-expires` counts
-/// from the last declare, not the last publish, so the router re-declares a queue it
-/// keeps using every [`REDECLARE_AFTER`]; a queue is deleted only after no retry went
-/// into it for `ttl + DELAY_QUEUE_IDLE`, when it is empty.
-pub const DELAY_QUEUE_IDLE: Duration = Duration::from_secs(3600);
-const REDECLARE_AFTER: Duration = Duration::from_secs(600);
-
-/// A durable queue whose messages expire after `ttl_ms` and are then dead-lettered by
-/// the broker back to the subscription's queue (through the default exchange).
-async fn declare_delay_queue(session: &Session, name: &str, ttl_ms: u64) -> Result<(), SettleError> {
-    let mut args = FieldTable::default();
-    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms as i64));
-    let expires = ttl_ms.saturating_add(DELAY_QUEUE_IDLE.as_millis() as u64);
-    args.insert("x-expires".into(), AMQPValue::LongLongInt(expires as i64));
-    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(session.queue.as_str().into()));
-    declare_owned_queue(&session.connection, name, args).await.map_err(SettleError)?;
-    debug!(queue = name, ttl_ms, "declared retry queue");
-    Ok(())
-}
-
-/// Declare a queue the router owns (retry and default dead-letter queues) on a channel
+/// Declare a queue the router owns (delay and default dead-letter queues) on a channel
 /// of its own, so a conflict cannot close a channel that carries traffic. A queue that
 /// already exists with other arguments is the operator's: it is used as it is.
 pub async fn declare_owned_queue(connection: &Connection, name: &str, args: FieldTable) -> Result<(), String> {
@@ -308,7 +251,7 @@ pub async fn declare_owned_queue(connection: &Connection, name: &str, args: Fiel
         .await;
     let outcome = match result {
         Ok(_) => Ok(()),
-        Err(e) if e.to_string().contains("PRECONDITION_FAILED") => Ok(()),
+        Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => Ok(()),
         Err(e) => Err(format!("declaring queue {name:?} failed: {e}")),
     };
     if channel.status().connected() {
@@ -319,9 +262,8 @@ pub async fn declare_owned_queue(connection: &Connection, name: &str, args: Fiel
 
 #[cfg(test)]
 mod tests {
-    use super::{delay_bucket, plan_acks, AckPlan};
+    use super::{plan_acks, AckPlan};
     use std::collections::BTreeSet;
-    use std::time::Duration;
 
     fn set(tags: &[u64]) -> BTreeSet<u64> {
         tags.iter().copied().collect()
@@ -348,17 +290,5 @@ mod tests {
         // 2 was requeued (removed from outstanding by the acker before planning).
         let (mut out, mut done) = (set(&[1, 3]), set(&[1, 3]));
         assert_eq!(plan_acks(&mut out, &mut done), AckPlan { multiple_upto: Some(3), singles: vec![] });
-    }
-
-    #[test]
-    fn buckets_delays_to_two_significant_digits() {
-        let ms = |v| delay_bucket(Duration::from_millis(v));
-        assert_eq!(ms(0), 10);
-        assert_eq!(ms(57), 57);
-        assert_eq!(ms(100), 100);
-        assert_eq!(ms(1234), 1300);
-        assert_eq!(ms(1200), 1200);
-        assert_eq!(ms(45_678), 46_000);
-        assert_eq!(delay_bucket(Duration::from_secs(1 << 40)), 2_000_000_000);
     }
 }

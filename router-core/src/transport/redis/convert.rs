@@ -157,6 +157,28 @@ pub fn items(v: &Value) -> Option<&[Value]> {
     }
 }
 
+/// What `XINFO GROUPS` says of `group`: `(lag, last-delivered-id)`; lag is `None`
+/// when Redis cannot tell it (after deletions in the stream). `None` when the group
+/// is not there.
+pub fn group_info(v: &Value, group: &str) -> Option<(Option<u64>, String)> {
+    for g in items(v)? {
+        let fields: Vec<&Value> = items(g).map(|f| f.iter().collect()).unwrap_or_default();
+        let get = |name: &str| {
+            fields
+                .chunks(2)
+                .find(|kv| kv.first().and_then(|k| text(k)).as_deref() == Some(name))
+                .and_then(|kv| kv.get(1))
+        };
+        if get("name").and_then(|n| text(n)).as_deref() != Some(group) {
+            continue;
+        }
+        let lag = get("lag").and_then(|l| text(l)).and_then(|l| l.parse().ok());
+        let last = get("last-delivered-id").and_then(|l| text(l)).unwrap_or_default();
+        return Some((lag, last));
+    }
+    None
+}
+
 fn shape(what: &str) -> String {
     format!("unexpected reply shape from {what}")
 }

@@ -47,7 +47,7 @@ use convert::Entry;
 pub use settle::trim_acked;
 use settle::{run_acker, run_mover, Done, Finished, ReadKey, RedisHandle, Shared, StreamKeys};
 
-use super::{ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
 use crate::config::TransportConfig;
 use crate::message::{Delivery, Message};
 
@@ -382,14 +382,9 @@ impl Transport for RedisTransport {
         inbox: Arc<dyn Inbox>,
         status: Arc<SourceStatus>,
         stop: CancellationToken,
-    ) {
-        let commands = match self.commands() {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(subscription = %spec.subscription, error = %e, "cannot consume");
-                return;
-            }
-        };
+    ) -> Result<(), ConsumeError> {
+        // The URL was validated; a client that still cannot be made never will be.
+        let commands = self.commands().map_err(ConsumeError::Fatal)?;
         let group = spec.config.group.clone().unwrap_or_default();
         let dl = spec.config.dead_letter.clone().unwrap_or_default();
         let streams: Vec<StreamKeys> =
@@ -433,11 +428,55 @@ impl Transport for RedisTransport {
         let _ = acker.await;
         mover_stop.cancel();
         let _ = mover.await;
+        Ok(())
+    }
+
+    async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
+        let mut conn = self.commands().map_err(TransportError::Broker)?;
+        let group = spec.config.group.clone().unwrap_or_default();
+        let mut waiting = 0u64;
+        let failed = |what: &str, e: redis::RedisError| TransportError::Broker(format!("{what}: {e}"));
+        for stream in &spec.config.streams {
+            let retry = StreamKeys::new(stream, &group, None).retry;
+            for key in [stream.as_str(), retry.as_str()] {
+                let kind: String =
+                    redis::cmd("TYPE").arg(key).query_async(&mut conn).await.map_err(|e| failed("TYPE", e))?;
+                if kind != "stream" {
+                    continue; // not there (yet): nothing waits in it
+                }
+                let groups: Value = redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| failed("XINFO", e))?;
+                match convert::group_info(&groups, &group) {
+                    Some((Some(lag), _)) => waiting += lag,
+                    // Redis cannot count (entries were deleted): is anything after
+                    // what the group was last given?
+                    Some((None, last)) => {
+                        let after: Value = redis::cmd("XRANGE")
+                            .arg(key)
+                            .arg(format!("({last}"))
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(1)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(|e| failed("XRANGE", e))?;
+                        waiting += convert::items(&after).map_or(0, |a| a.len() as u64);
+                    }
+                    // No group: the consumer's own reconnect loop reports that.
+                    None => {}
+                }
+            }
+        }
+        Ok(Some(waiting))
     }
 
     async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {
         if !exchange.is_empty() {
-            return Err(TransportError::Broker(format!(
+            return Err(TransportError::Unsupported(format!(
                 "redis has no exchanges (got {exchange:?}): the routing key names the stream"
             )));
         }

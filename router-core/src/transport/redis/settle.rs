@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::convert::{id_order, items, pack_fields, text};
+use crate::backoff;
 use crate::message::{header, Failure, Settle, SettleError, Settlement};
 
 /// Schedule a retry: ZADD the packed fields at now + delay, then XACK.
@@ -244,15 +245,15 @@ pub struct RedisHandle {
 
 #[async_trait]
 impl Settle for RedisHandle {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), SettleError> {
-        let shared = self.shared.clone();
-        let result = match &settlement {
+    async fn settle(&mut self, settlement: &Settlement) -> Result<(), SettleError> {
+        let result = match settlement {
             Settlement::Ack => {
-                // The acker releases the entry once XACK landed.
+                // The acker retries a refused XACK itself, and releases the entry once
+                // it landed.
                 if self.acks.send((self.key, self.id.clone(), Done::Ack)).is_ok() {
                     return Ok(());
                 }
-                Err(SettleError("the acker has stopped".into()))
+                Err(SettleError::Failed("the acker has stopped".into()))
             }
             Settlement::Release => {
                 self.give_back();
@@ -261,7 +262,11 @@ impl Settle for RedisHandle {
             Settlement::Retry { after, next_attempt, failure } => self.retry(*after, *next_attempt, failure).await,
             Settlement::DeadLetter(failure) => self.dead_letter(failure).await,
         };
-        shared.release(self.key, &self.id);
+        // Refused: the entry stays pending here and in flight (it keeps its window
+        // slot) until the same settlement is tried again.
+        if !matches!(result, Err(SettleError::Failed(_))) {
+            self.shared.release(self.key, &self.id);
+        }
         result
     }
 
@@ -326,7 +331,7 @@ impl RedisHandle {
             .arg(member)
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| SettleError(format!("scheduling the retry in {:?}: {e}", self.stream().delayed)))?;
+            .map_err(|e| refused(e, format!("scheduling the retry in {:?}", self.stream().delayed)))?;
         self.note_taken_over(done);
         Ok(())
     }
@@ -343,7 +348,7 @@ impl RedisHandle {
         let done: i64 = call
             .invoke_async(&mut conn)
             .await
-            .map_err(|e| SettleError(format!("writing the dead letter to {dlq:?}: {e}")))?;
+            .map_err(|e| refused(e, format!("writing the dead letter to {dlq:?}")))?;
         self.note_taken_over(done);
         Ok(())
     }
@@ -356,13 +361,27 @@ impl RedisHandle {
     }
 }
 
-/// Batches acks until every sender is gone, retrying failed XACKs. After the last
-/// sender is gone, gives up on acks Redis still refuses after `give_up`: those entries
-/// stay pending and are delivered again (duplicates, never losses).
+/// A script refusal as a settle error: a group that no longer exists means the entry
+/// is not pending here any more (whoever recreates the group decides what is
+/// delivered again); anything else is tried again.
+fn refused(e: redis::RedisError, what: String) -> SettleError {
+    if e.code() == Some("NOGROUP") {
+        SettleError::Gone(format!("{what}: the consumer group no longer exists ({e})"))
+    } else {
+        SettleError::Failed(format!("{what}: {e}"))
+    }
+}
+
+/// Batches acks until every sender is gone, retrying failed XACKs with backoff. Acks
+/// into a group that no longer exists are dropped (nothing is pending there to ack).
+/// After the last sender is gone, gives up on acks Redis still refuses after
+/// `give_up`: those entries stay pending and are delivered again (duplicates, never
+/// losses).
 pub async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Finished>, give_up: Duration) {
     let mut pending: Vec<Finished> = Vec::new();
     let mut batch = Vec::with_capacity(256);
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = acker_backoff();
+    let mut warned: Option<std::time::Instant> = None;
     let mut open = true;
     let mut closed_at = None;
     loop {
@@ -384,7 +403,15 @@ pub async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Fini
             Ok(()) => {
                 shared.release_all(&pending);
                 pending.clear();
-                backoff = Duration::from_millis(50);
+                backoff = acker_backoff();
+                if warned.take().is_some() {
+                    info!(subscription = %shared.subscription, "acks land again");
+                }
+            }
+            Err(e) if e.code() == Some("NOGROUP") => {
+                warn!(subscription = %shared.subscription, entries = pending.len(), error = %e, "the consumer group is gone: nothing left to ack for these entries");
+                shared.release_all(&pending);
+                pending.clear();
             }
             Err(e) => {
                 if !open {
@@ -395,15 +422,22 @@ pub async fn run_acker(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Fini
                         return;
                     }
                 }
-                warn!(subscription = %shared.subscription, entries = pending.len(), error = %e, retry_in = ?backoff, "XACK failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                let wait = backoff.next_delay();
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(std::time::Instant::now());
+                    warn!(subscription = %shared.subscription, entries = pending.len(), error = %e, retry_in = ?wait, "XACK failed; retrying (the entries stay in flight)");
+                }
+                tokio::time::sleep(wait).await;
             }
         }
         if open && rx.is_closed() && rx.is_empty() {
             open = false;
         }
     }
+}
+
+fn acker_backoff() -> backoff::Backoff {
+    backoff::exponential(Duration::from_millis(50), Duration::from_secs(2))
 }
 
 /// One XACK per stream for what is done, and one XCLAIM per entry given back,

@@ -24,7 +24,7 @@ pub mod field {
     pub const KEY: &str = "kafka-key";
     pub const KEY_HEX: &str = "kafka-key-hex";
     /// When a message in the retry topic is due, in ms since the epoch.
-    pub const DUE: &str = "x-router-due";
+    pub use crate::message::header::DUE;
     pub const ORIGINAL_TOPIC: &str = "x-router-original-topic";
     pub const ORIGINAL_PARTITION: &str = "x-router-original-partition";
     pub const ORIGINAL_OFFSET: &str = "x-router-original-offset";

@@ -32,6 +32,32 @@ abstract class WorkerTestCase extends TestCase
         $this->procs = [];
     }
 
+    /**
+     * SIGKILL a process started by proc_open and every process it forked (php -S with
+     * PHP_CLI_SERVER_WORKERS forks its workers, which outlive a killed parent and keep
+     * serving its port), then reap it.
+     *
+     * @param resource $proc
+     */
+    protected static function killTree($proc): void
+    {
+        $pid = proc_get_status($proc)['pid'];
+        posix_kill($pid, SIGSTOP); // forks no more while its children are listed
+        $children = [];
+        foreach (glob('/proc/[0-9]*/stat') ?: [] as $stat) {
+            // "pid (comm) state ppid ...": comm may hold spaces, so read after the last ')'.
+            $line = (string) @file_get_contents($stat);
+            $fields = explode(' ', substr($line, (int) strrpos($line, ')') + 2));
+            if ((int) ($fields[1] ?? 0) === $pid) {
+                $children[] = (int) basename(dirname($stat));
+            }
+        }
+        foreach ([...$children, $pid] as $p) {
+            posix_kill($p, SIGKILL);
+        }
+        proc_close($proc);
+    }
+
     protected static function unique(string $prefix): string
     {
         return $prefix . '-' . bin2hex(random_bytes(5));

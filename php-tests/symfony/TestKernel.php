@@ -11,7 +11,8 @@ use Symfony\Component\HttpKernel\Kernel;
 /** A minimal app: FrameworkBundle, the bridge's bundle, two attribute-marked handlers. */
 final class TestKernel extends Kernel
 {
-    public function __construct(private string $dir, private string $routerConfig)
+    /** @param array<string, mixed> $options more `message_router:` config */
+    public function __construct(private string $dir, private string $routerConfig, private array $options = [])
     {
         parent::__construct('test', true);
     }
@@ -25,7 +26,7 @@ final class TestKernel extends Kernel
     {
         $loader->load(function (ContainerBuilder $c): void {
             $c->loadFromExtension('framework', ['secret' => 'test', 'test' => true, 'http_method_override' => false]);
-            $c->loadFromExtension('message_router', ['config' => $this->routerConfig]);
+            $c->loadFromExtension('message_router', ['config' => $this->routerConfig] + $this->options);
             foreach ([OrderHandler::class, RefundHandler::class] as $class) {
                 $c->register($class, $class)->setAutowired(true)->setAutoconfigured(true)->setArgument('$log', $this->dir . '/handled.log');
             }
@@ -39,7 +40,8 @@ final class TestKernel extends Kernel
 
     public function getCacheDir(): string
     {
-        return $this->dir . '/cache';
+        // One container per configuration.
+        return $this->dir . '/cache-' . md5(serialize($this->options));
     }
 
     public function getLogDir(): string

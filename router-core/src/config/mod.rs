@@ -300,10 +300,33 @@ fn default_max_in_flight() -> usize {
     64
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// `handlers.<name>.signing`. Debug output names no secret (a config may be logged).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningConfig {
+    /// The key every request is signed with (>= 16 characters).
     pub secret: String,
+    /// During a rotation: the key being retired. Requests then carry both signatures
+    /// (`x-router-signature: v1=<with secret>, v1=<with previous_secret>`), so an
+    /// endpoint that knows either key accepts them.
+    #[serde(default)]
+    pub previous_secret: Option<String>,
+}
+
+impl SigningConfig {
+    /// The keys to sign with, the current one first.
+    pub fn keys(&self) -> Vec<Vec<u8>> {
+        std::iter::once(&self.secret).chain(self.previous_secret.as_ref()).map(|s| s.clone().into_bytes()).collect()
+    }
+}
+
+impl std::fmt::Debug for SigningConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningConfig")
+            .field("secret", &"<redacted>")
+            .field("previous_secret", &self.previous_secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -118,6 +118,17 @@ impl Config {
                 if s.secret.len() < 16 {
                     add(format!("{p}.signing.secret"), "must be at least 16 characters".into());
                 }
+                if let Some(previous) = &s.previous_secret {
+                    if previous.len() < 16 {
+                        add(format!("{p}.signing.previous_secret"), "must be at least 16 characters".into());
+                    }
+                    if *previous == s.secret {
+                        add(
+                            format!("{p}.signing.previous_secret"),
+                            "must differ from signing.secret (omit it when no rotation is in progress)".into(),
+                        );
+                    }
+                }
             }
             check_breaker(&h.circuit_breaker, &format!("{p}.circuit_breaker"), &mut add);
         }
@@ -567,6 +578,29 @@ routes:
         let got = errors(&text);
         assert!(got.contains("subscriptions.orders.prefetch: must be at least 1"), "{got}");
         assert!(got.contains("subscriptions.orders.retry.jitter: must be between 0 and 1"), "{got}");
+    }
+
+    #[test]
+    fn signing_takes_a_previous_secret_during_a_rotation() {
+        let signed = |signing: &str| GOOD.replace("8080/\"] }", &format!("8080/\"], signing: {signing} }}"));
+        let c = parse(
+            &signed(r#"{ secret: "new-secret-0123456789", previous_secret: "old-secret-0123456789" }"#),
+            "router.yaml",
+            &env,
+        )
+        .expect("valid");
+        let s = c.handlers["orders"].signing.as_ref().expect("signing");
+        assert_eq!(s.keys(), [b"new-secret-0123456789".to_vec(), b"old-secret-0123456789".to_vec()]);
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("secret-0123456789"), "Debug shows no secret: {shown}");
+        let one = parse(&signed(r#"{ secret: "new-secret-0123456789" }"#), "router.yaml", &env).expect("valid");
+        assert_eq!(one.handlers["orders"].signing.as_ref().expect("signing").keys().len(), 1);
+
+        let got = errors(&signed(r#"{ secret: "new-secret-0123456789", previous_secret: "short" }"#));
+        assert!(got.contains("handlers.orders.signing.previous_secret: must be at least 16 characters"), "{got}");
+        let got = errors(&signed(r#"{ secret: "same-secret-0123456789", previous_secret: "same-secret-0123456789" }"#));
+        assert!(got.contains("handlers.orders.signing.previous_secret: must differ from signing.secret"), "{got}");
+        assert!(!got.contains("same-secret"), "errors name no secret: {got}");
     }
 
     #[test]

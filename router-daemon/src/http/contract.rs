@@ -2,7 +2,8 @@
 //!
 //! Request: `POST`, body = message body, CloudEvents binary-mode `ce-*` headers,
 //! router metadata in `x-router-*`, message headers as `x-message-header-<name>`,
-//! W3C `traceparent`/`tracestate` passed through, optional HMAC signature.
+//! W3C `traceparent`/`tracestate` passed through, optional HMAC signature (one per key:
+//! `signing.previous_secret` adds the second during a rotation).
 //!
 //! Response → [`Outcome`]:
 //!
@@ -30,8 +31,9 @@ pub const EXCERPT_BYTES: usize = 512;
 
 /// Headers for one delivery. A message header that cannot be expressed in HTTP
 /// (control characters, a name that is not a token) is an error: the caller rejects
-/// the message with this reason rather than dropping the header silently.
-pub fn request_headers(d: &DeliveryInfo<'_>, secret: Option<&[u8]>) -> Result<HeaderMap, String> {
+/// the message with this reason rather than dropping the header silently. `secrets`:
+/// the signing keys, the current one first (none: unsigned).
+pub fn request_headers(d: &DeliveryInfo<'_>, secrets: &[Vec<u8>]) -> Result<HeaderMap, String> {
     let m = d.message;
     let mut h = HeaderMap::new();
     let mut put = |name: &str, value: &str| -> Result<(), String> {
@@ -75,12 +77,19 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secret: Option<&[u8]>) -> Result<He
             put(&format!("{MESSAGE_HEADER_PREFIX}{lower}"), v)?;
         }
     }
-    if let Some(secret) = secret {
+    if !secrets.is_empty() {
         let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0).to_string();
         put("x-router-timestamp", &ts)?;
-        put("x-router-signature", &sign(secret, &ts, &m.body))?;
+        put("x-router-signature", &signature(secrets, &ts, &m.body))?;
     }
     Ok(h)
+}
+
+/// The `x-router-signature` value: one [`sign`] per key, joined by `", "`
+/// (`v1=<current>, v1=<previous>` during a rotation; a single `v1=...` otherwise).
+/// An endpoint accepts the request when any of them matches any key it knows.
+pub fn signature(secrets: &[Vec<u8>], timestamp: &str, body: &[u8]) -> String {
+    secrets.iter().map(|s| sign(s, timestamp, body)).collect::<Vec<_>>().join(", ")
 }
 
 /// `v1=` + hex(HMAC-SHA256(secret, "<timestamp>." + body)). Endpoints recompute it and
@@ -134,11 +143,11 @@ mod tests {
         let mut m = Message { id: "m-1".into(), ..Message::default() };
         m.headers.insert("x-router-last-error".into(), "HTTP 500: boom\n#0 trace".into());
         let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
-        let h = request_headers(&d, None).expect("sent");
+        let h = request_headers(&d, &[]).expect("sent");
         assert_eq!(h["x-message-header-x-router-last-error"], "HTTP 500: boom #0 trace");
         m.headers.insert("note".into(), "a\nb".into());
         let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
-        assert!(request_headers(&d, None).is_err(), "a producer's header still makes it poison");
+        assert!(request_headers(&d, &[]).is_err(), "a producer's header still makes it poison");
     }
 
     #[test]
@@ -186,7 +195,7 @@ mod tests {
         m.headers.insert("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         m.headers.insert("Tenant".into(), "acme".into());
         let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
-        let h = request_headers(&d, Some(b"0123456789abcdef")).expect("headers");
+        let h = request_headers(&d, &[b"0123456789abcdef".to_vec()]).expect("headers");
         assert_eq!(h["ce-id"], "m-1");
         assert_eq!(h["ce-specversion"], "1.0");
         assert_eq!(h["ce-type"], "order.created");
@@ -199,8 +208,38 @@ mod tests {
         m.headers.insert("bad".into(), "line\nbreak".into());
         let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
         assert_eq!(
-            request_headers(&d, None).err().as_deref(),
+            request_headers(&d, &[]).err().as_deref(),
             Some("value of header \"x-message-header-bad\" cannot be sent over HTTP")
         );
+    }
+
+    #[test]
+    fn signs_with_every_key_during_a_rotation() {
+        let (new, old) = (b"new-secret-0123456789".to_vec(), b"old-secret-0123456789".to_vec());
+        // A known answer: PHP's hash_hmac('sha256', '1700000000.{"n":1}', '0123456789abcdef').
+        assert_eq!(
+            sign(b"0123456789abcdef", "1700000000", br#"{"n":1}"#),
+            "v1=d9a22bdcfdab07f3be7c84c30003fdc81a4c25420850e983eb235d7e17846231"
+        );
+        assert_eq!(
+            signature(std::slice::from_ref(&new), "17", b"x"),
+            sign(&new, "17", b"x"),
+            "one key: the header as before"
+        );
+        assert_eq!(
+            signature(&[new.clone(), old.clone()], "17", b"x"),
+            format!("{}, {}", sign(&new, "17", b"x"), sign(&old, "17", b"x"))
+        );
+
+        let m = Message { id: "m-1".into(), body: b"body".to_vec().into(), ..Message::default() };
+        let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
+        let h = request_headers(&d, &[new.clone(), old.clone()]).expect("headers");
+        let ts = h["x-router-timestamp"].to_str().expect("ascii");
+        let sig = h["x-router-signature"].to_str().expect("ascii");
+        let parts: Vec<&str> = sig.split(", ").collect();
+        assert_eq!(parts, [sign(&new, ts, b"body"), sign(&old, ts, b"body")]);
+        assert!(parts.iter().all(|p| p.len() == 3 + 64 && p.starts_with("v1=")), "{sig}");
+        let unsigned = request_headers(&d, &[]).expect("headers");
+        assert!(!unsigned.contains_key("x-router-signature") && !unsigned.contains_key("x-router-timestamp"));
     }
 }

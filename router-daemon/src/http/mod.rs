@@ -25,7 +25,8 @@ pub struct HttpTarget {
     client: reqwest::Client,
     pool: Pool,
     timeout: Duration,
-    secret: Option<Vec<u8>>,
+    /// Signing keys, the current one first; empty: requests go unsigned.
+    secrets: Vec<Vec<u8>>,
 }
 
 impl HttpTarget {
@@ -46,7 +47,7 @@ impl HttpTarget {
             client,
             pool: Pool::new(endpoints, config.balance),
             timeout: config.timeout,
-            secret: config.signing.as_ref().map(|s| s.secret.clone().into_bytes()),
+            secrets: config.signing.as_ref().map(|s| s.keys()).unwrap_or_default(),
         })
     }
 }
@@ -54,7 +55,7 @@ impl HttpTarget {
 #[async_trait]
 impl Target for HttpTarget {
     async fn deliver(&self, d: DeliveryInfo<'_>) -> Outcome {
-        let headers = match contract::request_headers(&d, self.secret.as_deref()) {
+        let headers = match contract::request_headers(&d, &self.secrets) {
             Ok(h) => h,
             Err(reason) => return Outcome::Undeliverable { reason },
         };

@@ -14,28 +14,62 @@ use MessageRouter\RetryLater;
  *
  *   return            → 200 (ack)
  *   RetryLater(delay) → 503 with Retry-After (retry after the delay; 0: the policy's)
- *   Reject(reason)    → 422 with the reason (dead-letter now)
+ *   Reject(reason)    → 422 with the reason (dead-letter now: genuinely poison)
  *   other Throwable   → 500 with class and message (retried per policy, then dead-lettered)
- *   no handler        → 404 (dead-lettered: a misrouted message is poison here)
- *   bad signature     → 401 (dead-lettered; only with a secret)
+ *   no handler        → 503 with Retry-After (a rolling deploy: the route's handler is
+ *                       not on this instance yet; retried, never dead-lettered at once)
+ *   bad signature     → 503 with Retry-After (only with secrets: no v1= signature of the
+ *                       request matches a configured secret, or it is unsigned or stale;
+ *                       a secret rotation in progress is retried, not dead-lettered)
  *
  * The same handler classes run in process under the extension: one class, both modes.
  * Framework-free; Symfony's DeliveryController and front.php wrap it.
  */
 final class Dispatcher
 {
+    /** Default Retry-After (seconds) of the "not here yet" answers (no handler, no key). */
+    public const RETRY_AFTER = 5;
+
     /** @var array<string, callable|Handler> */
     private array $handlers;
+
+    /** @var list<string> */
+    private array $secrets;
 
     /**
      * @param array<string, callable|Handler> $handlers by route name (x-router-route)
      *                                                  or handler name (x-router-handler)
-     * @param string|null $secret the daemon's `signing.secret`: requests must carry its signature
+     * @param string|list<string|null>|null $secrets the daemon's `signing.secret`, or
+     *        several during a rotation (the new and the old one): requests must carry
+     *        a signature made with one of them. Empty strings and nulls are skipped (an
+     *        unset environment variable); null or []: requests are not checked; given
+     *        but all empty: InvalidArgumentException (never serve unchecked by mistake).
      * @param int $maxAge seconds a signed request stays valid (replays)
+     * @param int $retryAfter the Retry-After of the 503 for a missing handler or a
+     *        signature no secret matches: with the route's max_attempts it bounds how
+     *        long such a gap is survived before the message is dead-lettered
      */
-    public function __construct(array $handlers, private ?string $secret = null, private int $maxAge = 300)
-    {
+    public function __construct(
+        array $handlers,
+        string|array|null $secrets = null,
+        private int $maxAge = 300,
+        private int $retryAfter = self::RETRY_AFTER,
+    ) {
         $this->handlers = $handlers;
+        foreach ((array) $secrets as $s) {
+            if ($s !== null && !is_string($s)) {
+                throw new \InvalidArgumentException('message-router: a signing secret must be a string, not ' . get_debug_type($s));
+            }
+        }
+        $this->secrets = array_values(array_filter((array) $secrets, fn ($s) => $s !== null && $s !== ''));
+        if ($secrets !== null && $secrets !== [] && $this->secrets === []) {
+            // A secret was meant (e.g. '%env(ROUTER_SIGNING_SECRET)%') but is empty:
+            // refuse to serve rather than accept anyone's requests.
+            throw new \InvalidArgumentException('message-router: the signing secret is configured but empty');
+        }
+        if ($this->retryAfter < 1) {
+            throw new \InvalidArgumentException('message-router: retryAfter must be at least 1 second');
+        }
     }
 
     /**
@@ -45,14 +79,18 @@ final class Dispatcher
     public function dispatch(array $headers, string $body, ?int $now = null): array
     {
         $h = array_change_key_case($headers, CASE_LOWER);
-        if ($this->secret !== null && !Signature::verify($this->secret, $h, $body, $now ?? time(), $this->maxAge)) {
-            return [401, [], "invalid or missing x-router-signature\n"];
+        $notYet = ['Retry-After' => (string) $this->retryAfter];
+        if ($this->secrets !== []) {
+            $problem = Signature::problem($this->secrets, $h, $body, $now ?? time(), $this->maxAge);
+            if ($problem !== null) {
+                return [503, $notYet, "signature not accepted: $problem\n"];
+            }
         }
         $route = $h['x-router-route'] ?? '';
         $handlerName = $h['x-router-handler'] ?? '';
         $handler = $this->handlers[$route] ?? $this->handlers[$handlerName] ?? null;
         if ($handler === null) {
-            return [404, [], "no handler for route \"$route\" (handler \"$handlerName\")\n"];
+            return [503, $notYet, "no handler for route \"$route\" (handler \"$handlerName\") in this deployment (not deployed here yet?)\n"];
         }
         $message = self::message($h, $body);
         try {

@@ -17,7 +17,10 @@ use Symfony\Component\HttpKernel\Bundle\Bundle;
  *
  *     message_router:
  *         config: '%kernel.project_dir%/config/router.yaml'   # the daemon's file
- *         signing_secret: '%env(ROUTER_SIGNING_SECRET)%'      # optional
+ *         signing_secret: '%env(ROUTER_SIGNING_SECRET)%'      # optional; during a rotation a
+ *                                                             # list: [new, old] (README)
+ *         unavailable_retry_after: 5                          # Retry-After of the 503s: no
+ *                                                             # handler here, no secret matches
  */
 final class MessageRouterBundle extends Bundle
 {

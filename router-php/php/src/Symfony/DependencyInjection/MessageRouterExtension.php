@@ -2,6 +2,7 @@
 
 namespace MessageRouter\Symfony\DependencyInjection;
 
+use MessageRouter\Http\Dispatcher;
 use MessageRouter\Symfony\Command\ConsumeCommand;
 use MessageRouter\Symfony\Controller\DeliveryController;
 use MessageRouter\Symfony\HandlerLocator;
@@ -28,9 +29,19 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
                     ->info('The router config (the daemon\'s YAML file) the in-process worker runs')
                     ->defaultValue('%kernel.project_dir%/config/router.yaml')
                 ->end()
-                ->scalarNode('signing_secret')
-                    ->info('The daemon\'s signing.secret: HTTP deliveries must carry its signature')
-                    ->defaultNull()
+                ->arrayNode('signing_secret')
+                    ->info('The daemon\'s signing.secret: HTTP deliveries must carry its signature. During a secret rotation, a list of the new and the old secret: a delivery signed with either is accepted (empty entries are skipped)')
+                    ->example(['%env(ROUTER_SIGNING_SECRET)%', '%env(default::ROUTER_SIGNING_SECRET_PREVIOUS)%'])
+                    ->beforeNormalization()->ifString()->then(static fn (string $v): array => [$v])->end()
+                    // Not scalarPrototype: `%env(default::VAR)%` (an unset previous
+                    // secret is null) may be of any type to the container's checks;
+                    // Dispatcher refuses entries that are not strings.
+                    ->variablePrototype()->end()
+                ->end()
+                ->integerNode('unavailable_retry_after')
+                    ->info('Seconds in the Retry-After of the 503 answered for a route with no handler in this deployment, or a signature no configured secret matches; the daemon retries then, up to the route\'s max_attempts')
+                    ->defaultValue(Dispatcher::RETRY_AFTER)
+                    ->min(1)
                 ->end()
             ->end();
         return $tree;
@@ -45,7 +56,8 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
     {
         $config = $this->processConfiguration($this, $configs);
         $container->setParameter('message_router.config', $config['config']);
-        $container->setParameter('message_router.signing_secret', $config['signing_secret']);
+        $container->setParameter('message_router.signing_secrets', $config['signing_secret']);
+        $container->setParameter('message_router.unavailable_retry_after', $config['unavailable_retry_after']);
         // Arguments filled by HandlerPass.
         $container->register(HandlerLocator::class, HandlerLocator::class)
             ->setArguments([null, []])
@@ -54,7 +66,11 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
             ->setArguments([new Reference(HandlerLocator::class), '%message_router.config%'])
             ->addTag('console.command', ['command' => ConsumeCommand::NAME]);
         $container->register(DeliveryController::class, DeliveryController::class)
-            ->setArguments([new Reference(HandlerLocator::class), '%message_router.signing_secret%'])
+            ->setArguments([
+                new Reference(HandlerLocator::class),
+                '%message_router.signing_secrets%',
+                '%message_router.unavailable_retry_after%',
+            ])
             ->addTag('controller.service_arguments')
             ->setPublic(true);
     }

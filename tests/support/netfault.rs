@@ -65,7 +65,7 @@ pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("SKIPPED: needs root ({test} uses network namespaces, iptables and ss -K)");
+        eprintln!("SKIPPED: needs root ({test}: the fault harness needs network namespaces, iptables, ss -K)");
     }
     root
 }

@@ -22,6 +22,12 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 
+pub mod brokers;
+pub mod netfault;
+
+pub use brokers::{PrivateRabbit, PrivateRedis};
+pub use netfault::{owned_scratch, root_or_skip, FaultNet};
+
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -136,33 +142,44 @@ impl Drop for Proc {
 /// logged as JSON lines to `log`.
 pub struct PhpHandler {
     pub proc: Proc,
+    pub host: String,
     pub port: u16,
     pub log: PathBuf,
 }
 
 impl PhpHandler {
     pub async fn start(log: &Path, workers: u32) -> Self {
+        Self::start_on(log, workers, "127.0.0.1").await
+    }
+
+    /// Serve on `host` (e.g. the host side of a [`FaultNet`]) instead of 127.0.0.1.
+    pub async fn start_on(log: &Path, workers: u32, host: &str) -> Self {
         let port = free_port();
         let script = root().join("tests/handlers/handler.php");
         let child = Command::new("php")
-            .args(["-S", &format!("127.0.0.1:{port}"), script.to_str().unwrap_or_default()])
+            .args(["-S", &format!("{host}:{port}"), script.to_str().unwrap_or_default()])
             .env("HANDLER_LOG", log)
             .env("PHP_CLI_SERVER_WORKERS", workers.to_string())
+            .env(netfault::OWNER_ENV, netfault::owner_tag())
             .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("php -S starts (is php8.2-cli installed? scripts/setup installs it)");
-        let handler = PhpHandler { proc: Proc { child, name: format!("php:{port}") }, port, log: log.to_path_buf() };
-        wait_for("php -S to listen", Duration::from_secs(10), || async {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        let handler = PhpHandler {
+            proc: Proc { child, name: format!("php:{port}") },
+            host: host.to_string(),
+            port,
+            log: log.to_path_buf(),
+        };
+        let addr = format!("{host}:{port}");
+        wait_for("php -S to listen", Duration::from_secs(10), || async { std::net::TcpStream::connect(&addr).is_ok() })
+            .await;
         handler
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/", self.port)
+        format!("http://{}:{}/", self.host, self.port)
     }
 }
 
@@ -213,6 +230,8 @@ pub struct Router {
     pub admin: u16,
     pub config: PathBuf,
     pub stderr: PathBuf,
+    /// The network namespace it runs in ([`Router::start_in`]), None on the host.
+    pub netns: Option<String>,
 }
 
 impl Router {
@@ -220,11 +239,25 @@ impl Router {
     /// until `/readyz` says every subscription consumes. A free port can be taken by
     /// another test between choosing and binding it: then start again on another one.
     pub async fn start(dir: &Scratch, yaml: &str) -> Self {
+        Self::start_with(None, dir, yaml).await
+    }
+
+    /// Start inside `net`'s namespace (`ip netns exec`), so every connection it makes
+    /// to the host side crosses the faults. Its admin server must listen on
+    /// `127.0.0.1:{admin}` (as every config helper here writes it): that is the
+    /// namespace's own loopback, which the test reaches from a thread entered into the
+    /// namespace ([`netfault::http_get_in`]), never over the veth, so `/readyz` and
+    /// `/metrics` answer whatever fault is on.
+    pub async fn start_in(net: &FaultNet, dir: &Scratch, yaml: &str) -> Self {
+        Self::start_with(Some(net.name()), dir, yaml).await
+    }
+
+    async fn start_with(netns: Option<&str>, dir: &Scratch, yaml: &str) -> Self {
         for _ in 0..5 {
             let admin = free_port();
             let config = dir.path(&format!("router-{admin}.yaml"));
             std::fs::write(&config, yaml.replace("{admin}", &admin.to_string())).expect("write config");
-            let mut router = Self::spawn(&config, admin, dir);
+            let mut router = Self::spawn(netns, &config, admin, dir);
             if router.wait_ready().await {
                 return router;
             }
@@ -233,34 +266,72 @@ impl Router {
         panic!("no free admin port after 5 tries");
     }
 
-    /// Start again on the same config (after a kill).
+    /// Start again on the same config (after a kill), where the previous one ran.
     pub async fn restart(dir: &Scratch, previous: &Router) -> Self {
-        let mut router = Self::spawn(&previous.config, previous.admin, dir);
+        let mut router = Self::spawn(previous.netns.as_deref(), &previous.config, previous.admin, dir);
         assert!(router.wait_ready().await, "router exited before it was ready:\n{}", router.logs());
         router
     }
 
-    fn spawn(config: &Path, admin: u16, dir: &Scratch) -> Self {
+    fn spawn(netns: Option<&str>, config: &Path, admin: u16, dir: &Scratch) -> Self {
         let stderr = dir.path(&format!("router-{admin}-{}.log", uuid::Uuid::new_v4().simple()));
         let log = std::fs::File::create(&stderr).expect("router log");
-        let child = Command::new(router_bin())
+        let mut cmd = match netns {
+            // `ip netns exec` execs the daemon: the pid (and process group) is its own.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(router_bin());
+                c
+            }
+            None => Command::new(router_bin()),
+        };
+        let child = cmd
             .args(["run", "--config", config.to_str().unwrap_or_default()])
             .env("RUST_LOG", "info,router_core=debug")
+            .env(netfault::OWNER_ENV, netfault::owner_tag())
             .process_group(0)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("message-router starts");
-        Router { proc: Proc { child, name: format!("router:{admin}") }, admin, config: config.to_path_buf(), stderr }
+        Router {
+            proc: Proc { child, name: format!("router:{admin}") },
+            admin,
+            config: config.to_path_buf(),
+            stderr,
+            netns: netns.map(str::to_string),
+        }
+    }
+
+    /// `GET path` on the admin server: status and body, None when it does not answer.
+    pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        match &self.netns {
+            Some(ns) => {
+                let (ns, port, path) = (ns.clone(), self.admin, path.to_string());
+                tokio::task::spawn_blocking(move || netfault::http_get_in(&ns, port, &path, Duration::from_secs(5)))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => {
+                let r = reqwest::get(format!("http://127.0.0.1:{}{path}", self.admin)).await.ok()?;
+                let status = r.status().as_u16();
+                Some((status, r.text().await.unwrap_or_default()))
+            }
+        }
+    }
+
+    /// Whether `/readyz` answers 200 now.
+    pub async fn ready(&self) -> bool {
+        matches!(self.admin_get("/readyz").await, Some((200, _)))
     }
 
     /// Wait until `/readyz` answers 200 (true), or the process exits (false); panics
     /// after 30 s.
     pub async fn wait_ready(&mut self) -> bool {
-        let url = format!("http://127.0.0.1:{}/readyz", self.admin);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if matches!(reqwest::get(&url).await, Ok(r) if r.status().is_success()) {
+            if self.ready().await {
                 return true;
             }
             if let Ok(Some(_)) = self.proc.child.try_wait() {
@@ -272,11 +343,7 @@ impl Router {
     }
 
     pub async fn metrics(&self) -> String {
-        let url = format!("http://127.0.0.1:{}/metrics", self.admin);
-        match reqwest::get(&url).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
+        self.admin_get("/metrics").await.map(|(_, body)| body).unwrap_or_default()
     }
 
     /// The sum over every series of the metric `name` (0 when there is none).
@@ -321,9 +388,14 @@ pub struct Got {
 
 impl Rabbit {
     pub async fn connect() -> Self {
-        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ at AMQP_URL (default 127.0.0.1:5672): scripts/test starts it");
+        Self::connect_to(&amqp_url()).await
+    }
+
+    /// A connection to the RabbitMQ at `url` (e.g. a [`PrivateRabbit`]).
+    pub async fn connect_to(url: &str) -> Self {
+        let conn = Connection::connect(url, ConnectionProperties::default()).await.unwrap_or_else(|e| {
+            panic!("RabbitMQ at {url} (AMQP_URL, default 127.0.0.1:5672: scripts/test starts it): {e}")
+        });
         let channel = conn.create_channel().await.expect("channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
         Rabbit { conn, channel, queues: Vec::new() }
@@ -490,6 +562,11 @@ pub fn batch(prefix: &str, n: usize, headers: impl Fn(usize) -> Vec<(&'static st
 
 /// A router config for one subscription on `queue` delivering to `endpoints`.
 pub fn config(queue: &str, endpoints: &[String], extra_handler: &str, extra_sub: &str) -> String {
+    config_at(&amqp_url(), queue, endpoints, extra_handler, extra_sub)
+}
+
+/// [`config`] against the RabbitMQ at `url`.
+pub fn config_at(url: &str, queue: &str, endpoints: &[String], extra_handler: &str, extra_sub: &str) -> String {
     let eps = endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
     format!(
         r#"
@@ -508,8 +585,7 @@ subscriptions:
     {extra_sub}
 routes:
   - {{ name: work, match: {{ routing_key: "{queue}" }}, handler: php }}
-"#,
-        url = amqp_url()
+"#
     )
 }
 
@@ -809,6 +885,7 @@ impl Kafka {
 /// SIGKILL. The binary is the one scripts/setup builds (`TANSU_BIN` overrides).
 pub struct Tansu {
     proc: Proc,
+    host: String,
     port: u16,
     db: PathBuf,
     log: PathBuf,
@@ -816,16 +893,23 @@ pub struct Tansu {
 
 impl Tansu {
     pub async fn start(dir: &Scratch) -> Self {
+        Self::start_on(dir, "127.0.0.1").await
+    }
+
+    /// Listen on `host` (e.g. the host side of a [`FaultNet`]), and advertise that
+    /// address in metadata: a Kafka client connects to the advertised listener after
+    /// bootstrap, so it must be the address the router reaches.
+    pub async fn start_on(dir: &Scratch, host: &str) -> Self {
         let port = free_port();
-        let (db, log) = (dir.path("tansu.db"), dir.path("tansu.log"));
-        let proc = Self::spawn(port, &db, &log);
-        let t = Tansu { proc, port, db, log };
+        let (db, log) = (dir.path(&format!("tansu-{port}.db")), dir.path(&format!("tansu-{port}.log")));
+        let proc = Self::spawn(host, port, &db, &log);
+        let t = Tansu { proc, host: host.to_string(), port, db, log };
         t.wait_listening().await;
         t
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn kill(&mut self) {
@@ -835,43 +919,47 @@ impl Tansu {
     /// Start it again on the same port and data.
     pub async fn restart(&mut self) {
         self.proc.kill();
-        self.proc = Self::spawn(self.port, &self.db, &self.log);
+        self.proc = Self::spawn(&self.host, self.port, &self.db, &self.log);
         self.wait_listening().await;
     }
 
-    fn spawn(port: u16, db: &Path, log: &Path) -> Proc {
+    fn spawn(host: &str, port: u16, db: &Path, log: &Path) -> Proc {
         let bin = std::env::var("TANSU_BIN").map(PathBuf::from).unwrap_or_else(|_| {
             let cache = std::env::var("XDG_CACHE_HOME")
                 .map(PathBuf::from)
                 .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
             cache.join("message-router/bin/tansu")
         });
-        let url = format!("tcp://127.0.0.1:{port}");
+        let url = format!("tcp://{host}:{port}");
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("tansu log");
         let err = out.try_clone().expect("tansu log");
         let child = Command::new(&bin)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             // tansu takes the path of a sqlite:// URL as relative: an absolute one needs "//".
             .args(["--storage-engine", &format!("sqlite:///{}", db.display())])
+            .env(netfault::OWNER_ENV, netfault::owner_tag())
             .process_group(0)
             .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("{} starts (scripts/setup builds it): {e}", bin.display()));
-        Proc { child, name: format!("tansu:{port}") }
+        Proc { child, name: format!("tansu:{host}:{port}") }
     }
 
     async fn wait_listening(&self) {
-        let port = self.port;
-        wait_for("tansu to listen", Duration::from_secs(20), || async move {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        let addr = self.brokers();
+        wait_for("tansu to listen", Duration::from_secs(20), || async { std::net::TcpStream::connect(&addr).is_ok() })
+            .await;
     }
 }
 
 /// A router config for one Kafka subscription reading `topics` with `group`.
 pub fn kafka_config(topics: &[&str], group: &str, endpoints: &[String], extra_sub: &str) -> String {
+    kafka_config_at(&kafka_brokers(), topics, group, endpoints, extra_sub)
+}
+
+/// [`kafka_config`] against the brokers `brokers` (e.g. a [`Tansu`]'s).
+pub fn kafka_config_at(brokers: &str, topics: &[&str], group: &str, endpoints: &[String], extra_sub: &str) -> String {
     let eps = endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
     let topics = topics.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
     format!(
@@ -897,7 +985,6 @@ subscriptions:
     {extra_sub}
 routes:
   - {{ name: work, handler: php }}
-"#,
-        brokers = kafka_brokers()
+"#
     )
 }

@@ -12,10 +12,13 @@
 //! While the circuit is open (and while half-open, beyond the probes) attempts wait
 //! in [`Breaker::admit`]; subscriptions routed to the handler take nothing new from
 //! the broker ([`Breaker::wait_not_open`]). A failed attempt that arrives while the
-//! circuit is not closed (the one that tripped it, one that was under way, a failed
-//! probe) does not count against its message: the message waits for the circuit
-//! and is tried again with the same attempt number (see the engine). Time is tokio's,
-//! so paused-time tests drive it.
+//! circuit is not closed (the one that tripped it, one that was under way) does not
+//! count against its message: the message waits for the circuit and is tried again
+//! with the same attempt number (see the engine). A probe is a real attempt: when it
+//! fails it counts. That keeps the circuit live when it opened on a run of bad
+//! messages rather than a broken handler: failing probes use up the bad messages'
+//! attempts, until a good message probes and closes it. Time is tokio's, so
+//! paused-time tests drive it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -87,8 +90,8 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Record how the attempt went. Returns true when the circuit is not closed after
-    /// it: a failed attempt then does not count against its message.
+    /// Record how the attempt went. Returns true when a failed attempt must not count
+    /// against its message: it was not a probe and the circuit is not closed after it.
     pub fn record(mut self, verdict: Verdict, error: &str) -> bool {
         self.recorded = true;
         self.breaker.record(self.probe, verdict, error)
@@ -269,7 +272,8 @@ impl Breaker {
                         let reason = format!("a probe failed: {}", inner.last_error);
                         warn!(handler = %self.handler, reason = %reason, open_for = ?period, "circuit open again");
                         self.notify(CircuitState::Open, &reason);
-                        true
+                        // A probe's failure counts against its message (see the module doc).
+                        false
                     }
                     Verdict::Success => {
                         *passed += 1;
@@ -366,8 +370,8 @@ mod tests {
         let third = tokio::time::timeout(Duration::from_secs(60), b.admit(&CancellationToken::new())).await;
         assert!(third.is_err(), "no third probe while two are out");
 
-        // A failed probe opens it again for twice as long.
-        assert!(first.record(Verdict::Failure, "still down"));
+        // A failed probe opens it again for twice as long, and counts against its message.
+        assert!(!first.record(Verdict::Failure, "still down"));
         drop(second); // abandoned: its slot comes back
         assert_eq!(b.state(), CircuitState::Open);
         let reopened = Instant::now();

@@ -10,6 +10,8 @@
 //   slow:MS          sleep MS milliseconds, then 200
 //   hang:MS          log the request at once (status 0), then sleep MS ms and 200:
 //                    lets a test see a message is being handled, then kill the router
+// While the file $HANDLER_DOWN_FILE exists, every request answers 500 whatever its
+// behaviour (a handler whose database is down).
 // Every request is appended as one JSON line to $HANDLER_LOG (flock'ed), so tests can
 // count what each message id went through.
 
@@ -28,6 +30,11 @@ $behave = $headers['x-message-header-behave'] ?? 'ok';
 $status = 200;
 $out = "ok\n";
 $extra = [];
+$down = getenv('HANDLER_DOWN_FILE');
+if ($down && file_exists($down)) {
+    $mode = 'down';
+    $status = 500; $out = "database unreachable\n";
+}
 switch ($mode) {
     case 'fail':
         $status = 500; $out = "handler failed on purpose\n"; break;

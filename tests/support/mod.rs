@@ -159,6 +159,7 @@ impl PhpHandler {
         let child = Command::new("php")
             .args(["-S", &format!("{host}:{port}"), script.to_str().unwrap_or_default()])
             .env("HANDLER_LOG", log)
+            .env("HANDLER_DOWN_FILE", down_file(log))
             .env("PHP_CLI_SERVER_WORKERS", workers.to_string())
             .env(netfault::OWNER_ENV, netfault::owner_tag())
             .process_group(0)
@@ -181,6 +182,20 @@ impl PhpHandler {
     pub fn url(&self) -> String {
         format!("http://{}:{}/", self.host, self.port)
     }
+
+    /// Make every request fail with 500 (a handler whose database is down), or stop.
+    pub fn set_down(&self, down: bool) {
+        let file = down_file(&self.log);
+        if down {
+            std::fs::write(&file, b"down").expect("down file");
+        } else {
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+}
+
+fn down_file(log: &Path) -> PathBuf {
+    log.with_extension("down")
 }
 
 /// One request as the PHP handler logged it.

@@ -16,35 +16,29 @@
 //! channel go back to their delay queue.
 //!
 //! Buckets: a delay goes to the first bucket at least as long (1s, 5s, 30s, 2m, 10m,
-//! 1h, 6h, 24h), so a subscription has at most eight delay queues whatever its jitter.
-//! The mover holds up to [`MOVER_PREFETCH`] copies per queue, each on its own timer,
-//! so retries of different delays in one bucket come back on time; only when more
-//! than that wait in one bucket can a later copy wait for earlier ones (at most the
-//! bucket's width).
-//!
-//! The mover finds the delay queues of its subscription at start and every
-//! [`REDISCOVER`] (another instance, or an earlier run, may have created them), and
-//! at once when this instance declares one.
+//! 1h, 6h, 24h), so a subscription has exactly eight delay queues whatever its jitter,
+//! declared at every session start and consumed by the mover from then on (a bounded,
+//! predictable set; copies left by an earlier run or another instance are found
+//! because every bucket is always consumed). The mover holds up to [`MOVER_PREFETCH`]
+//! copies per queue, each on its own timer, so retries of different delays in one
+//! bucket come back on time; only when more than that wait in one bucket can a later
+//! copy wait for earlier ones (at most the bucket's width).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::stream::SelectAll;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::protocol::AMQPSoftError;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, Consumer};
-use parking_lot::Mutex;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::convert::to_text;
-use super::publisher::{soft_error, PublishError, Publisher};
+use super::publisher::{PublishError, Publisher};
 use crate::backoff;
 use crate::message::header;
 
@@ -62,8 +56,9 @@ const BUCKETS: [(Duration, &str); 8] = [
 
 /// Copies the mover holds per delay queue while they wait for their time.
 pub const MOVER_PREFETCH: u16 = 256;
-/// How often the mover looks for delay queues it does not consume yet.
-const REDISCOVER: Duration = Duration::from_secs(30);
+/// How often the mover checks that every delay queue is still consumed (the broker
+/// cancels a consumer whose queue an operator deleted).
+const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// How often a move the broker keeps refusing is logged.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -84,43 +79,19 @@ pub fn due_ms(after: Duration) -> u64 {
     due.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The delay queues one session has declared, and the line to its mover.
-pub struct Delays {
-    declared: Mutex<HashSet<String>>,
-    to_mover: mpsc::UnboundedSender<String>,
-}
-
-impl Delays {
-    pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
-        let (to_mover, rx) = mpsc::unbounded_channel();
-        (Arc::new(Delays { declared: Mutex::new(HashSet::new()), to_mover }), rx)
+/// Declare every delay queue of `queue` (durable, no TTL, no dead-lettering).
+pub async fn declare_all(connection: &Connection, queue: &str) -> Result<(), String> {
+    for name in delay_queues(queue) {
+        super::settle::declare_owned_queue(connection, &name, FieldTable::default()).await?;
     }
-
-    /// Declare `name` (durable, no TTL, no dead-lettering) once per session, and have
-    /// the mover consume it.
-    pub async fn ensure(&self, connection: &Connection, name: &str) -> Result<(), String> {
-        if self.declared.lock().contains(name) {
-            return Ok(());
-        }
-        super::settle::declare_owned_queue(connection, name, FieldTable::default()).await?;
-        self.declared.lock().insert(name.to_string());
-        let _ = self.to_mover.send(name.to_string());
-        debug!(queue = name, "declared delay queue");
-        Ok(())
-    }
+    Ok(())
 }
 
 /// Move due retries of `queue`'s delay queues back to `queue` until `stop`.
-pub async fn run_mover(
-    connection: Arc<Connection>,
-    publisher: Arc<Publisher>,
-    queue: String,
-    mut declared: mpsc::UnboundedReceiver<String>,
-    stop: CancellationToken,
-) {
+pub async fn run_mover(connection: Arc<Connection>, publisher: Arc<Publisher>, queue: String, stop: CancellationToken) {
     let mut backoff = backoff::reconnect(Duration::from_secs(30));
     while !stop.is_cancelled() {
-        match mover_session(&connection, &publisher, &queue, &mut declared, &stop).await {
+        match mover_session(&connection, &publisher, &queue, &stop).await {
             Ok(()) => return,
             Err(e) => {
                 if !connection.status().connected() {
@@ -143,37 +114,28 @@ async fn mover_session(
     connection: &Connection,
     publisher: &Arc<Publisher>,
     queue: &str,
-    declared: &mut mpsc::UnboundedReceiver<String>,
     stop: &CancellationToken,
 ) -> Result<(), String> {
+    // Declared again here too: an operator may have deleted one (the broker then
+    // cancelled its consumer and this session starts over).
+    declare_all(connection, queue).await?;
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     channel.basic_qos(MOVER_PREFETCH, BasicQosOptions { global: false }).await.map_err(|e| e.to_string())?;
-    let mut consumed: HashSet<String> = HashSet::new();
     let mut consumers: SelectAll<Consumer> = SelectAll::new();
+    for name in delay_queues(queue) {
+        consumers.push(consume(&channel, &name).await?);
+    }
+    let all = consumers.len();
     let mut waiting: DelayQueue<lapin::message::Delivery> = DelayQueue::new();
     let mut moving: JoinSet<()> = JoinSet::new();
-    let mut rediscover = tokio::time::interval(REDISCOVER);
+    let mut check = tokio::time::interval(CHECK_EVERY);
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            Some(name) = declared.recv() => {
-                if !consumed.contains(&name) {
-                    consumers.push(consume(&channel, &name).await?);
-                    consumed.insert(name);
-                }
-            }
-            _ = rediscover.tick() => {
-                if consumers.len() < consumed.len() {
-                    // The broker cancelled a consumer (its queue was deleted): start over.
-                    return Err(format!("a delay queue of {queue:?} stopped being consumed"));
-                }
-                for name in delay_queues(queue) {
-                    if !consumed.contains(&name) && exists(connection, &name).await? {
-                        consumers.push(consume(&channel, &name).await?);
-                        info!(queue = %name, "moving due retries from this delay queue");
-                        consumed.insert(name);
-                    }
+            _ = check.tick() => {
+                if consumers.len() < all {
+                    return Err(format!("the broker cancelled a consumer of the delay queues of {queue:?} (was one deleted?)"));
                 }
             }
             Some(next) = consumers.next(), if !consumers.is_empty() => {
@@ -183,8 +145,7 @@ async fn mover_session(
                     .and_then(|v| to_text(v).ok())
                     .and_then(|t| t.trim().parse::<u64>().ok())
                     .unwrap_or(0);
-                let now_ms = due_ms(Duration::ZERO);
-                let wait = Duration::from_millis(due.saturating_sub(now_ms));
+                let wait = Duration::from_millis(due.saturating_sub(due_ms(Duration::ZERO)));
                 waiting.insert_at(d, tokio::time::Instant::now() + wait);
             }
             Some(expired) = waiting.next(), if !waiting.is_empty() => {
@@ -215,28 +176,6 @@ async fn consume(channel: &lapin::Channel, name: &str) -> Result<Consumer, Strin
         )
         .await
         .map_err(|e| format!("consuming delay queue {name:?}: {e}"))
-}
-
-/// Whether queue `name` exists (a passive declare on a channel of its own: a missing
-/// queue closes the channel).
-async fn exists(connection: &Connection, name: &str) -> Result<bool, String> {
-    let ch = connection.create_channel().await.map_err(|e| e.to_string())?;
-    let result = ch
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await;
-    let found = match result {
-        Ok(_) => true,
-        Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => false,
-        Err(e) => return Err(format!("looking for delay queue {name:?}: {e}")),
-    };
-    if ch.status().connected() {
-        let _ = ch.close(200, ShortString::from("looked")).await;
-    }
-    Ok(found)
 }
 
 /// Publish a due copy to `queue` (confirmed), then ack it in its delay queue. A
@@ -289,7 +228,7 @@ mod tests {
         assert_eq!(q(86_400_000), "orders.retry.24h");
         assert_eq!(delay_queue("orders", Duration::from_secs(1 << 40)), "orders.retry.24h");
         // Jittered sub-second delays share one queue.
-        let names: HashSet<String> = (100..1000).map(q).collect();
+        let names: std::collections::HashSet<String> = (100..1000).map(q).collect();
         assert_eq!(names.len(), 1);
         assert_eq!(delay_queues("q").count(), 8);
     }

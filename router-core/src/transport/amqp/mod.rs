@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use delay::{delay_queue, delay_queues, MOVER_PREFETCH};
-use delay::{run_mover, Delays};
+use delay::{declare_all, run_mover};
 use publisher::Publisher;
 use settle::{declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
 
@@ -188,6 +188,7 @@ impl AmqpTransport {
                 declare_owned_queue(&connection, q, FieldTable::default()).await.map_err(SessionError::Other)?;
             }
         }
+        declare_all(&connection, &spec.config.queue).await.map_err(SessionError::Other)?;
         let channel = connection.create_channel().await?;
         channel.basic_qos(spec.config.prefetch, BasicQosOptions::default()).await?;
         let consumer_tag = format!("message-router/{}/{}", spec.subscription, uuid::Uuid::new_v4());
@@ -204,22 +205,18 @@ impl AmqpTransport {
         info!(subscription = %spec.subscription, queue = %spec.config.queue, prefetch = spec.config.prefetch, "consuming");
 
         let publisher = Arc::new(Publisher::new(connection.clone()));
-        let (delays, declared) = Delays::new();
         let session = Arc::new(Session {
-            connection: connection.clone(),
             consume_channel: channel.clone(),
             publisher: publisher.clone(),
             subscription: spec.subscription.clone(),
             queue: spec.config.queue.clone(),
             dead_letter,
-            delays,
         });
         let mover_stop = stop.child_token();
         let mover = tokio::spawn(run_mover(
             connection.clone(),
             publisher.clone(),
             spec.config.queue.clone(),
-            declared,
             mover_stop.clone(),
         ));
         let (acks, ack_rx) = mpsc::unbounded_channel();

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::convert::{republish_properties, to_text};
-use super::delay::{delay_queue, due_ms, Delays};
+use super::delay::{delay_queue, due_ms};
 use super::publisher::{soft_error, Publisher};
 use crate::config::DeadLetterConfig;
 use crate::message::{header, Settle, SettleError, Settlement};
@@ -125,7 +125,6 @@ fn plan_acks(outstanding: &mut BTreeSet<u64>, done: &mut BTreeSet<u64>) -> AckPl
 
 /// What the handles of one consume session share: where durable publishes go.
 pub struct Session {
-    pub connection: Arc<Connection>,
     /// The channel deliveries came on: their tags are valid only while it is open.
     pub consume_channel: Channel,
     /// Confirm-mode channel for retries and dead letters (reopens itself).
@@ -133,8 +132,6 @@ pub struct Session {
     pub subscription: String,
     pub queue: String,
     pub dead_letter: DeadLetterConfig,
-    /// Delay queues for retries (see `delay.rs`).
-    pub delays: Arc<Delays>,
 }
 
 /// The AMQP half of a [`crate::message::Delivery`].
@@ -165,9 +162,8 @@ impl Settle for AmqpHandle {
                 extra.push((header::ATTEMPT, next_attempt.to_string()));
                 extra.push((header::DUE, due_ms(*after).to_string()));
                 extra.extend(failure.headers(&self.session.subscription));
+                // Declared at the session's start (see delay.rs).
                 let queue = delay_queue(&self.session.queue, *after);
-                let declared = self.session.delays.ensure(&self.session.connection, &queue).await;
-                declared.map_err(|e| self.failed(e))?;
                 self.publish("", &queue, &extra).await?;
             }
             Settlement::DeadLetter(failure) => {

@@ -50,7 +50,7 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secret: Option<&[u8]>) -> Result<He
         "ce-type",
         m.kind.as_deref().or(m.key.as_deref()).filter(|t| !t.is_empty()).unwrap_or("message-router.message"),
     )?;
-    if let Some(t) = m.timestamp {
+    if let Some(t) = m.timestamp.filter(|t| rfc3339_writes(*t)) {
         put("ce-time", &rfc3339(t))?;
     }
     if let Some(key) = &m.key {
@@ -81,6 +81,12 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secret: Option<&[u8]>) -> Result<He
         put("x-router-signature", &sign(secret, &ts, &m.body))?;
     }
     Ok(h)
+}
+
+/// Whether [`rfc3339`] can write `t` (1970 to 9999; it panics outside). A producer's
+/// timestamp outside that range leaves `ce-time` out rather than crash the delivery.
+fn rfc3339_writes(t: SystemTime) -> bool {
+    t.duration_since(UNIX_EPOCH).is_ok_and(|d| d.as_secs() < 253_402_300_800)
 }
 
 /// `v1=` + hex(HMAC-SHA256(secret, "<timestamp>." + body)). Endpoints recompute it and
@@ -195,6 +201,10 @@ mod tests {
         assert_eq!(h["x-message-header-tenant"], "acme");
         let ts = h["x-router-timestamp"].to_str().expect("ascii");
         assert_eq!(h["x-router-signature"], sign(b"0123456789abcdef", ts, b"").as_str());
+
+        m.timestamp = Some(UNIX_EPOCH + Duration::from_secs(253_402_300_800));
+        let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
+        assert!(!request_headers(&d, None).expect("sent").contains_key("ce-time"), "year 10000: no ce-time, no panic");
 
         m.headers.insert("bad".into(), "line\nbreak".into());
         let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };

@@ -27,6 +27,9 @@ pub mod routing;
 pub mod target;
 pub mod transport;
 
+#[cfg(test)]
+mod fuzz_support;
+
 pub use engine::{BuildError, Readiness, Router};
 pub use message::{Delivery, Failure, Message, Settlement};
 pub use metrics::Metrics;

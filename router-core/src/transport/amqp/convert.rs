@@ -212,3 +212,6 @@ mod tests {
         assert_eq!(h.inner().get(header::ATTEMPT), Some(&AMQPValue::LongString("2".into())));
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -214,3 +214,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz;

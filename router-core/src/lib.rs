@@ -35,6 +35,9 @@ pub mod routing;
 pub mod target;
 pub mod transport;
 
+#[cfg(test)]
+mod fuzz_support;
+
 pub use engine::{BuildError, Router, RunError};
 pub use health::Readiness;
 pub use message::{Delivery, Failure, Message, Settlement};

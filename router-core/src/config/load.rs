@@ -155,3 +155,6 @@ pub fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Stri
     out.push_str(rest);
     Ok(out)
 }
+
+#[cfg(test)]
+mod fuzz;

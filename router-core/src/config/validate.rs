@@ -296,6 +296,7 @@ fn check_kafka_transport(t: &TransportConfig, p: &str, add: &mut impl FnMut(Stri
         }
     }
     let mut client = rdkafka::ClientConfig::new();
+    let mut passed = Vec::new();
     for (key, value) in &t.properties {
         if ROUTER_OWNED_PROPERTIES.contains(&key.as_str()) {
             add(
@@ -304,11 +305,17 @@ fn check_kafka_transport(t: &TransportConfig, p: &str, add: &mut impl FnMut(Stri
             );
         } else {
             client.set(key, value);
+            passed.push((key, value));
         }
     }
-    // librdkafka checks names and values when a client is made (no connection yet).
+    // librdkafka checks names and values when a client is made (no connection yet). It
+    // stops at the first property it refuses, in the order of rdkafka's hash map, so
+    // the report names the first one (by key) refused on its own, the same every time.
     if let Err(e) = client.create::<rdkafka::consumer::BaseConsumer>() {
-        add(format!("{p}.properties"), format!("librdkafka refuses them: {e}"));
+        let alone = passed.iter().find_map(|(key, value)| {
+            rdkafka::ClientConfig::new().set(*key, *value).create::<rdkafka::consumer::BaseConsumer>().err()
+        });
+        add(format!("{p}.properties"), format!("librdkafka refuses them: {}", alone.unwrap_or(e)));
     }
 }
 
@@ -706,6 +713,17 @@ routes:
         for (text, want) in cases {
             let got = errors(&text);
             assert!(got.contains(want), "want {want:?} in:\n{got}");
+        }
+    }
+
+    #[test]
+    fn refused_kafka_properties_are_reported_the_same_every_time() {
+        let text = KAFKA
+            .replace("session.timeout.ms: 6000", "fetch.wait.maxx.ms: 5, auto.offset.reset: sideways, zz.bogus: 1");
+        let first = errors(&text);
+        assert!(first.contains("librdkafka refuses them: ") && first.contains("auto.offset.reset"), "{first}");
+        for _ in 0..20 {
+            assert_eq!(errors(&text), first);
         }
     }
 

@@ -52,7 +52,7 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secrets: &[Vec<u8>]) -> Result<Head
         "ce-type",
         m.kind.as_deref().or(m.key.as_deref()).filter(|t| !t.is_empty()).unwrap_or("message-router.message"),
     )?;
-    if let Some(t) = m.timestamp {
+    if let Some(t) = m.timestamp.filter(|t| rfc3339_writes(*t)) {
         put("ce-time", &rfc3339(t))?;
     }
     if let Some(key) = &m.key {
@@ -90,6 +90,12 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secrets: &[Vec<u8>]) -> Result<Head
 /// An endpoint accepts the request when any of them matches any key it knows.
 pub fn signature(secrets: &[Vec<u8>], timestamp: &str, body: &[u8]) -> String {
     secrets.iter().map(|s| sign(s, timestamp, body)).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether [`rfc3339`] can write `t` (1970 to 9999; it panics outside). A producer's
+/// timestamp outside that range leaves `ce-time` out rather than crash the delivery.
+fn rfc3339_writes(t: SystemTime) -> bool {
+    t.duration_since(UNIX_EPOCH).is_ok_and(|d| d.as_secs() < 253_402_300_800)
 }
 
 /// `v1=` + hex(HMAC-SHA256(secret, "<timestamp>." + body)). Endpoints recompute it and
@@ -205,6 +211,10 @@ mod tests {
         let ts = h["x-router-timestamp"].to_str().expect("ascii");
         assert_eq!(h["x-router-signature"], sign(b"0123456789abcdef", ts, b"").as_str());
 
+        m.timestamp = Some(UNIX_EPOCH + Duration::from_secs(253_402_300_800));
+        let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
+        assert!(!request_headers(&d, &[]).expect("sent").contains_key("ce-time"), "year 10000: no ce-time, no panic");
+
         m.headers.insert("bad".into(), "line\nbreak".into());
         let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
         assert_eq!(
@@ -243,3 +253,6 @@ mod tests {
         assert!(!unsigned.contains_key("x-router-signature") && !unsigned.contains_key("x-router-timestamp"));
     }
 }
+
+#[cfg(test)]
+mod fuzz;

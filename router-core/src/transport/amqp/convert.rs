@@ -50,7 +50,8 @@ pub fn to_message(
         key: Some(key),
         content_type: properties.content_type().as_ref().map(|s| s.as_str().to_string()),
         kind: properties.kind().as_ref().map(|s| s.as_str().to_string()),
-        timestamp: properties.timestamp().map(|t| UNIX_EPOCH + Duration::from_secs(t)),
+        // A producer's timestamp past what SystemTime holds is dropped, not a panic.
+        timestamp: properties.timestamp().and_then(|t| UNIX_EPOCH.checked_add(Duration::from_secs(t))),
         source: source.to_string(),
     };
     (message, defect)
@@ -199,6 +200,9 @@ mod tests {
         let (m, defect) = to_message("rabbit/q", "k", &props, Bytes::new());
         assert_eq!(defect.as_deref(), Some("header \"bin\": value is not valid UTF-8 text"));
         assert!(!m.id.is_empty(), "a generated id");
+
+        let props = BasicProperties::default().with_timestamp(u64::MAX);
+        assert_eq!(to_message("rabbit/q", "k", &props, Bytes::new()).0.timestamp, None, "no overflow panic");
     }
 
     #[test]
@@ -225,3 +229,6 @@ mod tests {
         assert_eq!(h.inner().get(header::ATTEMPT), Some(&AMQPValue::LongString("2".into())));
     }
 }
+
+#[cfg(test)]
+mod fuzz;

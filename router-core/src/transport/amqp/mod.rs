@@ -38,8 +38,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use delay::{delay_queue, delay_queues, MOVER_PREFETCH};
 use delay::{declare_all, run_mover};
+pub use delay::{delay_queue, delay_queues, MOVER_PREFETCH};
 use publisher::Publisher;
 use settle::{declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
 

@@ -191,3 +191,6 @@ mod tests {
         assert_eq!(m.headers["kafka-key-hex"], "00ff");
     }
 }
+
+#[cfg(test)]
+mod fuzz;

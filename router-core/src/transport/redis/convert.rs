@@ -317,3 +317,6 @@ mod tests {
         assert_eq!(id_order("9-10", "9-9"), std::cmp::Ordering::Greater);
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -72,10 +72,7 @@ async fn retries_survive_twenty_broker_restarts_at_the_instant_they_come_due() {
     let handled = || -> HashSet<String> {
         seen(&php.log).into_iter().filter(|s| s.status == 200).map(|s| s.id).collect::<HashSet<_>>()
     };
-    wait_for("every retried message handled", Duration::from_secs(180), || async {
-        want.is_subset(&handled())
-    })
-    .await;
+    wait_for("every retried message handled", Duration::from_secs(180), || async { want.is_subset(&handled()) }).await;
     let rabbit_client = Rabbit::connect_to(&rabbit.url()).await;
     let dead = rabbit_client.drain(&format!("{queue}.dlq")).await;
     let done = handled();

@@ -98,3 +98,27 @@ routes:
         }
     }
 }
+
+#[test]
+fn a_topic_pattern_librdkafka_refuses_is_a_config_error() {
+    let dir = Scratch::new("cfg");
+    let yaml = r#"
+admin: { listen: "127.0.0.1:0" }
+transports:
+  kafka: { type: kafka, brokers: ["127.0.0.1:9092"] }
+handlers:
+  php: { endpoints: ["http://127.0.0.1:8080/"] }
+subscriptions:
+  orders: { transport: kafka, topic_pattern: "([", group: billing }
+routes:
+  - { name: all, handler: php }
+"#;
+    for cmd in ["validate", "run"] {
+        let (code, _, stderr) = run(cmd, yaml, &dir);
+        assert_eq!(code, Some(2), "`{cmd}` must exit 2; stderr:\n{stderr}");
+        let want = "FILE: subscriptions.orders.topic_pattern: \"([\" is not a regular expression librdkafka accepts";
+        assert!(stderr.contains(want), "`{cmd}` stderr lacks {want:?}:\n{stderr}");
+    }
+    let (code, _, stderr) = run("validate", &yaml.replace("\"([\"", "\"orders\\\\..*\""), &dir);
+    assert_eq!(code, Some(0), "a good pattern passes: {stderr}");
+}

@@ -46,7 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::backoff;
 use crate::breaker::{Breaker, CircuitState, Observer, Verdict};
@@ -456,7 +456,9 @@ impl Pipeline {
                         idle
                     );
                 }
-                Ok(Ok(_)) => {}
+                Ok(Ok(waiting)) => {
+                    trace!(subscription = %self.name, ?waiting, ?idle, "stall check: nothing waits")
+                }
                 Ok(Err(e)) => debug!(subscription = %self.name, error = %e, "stall check: cannot read the backlog"),
                 Err(_) => debug!(subscription = %self.name, "stall check: the broker did not answer in time"),
             }

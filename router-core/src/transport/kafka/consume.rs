@@ -83,9 +83,15 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
     // Defaults a user may override: start at the beginning of a topic the group has
-    // no offset for (nothing published before the first start is skipped), and
-    // statistics every 5 s for the lag gauge.
-    for (key, value) in [("auto.offset.reset", "earliest"), ("statistics.interval.ms", "5000")] {
+    // no offset for (nothing published before the first start is skipped),
+    // statistics every 5 s for the lag gauge, and metadata every 30 s rather than
+    // librdkafka's 5 min, so topics that appear (a pattern), disappear or come back
+    // are noticed soon.
+    for (key, value) in [
+        ("auto.offset.reset", "earliest"),
+        ("statistics.interval.ms", "5000"),
+        ("topic.metadata.refresh.interval.ms", "30000"),
+    ] {
         if !t.properties.iter().any(|(k, _)| k == key) {
             c.set(key, value);
         }
@@ -211,7 +217,8 @@ pub async fn run(
                     }
                 };
                 let part: Part = (record.topic.clone(), record.partition);
-                let generation = state.read(&part, record.offset, stalled);
+                let fingerprint = (record.offset, record.timestamp_ms, record.payload.len());
+                let generation = state.read(&part, fingerprint, stalled);
                 let lane = lanes.lane(&part, &record.key);
                 // Retry-topic messages wait for their due time without holding up the
                 // source topics; their partition is paused meanwhile (see hand_out).

@@ -77,6 +77,8 @@ pub struct KafkaTransport {
     create_topics: CreateTopics,
     /// The live consumer of each subscription, for the stall watchdog.
     live: Mutex<HashMap<String, Live>>,
+    /// A group-less consumer the watchdog reads single records with (made on first use).
+    probe: Mutex<Option<Arc<BaseConsumer>>>,
 }
 
 /// A subscription's consumer while it runs (weak: the watchdog must not keep it alive).
@@ -101,7 +103,21 @@ impl KafkaTransport {
             producer,
             create_topics: config.create_topics.clone().unwrap_or_default(),
             live: Mutex::new(HashMap::new()),
+            probe: Mutex::new(None),
         }
+    }
+
+    fn probe(&self) -> Result<Arc<BaseConsumer>, TransportError> {
+        let mut slot = self.probe.lock();
+        if let Some(p) = slot.as_ref() {
+            return Ok(p.clone());
+        }
+        let mut c = self.client_config(properties::Role::Other);
+        c.set("enable.auto.commit", "false").set("group.id", "message-router-probe");
+        let p: Arc<BaseConsumer> =
+            Arc::new(c.create().map_err(|e| TransportError::Broker(format!("kafka probe client: {e}")))?);
+        *slot = Some(p.clone());
+        Ok(p)
     }
 
     fn client_config(&self, role: properties::Role) -> ClientConfig {
@@ -160,7 +176,29 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
         .set("log_level", "0")
         .create()
         .map_err(|e| format!("cannot check the pattern: {e}"))?;
-    consumer.subscribe(&[anchored(pattern).as_str()]).map_err(|e| format!("librdkafka refuses the pattern: {e}"))
+    consumer
+        .subscribe(&[anchored(pattern).as_str()])
+        .map_err(|e| format!("{pattern:?} is not a regular expression librdkafka accepts ({e})"))
+}
+
+/// The record at `offset` of `part` as the broker holds it now, if it can be read
+/// within the probe timeout.
+fn fetch_one(probe: &BaseConsumer, part: &state::Part, offset: i64) -> Option<state::Fingerprint> {
+    use rdkafka::message::Message as _;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&part.0, part.1, Offset::Offset(offset)).ok()?;
+    probe.assign(&tpl).ok()?;
+    let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+    let mut found = None;
+    while found.is_none() && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = probe.poll(Duration::from_millis(200)) {
+            if m.topic() == part.0 && m.partition() == part.1 && m.offset() == offset {
+                found = Some((offset, m.timestamp().to_millis(), m.payload_len()));
+            }
+        }
+    }
+    let _ = probe.unassign();
+    found
 }
 
 /// Milliseconds since the Unix epoch, `after` from now: the `x-router-due` value.
@@ -202,8 +240,18 @@ impl Transport for KafkaTransport {
             .map_err(|reason| TransportError::NotConfirmed { destination: format!("topic {routing_key:?}"), reason })
     }
 
-    /// Records waiting in the source partitions assigned to this consumer that it is
-    /// not holding back on purpose: high watermark − the consumer's position.
+    /// Records waiting in the source partitions assigned to this consumer that are
+    /// neither busy nor held back on purpose, as the broker sees them: high watermark
+    /// − the group's committed offset (the low watermark when there is none).
+    ///
+    /// A consumer can lose track of its partition without a word: a topic deleted and
+    /// created again (on a broker without topic ids) leaves it fetching at an offset
+    /// the new topic may already have passed, its own auto-commit writing that offset
+    /// back. So the probe also checks that the broker still holds, just before the
+    /// consumer's position, the record the consumer read there; when it does not (or
+    /// the position lies past the end), the partition's offset is set back to its
+    /// beginning and everything in it counts as waiting, so the watchdog starts a new
+    /// consumer, which reads it from there.
     async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
         let live = {
             let live = self.live.lock();
@@ -211,24 +259,57 @@ impl Transport for KafkaTransport {
                 .and_then(|l| Some((l.consumer.upgrade()?, l.state.upgrade()?, l.retry_topic.clone())))
         };
         let Some((consumer, state, retry_topic)) = live else { return Ok(None) };
+        let probe = self.probe()?;
+        let subscription = spec.subscription.clone();
         tokio::task::spawn_blocking(move || {
             let broker = |e: rdkafka::error::KafkaError| TransportError::Broker(e.to_string());
-            let positions = consumer.position().map_err(broker)?;
-            let mut waiting = 0u64;
-            for e in positions.elements() {
+            let mut idle = rdkafka::TopicPartitionList::new();
+            for e in consumer.assignment().map_err(broker)?.elements() {
                 let part = (e.topic().to_string(), e.partition());
-                if part.0 == retry_topic || state.paused(&part) {
+                if part.0 != retry_topic && !state.occupied(&part) {
+                    idle.add_partition(&part.0, part.1);
+                }
+            }
+            if idle.count() == 0 {
+                return Ok(Some(0));
+            }
+            let positions: HashMap<(String, i32), Offset> = consumer
+                .position()
+                .map_err(broker)?
+                .elements()
+                .iter()
+                .map(|e| ((e.topic().to_string(), e.partition()), e.offset()))
+                .collect();
+            let committed = consumer.committed_offsets(idle, PROBE_TIMEOUT).map_err(broker)?;
+            let mut waiting = 0u64;
+            for e in committed.elements() {
+                let part = (e.topic().to_string(), e.partition());
+                let (low, high) = consumer.fetch_watermarks(&part.0, part.1, PROBE_TIMEOUT).map_err(broker)?;
+                let position = match positions.get(&part) {
+                    Some(Offset::Offset(o)) => Some(*o),
+                    _ => None,
+                };
+                let lost = match (position, state.last(&part)) {
+                    (Some(pos), _) if pos > high => true,
+                    (Some(pos), Some(last)) if last.0 == pos - 1 && last.0 >= low => {
+                        fetch_one(&probe, &part, last.0).is_some_and(|now| now != last)
+                    }
+                    _ => false,
+                };
+                if lost {
+                    tracing::warn!(subscription = %subscription, topic = %part.0, partition = part.1, low, high, position = ?position, "the broker no longer holds what this consumer read (was the topic deleted and created again?): reading the partition from its beginning");
+                    state.store_now(&part, low);
+                    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+                    waiting += u64::try_from(high - low).unwrap_or(0).max(1);
                     continue;
                 }
-                let (low, high) = consumer.fetch_watermarks(&part.0, part.1, PROBE_TIMEOUT).map_err(broker)?;
                 let from = match e.offset() {
-                    Offset::Offset(o) => o.max(low),
-                    // Nothing consumed yet: it starts at the committed offset or the
-                    // beginning; either way everything up to the end waits.
+                    Offset::Offset(o) if (low..=high).contains(&o) => o,
                     _ => low,
                 };
                 waiting += u64::try_from(high - from).unwrap_or(0);
             }
+            drop(committed);
             Ok(Some(waiting))
         })
         .await

@@ -19,6 +19,10 @@ use super::offsets::Offsets;
 /// A partition: (topic, partition).
 pub type Part = (String, i32);
 
+/// What identifies a record well enough to tell whether the broker still holds the
+/// same one at its offset: (offset, timestamp in ms, payload length).
+pub type Fingerprint = (i64, Option<i64>, usize);
+
 /// What the state drives at the broker client (the consumer; a recorder in tests).
 pub trait Switch: Send + Sync {
     fn pause(&self, part: &Part, pause: bool);
@@ -44,6 +48,8 @@ pub struct PartState {
     /// The whole subscription is at its read-ahead bound (or paused by a circuit) and
     /// the loop polls only to serve rebalances and keep its group membership.
     pub stalled: bool,
+    /// The last record read (the stall watchdog compares it with the broker's).
+    pub last: Option<Fingerprint>,
 }
 
 impl PartState {
@@ -120,10 +126,11 @@ impl State {
 
     /// A message was read: record it, and pause its partition when it ran `span_limit`
     /// past its commit point (or the loop is stalled). Returns its generation.
-    pub fn read(&self, part: &Part, offset: i64, stalled: bool) -> u64 {
+    pub fn read(&self, part: &Part, record: Fingerprint, stalled: bool) -> u64 {
         let mut parts = self.parts.lock();
         let p = parts.entry(part.clone()).or_default();
-        p.offsets.read(offset);
+        p.offsets.read(record.0);
+        p.last = Some(record);
         // Bound what a crash would deliver again (duplicates) to `span_limit` per
         // partition; also catch a partition assigned while stalled.
         let full = p.offsets.span() >= self.span_limit;
@@ -161,10 +168,23 @@ impl State {
         self.parts.lock().get(part).is_some_and(|p| p.generation == generation)
     }
 
-    /// Whether the router itself holds `part` paused (span full, a retry waiting, the
-    /// loop stalled): idle on purpose, not a stall.
-    pub fn paused(&self, part: &Part) -> bool {
-        self.parts.lock().get(part).is_some_and(PartState::paused)
+    pub fn last(&self, part: &Part) -> Option<Fingerprint> {
+        self.parts.lock().get(part).and_then(|p| p.last)
+    }
+
+    /// Store `offset` as the commit point of `part` now (the watchdog's repair of a
+    /// partition whose records changed under the consumer).
+    pub fn store_now(&self, part: &Part, offset: i64) {
+        if let Some(s) = self.switch.get() {
+            s.store(part, offset);
+        }
+    }
+
+    /// Whether `part` is busy or idle on purpose: a message of it in flight, or held
+    /// paused by the router itself (span full, a retry waiting, the loop stalled).
+    /// Not a stall, whatever its lag.
+    pub fn occupied(&self, part: &Part) -> bool {
+        self.parts.lock().get(part).is_some_and(|p| p.paused() || p.in_flight > 0)
     }
 
     fn in_flight(&self) -> usize {
@@ -238,9 +258,9 @@ mod tests {
     fn a_partition_pauses_at_its_span_and_resumes_when_its_head_settles() {
         let (s, flips, stored) = state(4, vec![]);
         let p = part(0);
-        let g = (0..3).map(|o| s.read(&p, o, false)).last().unwrap_or_default();
+        let g = (0..3).map(|o| s.read(&p, (o, None, 0), false)).last().unwrap_or_default();
         assert!(flips.lock().is_empty(), "3 read past the commit point: under the span of 4");
-        s.read(&p, 3, false);
+        s.read(&p, (3, None, 0), false);
         assert_eq!(*flips.lock(), [(p.clone(), true)], "the 4th fills the span");
         for _ in 0..4 {
             s.started(&p);
@@ -272,14 +292,16 @@ mod tests {
         );
         s.stall(false);
         assert_eq!(flips.lock()[2..], [(part(0), false), (part(1), false)]);
-        assert!(!s.paused(&p));
+        assert!(!s.occupied(&p));
+        s.started(&p);
+        assert!(s.occupied(&p), "a message in flight: working, not stalled");
     }
 
     #[test]
     fn stale_messages_of_a_revoked_partition_change_nothing() {
         let (s, _, stored) = state(100, vec![]);
         let p = part(0);
-        let g = s.read(&p, 7, false);
+        let g = s.read(&p, (7, None, 0), false);
         s.started(&p);
         s.revoked(std::slice::from_ref(&p));
         assert!(!s.is_current(&p, g));
@@ -293,7 +315,7 @@ mod tests {
         let (s, _, _) = state(100, vec![]);
         let s = Arc::new(s);
         let p = part(0);
-        let g = s.read(&p, 0, false);
+        let g = s.read(&p, (0, None, 0), false);
         s.started(&p);
         let waiter = tokio::spawn({
             let s = s.clone();

@@ -443,13 +443,29 @@ impl Pipeline {
                 // Idle on purpose, or the transport's reconnect loop is at work (and
                 // `/readyz` already says so): the clock starts again afterwards.
                 self.touch();
+                self.status.clear(&Problem::Unresponsive);
                 continue;
             }
             let idle = self.last_received.lock().elapsed();
-            if idle < limit || inbox.window.available_permits() == 0 {
+            if idle < limit {
+                self.status.clear(&Problem::Unresponsive);
                 continue;
             }
-            match tokio::time::timeout(BACKLOG_TIMEOUT, self.transport.backlog(spec)).await {
+            if inbox.window.available_permits() == 0 {
+                continue;
+            }
+            let answer = tokio::time::timeout(BACKLOG_TIMEOUT, self.transport.backlog(spec)).await;
+            // A broker that does not answer (a silent network partition that the
+            // client has not noticed yet) is reported now, and cleared once it answers.
+            match &answer {
+                Ok(Ok(_)) => self.status.clear(&Problem::Unresponsive),
+                Ok(Err(e)) => self.status.report(Problem::Unresponsive, format!("the broker refused the watchdog's question: {e}")),
+                Err(_) => self.status.report(
+                    Problem::Unresponsive,
+                    format!("the broker did not answer the watchdog within {BACKLOG_TIMEOUT:?} (nothing arrived for {idle:.0?})"),
+                ),
+            }
+            match answer {
                 Ok(Ok(Some(waiting))) if waiting > 0 => {
                     return format!(
                         "{waiting} messages wait at the broker but none arrived for {:.0?} while the window had room",

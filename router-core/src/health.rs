@@ -17,10 +17,16 @@ pub enum Problem {
     /// The broker cannot be reached, or the consumer could not start (the transport's
     /// reconnect loop is at work).
     Unreachable,
+    /// The consumer looks connected, but the broker does not answer the stall
+    /// watchdog's question (a silent network partition the client has not noticed).
+    Unresponsive,
     /// The consumer ended or was found stalled, and is being restarted.
     Restarting,
     /// Settlements (dead-letter or retry writes, acks) fail and are being retried.
     Settling,
+    /// The consumer is not steady in its consumer group (Kafka): it holds and takes
+    /// nothing until the group coordinator completes a rebalance.
+    Group,
     /// The circuit of this handler is open: the subscription takes nothing new.
     CircuitOpen(String),
 }
@@ -29,8 +35,10 @@ impl Problem {
     fn label(&self) -> String {
         match self {
             Problem::Unreachable => "unreachable".into(),
+            Problem::Unresponsive => "unresponsive".into(),
             Problem::Restarting => "restarting".into(),
             Problem::Settling => "settling".into(),
+            Problem::Group => "group".into(),
             Problem::CircuitOpen(handler) => format!("circuit of handler {handler:?} open"),
         }
     }

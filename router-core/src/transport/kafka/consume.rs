@@ -84,13 +84,16 @@ pub async fn run(
         .set("enable.partition.eof", "false");
     // Defaults a user may override: start at the beginning of a topic the group has
     // no offset for (nothing published before the first start is skipped),
-    // statistics every 5 s for the lag gauge, and metadata every 30 s rather than
-    // librdkafka's 5 min, so topics that appear (a pattern), disappear or come back
-    // are noticed soon.
+    // statistics every 5 s for the lag gauge, metadata every 30 s rather than
+    // librdkafka's 5 min (topics that appear for a pattern, disappear or come back are
+    // noticed soon), and requests given up after 10 s rather than 60 s: after a
+    // network partition heals, a request stuck on the dead connection would otherwise
+    // hold the group's rejoin back for a minute.
     for (key, value) in [
         ("auto.offset.reset", "earliest"),
         ("statistics.interval.ms", "5000"),
         ("topic.metadata.refresh.interval.ms", "30000"),
+        ("socket.timeout.ms", "10000"),
     ] {
         if !t.properties.iter().any(|(k, _)| k == key) {
             c.set(key, value);
@@ -101,6 +104,7 @@ pub async fn run(
         lag: spec.lag.clone(),
         subscription: spec.subscription.clone(),
         status: status.clone(),
+        group: t.group_watch(&spec.subscription),
     };
     let consumer: StreamConsumer<Context> = c
         .create_with_context(context)

@@ -66,6 +66,8 @@ use state::State;
 
 /// Longest wait for a broker answer in a backlog probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// librdkafka's `max.poll.interval.ms` when the config names none.
+const DEFAULT_MAX_POLL_INTERVAL: Duration = Duration::from_secs(300);
 
 pub struct KafkaTransport {
     name: String,
@@ -79,6 +81,8 @@ pub struct KafkaTransport {
     live: Mutex<HashMap<String, Live>>,
     /// A group-less consumer the watchdog reads single records with (made on first use).
     probe: Mutex<Option<Arc<BaseConsumer>>>,
+    /// Each subscription's group membership, across the consumers it has had.
+    groups: Mutex<HashMap<String, Arc<rebalance::GroupWatch>>>,
 }
 
 /// A subscription's consumer while it runs (weak: the watchdog must not keep it alive).
@@ -104,7 +108,12 @@ impl KafkaTransport {
             create_topics: config.create_topics.clone().unwrap_or_default(),
             live: Mutex::new(HashMap::new()),
             probe: Mutex::new(None),
+            groups: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn group_watch(&self, subscription: &str) -> Arc<rebalance::GroupWatch> {
+        self.groups.lock().entry(subscription.to_string()).or_default().clone()
     }
 
     fn probe(&self) -> Result<Arc<BaseConsumer>, TransportError> {
@@ -260,15 +269,45 @@ impl Transport for KafkaTransport {
         };
         let Some((consumer, state, retry_topic)) = live else { return Ok(None) };
         let probe = self.probe()?;
+        let group = self.group_watch(&spec.subscription);
         let subscription = spec.subscription.clone();
+        // A rebalance may take up to the rebalance timeout (max.poll.interval.ms): the
+        // coordinator waits that long for members to rejoin. Starting the consumer
+        // again sooner cannot help (it joins as a new member and the wait goes on).
+        let rebalance_timeout = self
+            .properties
+            .iter()
+            .find(|(k, _)| k == "max.poll.interval.ms")
+            .and_then(|(_, v)| v.parse().ok())
+            .map_or(DEFAULT_MAX_POLL_INTERVAL, Duration::from_millis);
+        let stall_after = spec.config.stall_timeout;
+        let unsteady_after = stall_after.max(rebalance_timeout);
+        let topics = spec.config.topics.clone();
         tokio::task::spawn_blocking(move || {
             let broker = |e: rdkafka::error::KafkaError| TransportError::Broker(e.to_string());
+            // Whatever the assignment, the broker must answer (a consumer dropped from
+            // its group by a partition holds nothing, but is not fine).
+            consumer.fetch_metadata(Some(&retry_topic), PROBE_TIMEOUT).map_err(broker)?;
             let mut idle = rdkafka::TopicPartitionList::new();
             for e in consumer.assignment().map_err(broker)?.elements() {
                 let part = (e.topic().to_string(), e.partition());
                 if part.0 != retry_topic && !state.occupied(&part) {
                     idle.add_partition(&part.0, part.1);
                 }
+            }
+            // A consumer that has not been steady in its group for the stall timeout
+            // and the rebalance timeout (a rejoin that never completes after a partition
+            // healed) holds nothing and takes nothing: what waits in the topics it reads
+            // is its stall.
+            let (unsteady, how) = group.unsteady().unwrap_or_default();
+            if !stall_after.is_zero() && unsteady >= unsteady_after {
+                for t in &topics {
+                    let metadata = consumer.fetch_metadata(Some(t), PROBE_TIMEOUT).map_err(broker)?;
+                    for p in metadata.topics().iter().flat_map(|m| m.partitions()) {
+                        idle.add_partition(t, p.id());
+                    }
+                }
+                tracing::debug!(subscription = %subscription, ?unsteady, how = %how, "not steady in its group");
             }
             if idle.count() == 0 {
                 return Ok(Some(0));

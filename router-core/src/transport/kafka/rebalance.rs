@@ -15,12 +15,43 @@ use crate::transport::{Problem, SourceStatus};
 
 /// How long a revoke waits for in-flight messages of the revoked partitions.
 const REVOKE_WAIT: Duration = Duration::from_secs(30);
+/// A consumer not steady in its group this long is reported on `/readyz`.
+const UNSTEADY_REPORT: Duration = Duration::from_secs(30);
+
+/// Whether a subscription's consumer is steady in its group (a member with an
+/// assignment), from librdkafka's statistics. One per subscription, kept across
+/// consumers the supervisor starts again, so a group the broker never lets anyone
+/// rejoin is seen however often the consumer is replaced.
+#[derive(Debug, Default)]
+pub struct GroupWatch {
+    /// Since when, and how, it has not been steady (`None`: steady).
+    unsteady: parking_lot::Mutex<Option<(std::time::Instant, String)>>,
+}
+
+impl GroupWatch {
+    fn seen(&self, state: &str, join_state: &str) {
+        let mut u = self.unsteady.lock();
+        if state == "up" && join_state == "steady" {
+            *u = None;
+        } else {
+            let how = format!("group state {state}, join state {join_state}");
+            let since = u.as_ref().map_or_else(std::time::Instant::now, |(t, _)| *t);
+            *u = Some((since, how));
+        }
+    }
+
+    /// How long it has not been steady, and how it is.
+    pub fn unsteady(&self) -> Option<(Duration, String)> {
+        self.unsteady.lock().as_ref().map(|(t, how)| (t.elapsed(), how.clone()))
+    }
+}
 
 pub struct Context {
     pub state: Arc<OnceLock<Arc<State>>>,
     pub lag: Option<prometheus::IntGaugeVec>,
     pub subscription: String,
     pub status: Arc<SourceStatus>,
+    pub group: Arc<GroupWatch>,
 }
 
 impl Context {
@@ -59,6 +90,16 @@ impl ClientContext for Context {
         let up = statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
         if up || statistics.brokers.values().any(|b| b.nodeid >= 0) {
             self.reachable(up);
+        }
+        if let Some(cgrp) = &statistics.cgrp {
+            self.group.seen(&cgrp.state, &cgrp.join_state);
+            match self.group.unsteady() {
+                Some((d, how)) if d >= UNSTEADY_REPORT => self.status.report(
+                    Problem::Group,
+                    format!("not steady in its consumer group for {d:.0?} ({how}): the group coordinator has not completed a rebalance"),
+                ),
+                _ => self.status.clear(&Problem::Group),
+            }
         }
         let Some(lag) = &self.lag else { return };
         for (topic, t) in &statistics.topics {

@@ -286,7 +286,7 @@ impl Default for CircuitBreakerConfig {
             min_attempts: 10,
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
-            max_open_for: Duration::from_secs(60),
+            max_open_for: Duration::from_secs(30),
             probes: 1,
         }
     }

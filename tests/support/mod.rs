@@ -982,12 +982,13 @@ pub fn kafka_config_at(brokers: &str, topics: &[&str], group: &str, endpoints: &
 admin: {{ listen: "127.0.0.1:{{admin}}" }}
 shutdown: {{ grace_period: 10s }}
 transports:
-  # A killed instance's partitions move after the session timeout: keep it short.
+  # A killed instance's partitions move after the session timeout, and a rebalance
+  # waits for members that went silent up to max.poll.interval.ms: keep both short.
   # One record per batch: see Kafka::connect (tansu fetches only from batch starts).
   kafka:
     type: kafka
     brokers: ["{brokers}"]
-    properties: {{ session.timeout.ms: "6000", heartbeat.interval.ms: "500", batch.num.messages: "1" }}
+    properties: {{ session.timeout.ms: "6000", max.poll.interval.ms: "10000", heartbeat.interval.ms: "500", batch.num.messages: "1" }}
 handlers:
   php: {{ endpoints: [{eps}], timeout: 5s }}
 subscriptions:

@@ -1,6 +1,6 @@
 //! The PHP API (namespace `MessageRouter`) and the run loop on the PHP thread.
 //!
-//! What a handler does becomes an outcome (shared/DESIGN.md, "In-process contract"):
+//! What a handler does becomes an outcome (README "Use from PHP / Symfony"):
 //! return → ack; `RetryLater` → retry after its delay; `Reject` → dead-letter now;
 //! any other Throwable → a failed attempt (retried per policy, then dead-lettered with
 //! class, message and trace). `exit()` and fatal errors end the process: the message

@@ -1,7 +1,7 @@
 //! The PHP extension front of Message Router (ext-php-rs): one PHP process registers
 //! handlers, and router-core, on background threads, consumes every subscription of
 //! the config and multiplexes the deliveries into that process. PHP code runs only on
-//! the PHP thread (shared/DESIGN.md, "In-process contract").
+//! the PHP thread (README "Use from PHP / Symfony").
 //!
 //! # Layout
 //! - [`worker`]: the Rust half, free of PHP types: the runtime (one per process id),

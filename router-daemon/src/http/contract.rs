@@ -1,4 +1,4 @@
-//! The HTTP delivery contract (README "HTTP contract"; shared/DESIGN.md).
+//! The HTTP delivery contract (README "HTTP contract").
 //!
 //! Request: `POST`, body = message body, CloudEvents binary-mode `ce-*` headers,
 //! router metadata in `x-router-*`, message headers as `x-message-header-<name>`,

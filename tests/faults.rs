@@ -299,13 +299,19 @@ fn faults_between_the_router_and_redis() {
 }
 
 async fn redis() {
+    redis_bench("redis", |yaml| yaml).await;
+}
+
+/// A router reading a private Redis; `name` "handler" puts the faults between the
+/// router and its PHP pool instead (the broker is then untouched).
+async fn redis_bench(name: &'static str, adjust: impl Fn(String) -> String) {
     let net = FaultNet::new();
-    let dir = owned_scratch("fltredis");
+    let dir = owned_scratch(&format!("flt{name}"));
     let host = net.host_ip().to_string();
     let redis = PrivateRedis::start(&dir, &host, false).await;
     let php = PhpHandler::start_on(&dir.path("handler.log"), 4, &host).await;
-    let (stream, group) = (unique("fltredis"), unique("group"));
-    let yaml = tune(redis_config_at(&redis.url(), &[&stream], &group, "only", &[php.url()], ""));
+    let (stream, group) = (unique(&format!("flt{name}")), unique("group"));
+    let yaml = adjust(tune(redis_config_at(&redis.url(), &[&stream], &group, "only", &[php.url()], "")));
     let router = Router::start_in(&net, &dir, &yaml).await;
     let url = redis.url();
     let dlq = format!("{stream}.dlq");
@@ -313,7 +319,13 @@ async fn redis() {
         let (url, dlq) = (url.clone(), dlq.clone());
         Box::pin(async move { Redis::connect_to(&url).await.entries(&dlq).await.len() })
     };
-    let port = redis.port;
+    let (port, work_ms) = if name == "handler" {
+        // Long enough that a reset of the handler's connections finds requests under
+        // way (php -S closes each connection after its request).
+        (php.port, 50)
+    } else {
+        (redis.port, 5)
+    };
     Bench {
         net,
         router,
@@ -321,8 +333,8 @@ async fn redis() {
         src: Arc::new(Mutex::new(Source::Redis { client: Redis::connect_to(&redis.url()).await, stream })),
         port,
         dead: Box::new(dead),
-        name: "redis",
-        work_ms: 5,
+        name,
+        work_ms,
         _dir: dir,
         _brokers: vec![Box::new(redis)],
     }
@@ -383,37 +395,9 @@ fn faults_between_the_router_and_its_handler_pool() {
 }
 
 async fn handler_pool() {
-    let net = FaultNet::new();
-    let dir = owned_scratch("flthandler");
-    let host = net.host_ip().to_string();
-    // The broker is untouched: only the router's requests to PHP meet the faults.
-    let redis = PrivateRedis::start(&dir, &host, false).await;
-    let php = PhpHandler::start_on(&dir.path("handler.log"), 4, &host).await;
-    let (stream, group) = (unique("flthandler"), unique("group"));
-    let yaml = tune(redis_config_at(&redis.url(), &[&stream], &group, "only", &[php.url()], ""))
-        .replace("], timeout: 5s", "], timeout: 3s, circuit_breaker: { max_open_for: 10s }");
-    let router = Router::start_in(&net, &dir, &yaml).await;
-    let url = redis.url();
-    let dlq = format!("{stream}.dlq");
-    let dead = move || -> Dead {
-        let (url, dlq) = (url.clone(), dlq.clone());
-        Box::pin(async move { Redis::connect_to(&url).await.entries(&dlq).await.len() })
-    };
-    let port = php.port;
-    Bench {
-        net,
-        router,
-        php,
-        src: Arc::new(Mutex::new(Source::Redis { client: Redis::connect_to(&redis.url()).await, stream })),
-        port,
-        dead: Box::new(dead),
-        name: "handler",
-        // Long enough that a reset of the handler's connections finds requests under
-        // way (php -S closes each connection after its request).
-        work_ms: 50,
-        _dir: dir,
-        _brokers: vec![Box::new(redis)],
-    }
-    .all()
+    // A handler timeout of 3 s, and a circuit that probes at least every 10 s.
+    redis_bench("handler", |yaml| {
+        yaml.replace("], timeout: 5s", "], timeout: 3s, circuit_breaker: { max_open_for: 10s }")
+    })
     .await;
 }

@@ -17,6 +17,10 @@ pub fn cases(default: u32) -> u32 {
 
 /// Run `test` on `cases(default_cases)` inputs drawn from `strategy`. A failing case
 /// (an `Err` or a panic) is shrunk and reported with the smallest input found.
+#[allow(
+    clippy::panic,
+    reason = "test support (built with the `fuzz` feature for other crates' tests): a failing property fails its test"
+)]
 pub fn run<S>(name: &str, default_cases: u32, strategy: S, test: impl Fn(S::Value) -> TestCaseResult)
 where
     S: Strategy,

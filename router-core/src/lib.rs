@@ -35,8 +35,8 @@ pub mod routing;
 pub mod target;
 pub mod transport;
 
-#[cfg(test)]
-mod fuzz_support;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz_support;
 
 pub use engine::{BuildError, Router, RunError};
 pub use health::Readiness;

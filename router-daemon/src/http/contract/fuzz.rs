@@ -6,46 +6,20 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proptest::collection::{btree_map, vec};
 use proptest::option;
 use proptest::prelude::*;
 use proptest::sample::select;
-use proptest::test_runner::{Config, TestCaseResult, TestError, TestRunner};
+use proptest::test_runner::TestCaseResult;
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::StatusCode;
+use router_core::fuzz_support::run;
 use router_core::message::header;
 use router_core::{DeliveryInfo, Message, Outcome};
 
 use super::{outcome, parse_retry_after, request_headers, MESSAGE_HEADER_PREFIX};
-
-/// As router-core's `fuzz_support::run`: `PROPTEST_CASES` cases (else `default_cases`),
-/// no persistence files, one `fuzz-stat` line; a failing case is shrunk and reported.
-fn run<S>(name: &str, default_cases: u32, strategy: S, test: impl Fn(S::Value) -> TestCaseResult)
-where
-    S: Strategy,
-    S::Value: Debug,
-{
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default_cases);
-    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
-    let ran = AtomicU64::new(0);
-    let started = Instant::now();
-    let result = runner.run(&strategy, |v| {
-        ran.fetch_add(1, Ordering::Relaxed);
-        test(v)
-    });
-    let secs = started.elapsed().as_secs_f64();
-    let ran = ran.into_inner();
-    let verdict = if result.is_ok() { "ok" } else { "FAILED" };
-    println!("fuzz-stat {name} cases={ran} secs={secs:.2} rate={:.0}/s result={verdict}", ran as f64 / secs.max(1e-9));
-    match result {
-        Ok(()) => {}
-        Err(TestError::Fail(reason, input)) => panic!("{name}: {reason}\nminimal failing input: {input:#?}"),
-        Err(TestError::Abort(reason)) => panic!("{name}: aborted: {reason}"),
-    }
-}
 
 /// Text that is sometimes not sendable: control characters, DEL, very long.
 fn text() -> BoxedStrategy<String> {

@@ -1,10 +1,13 @@
 //! The `message-router` daemon: consumes every subscription of a YAML config and
-//! delivers over HTTP to pools of handler endpoints.
+//! delivers to pools of handler endpoints.
 //!
 //! # Layout
 //! - `main.rs`: the CLI (`run`, `validate`, `publish`); thin.
-//! - [`http`]: the HTTP target: the delivery contract (`http/contract.rs`) and endpoint
-//!   pools with load balancing and passive health (`http/pool.rs`).
+//! - [`targets`]: which target reaches each handler (`handlers.<name>.type`); the one
+//!   list of targets.
+//! - [`http`]: the HTTP target: its handler section (`http/config.rs`), the delivery
+//!   contract (`http/contract.rs`) and endpoint pools with load balancing and passive
+//!   health (`http/pool.rs`).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: tracing set-up (text or JSON).
 //! - this file: loading a config for the daemon (core validation plus what only the
@@ -15,41 +18,27 @@
 
 pub mod admin;
 pub mod http;
+pub mod targets;
 pub mod telemetry;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use router_core::config::{Config, ConfigError, ConfigIssue, TransportKind};
-use router_core::{Metrics, Router, Target};
+use router_core::{Metrics, Router};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Load a config file and check it for daemon use. Errors name the file, key path
-/// and problem.
+/// and problem; the core's and the daemon's come in one list.
 pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
-    let config = router_core::config::load(path)?;
-    let issues = daemon_issues(&config);
-    if issues.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError::Invalid { file: path.display().to_string(), issues })
-    }
+    router_core::config::load_with(path, &daemon_issues)
 }
 
-/// What the daemon needs beyond the shared model: HTTP endpoints for every handler in
-/// use, a transport the outside world can feed, a valid log filter.
+/// What the daemon needs beyond the shared model: a valid target section for every
+/// handler, a transport the outside world can feed, a valid log filter.
 pub fn daemon_issues(config: &Config) -> Vec<ConfigIssue> {
-    let mut issues = Vec::new();
-    for (name, h) in &config.handlers {
-        if h.endpoints.is_empty() {
-            issues.push(ConfigIssue::new(
-                format!("handlers.{name}.endpoints"),
-                "the daemon delivers over HTTP: list at least one endpoint URL",
-            ));
-        }
-    }
+    let mut issues = targets::check(config);
     for (name, t) in &config.transports {
         if t.kind == TransportKind::Memory {
             issues.push(ConfigIssue::new(
@@ -64,31 +53,11 @@ pub fn daemon_issues(config: &Config) -> Vec<ConfigIssue> {
     issues
 }
 
-/// Build the HTTP targets of every handler.
-pub fn http_targets(config: &Config, metrics: &Metrics) -> anyhow::Result<HashMap<String, Arc<dyn Target>>> {
-    let up = prometheus::IntGaugeVec::new(
-        prometheus::Opts::new("router_endpoint_up", "1 while a handler endpoint accepts connections"),
-        &["handler", "endpoint"],
-    )?;
-    metrics.registry.register(Box::new(up.clone()))?;
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_idle_timeout(std::time::Duration::from_secs(30))
-        .user_agent(concat!("message-router/", env!("CARGO_PKG_VERSION")))
-        .build()?;
-    let mut targets = HashMap::new();
-    for (name, h) in &config.handlers {
-        let target = http::HttpTarget::new(name, h, client.clone(), &up).map_err(anyhow::Error::msg)?;
-        targets.insert(name.clone(), Arc::new(target) as Arc<dyn Target>);
-    }
-    Ok(targets)
-}
-
 /// Run until SIGTERM or SIGINT, then drain within the grace period and return. `Err`
 /// when a subscription cannot run as configured (the router stopped everything).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
-    let targets = http_targets(&config, &metrics)?;
+    let targets = targets::build(&config, &metrics)?;
     let router = Router::new(&config, targets, metrics.clone())?;
     let shutdown = CancellationToken::new();
     let admin = if config.admin.enabled {

@@ -58,13 +58,29 @@ impl fmt::Display for ConfigIssue {
 /// Read, interpolate, parse and validate a config file, taking `${VAR}` values from
 /// the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, &|_| Vec::new())
+}
+
+/// [`load`], with the checks of a front (`front`: what the daemon's targets find in
+/// their handler sections ...) reported together with the core's.
+pub fn load_with(path: &Path, front: &dyn Fn(&Config) -> Vec<ConfigIssue>) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
-    parse(&text, &file, &|name| std::env::var(name).ok())
+    parse_with(&text, &file, &|name| std::env::var(name).ok(), front)
 }
 
 /// Parse and validate config text; `file` names it in errors, `env` resolves `${VAR}`.
 pub fn parse(text: &str, file: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    parse_with(text, file, env, &|_| Vec::new())
+}
+
+/// [`parse`], with a front's checks as in [`load_with`].
+pub fn parse_with(
+    text: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    front: &dyn Fn(&Config) -> Vec<ConfigIssue>,
+) -> Result<Config, ConfigError> {
     let mut value: Value = serde_yaml_ng::from_str(text)
         .map_err(|e| ConfigError::Syntax { file: file.to_string(), message: format!("invalid YAML: {e}") })?;
     let mut issues = Vec::new();
@@ -77,7 +93,8 @@ pub fn parse(text: &str, file: &str, env: &dyn Fn(&str) -> Option<String>) -> Re
         let path = if path == "." { String::new() } else { path };
         ConfigError::Invalid { file: file.to_string(), issues: vec![ConfigIssue::new(path, e.inner().to_string())] }
     })?;
-    let issues = config.validate();
+    let mut issues = config.validate();
+    issues.extend(front(&config));
     if issues.is_empty() {
         Ok(config)
     } else {

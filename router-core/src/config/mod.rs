@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::retry::RetryPolicy;
 
-pub use load::{interpolate, load, parse, ConfigError, ConfigIssue};
+pub use load::{interpolate, load, load_with, parse, parse_with, ConfigError, ConfigIssue};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
@@ -218,37 +218,47 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Balance {
-    /// Send to the endpoint with the fewest requests in flight.
-    #[default]
-    LeastOutstanding,
-    RoundRobin,
-}
-
+/// `handlers.<name>`: what the engine needs of every handler, whatever reaches it,
+/// plus the section of its delivery target (`type`), which the target defines and
+/// checks (the daemon's `http`, `fastcgi`, `grpc`; the PHP extension reaches every
+/// handler in process and ignores it).
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HandlerConfig {
-    /// Base URLs of the handler's instances (daemon mode). Each delivery is a POST.
-    #[serde(default)]
-    pub endpoints: Vec<String>,
-    #[serde(default)]
-    pub balance: Balance,
-    /// A request that takes longer is a failed attempt (retried per policy).
+    /// The delivery target: `http` (the default), or another the front knows.
+    #[serde(rename = "type", default = "default_target")]
+    pub kind: String,
+    /// An attempt that takes longer is a failed attempt (retried per policy).
     #[serde(default = "default_timeout", deserialize_with = "crate::config::duration::deserialize")]
     pub timeout: Duration,
     /// Most deliveries in flight to this handler at once, over all subscriptions.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
-    /// Sign requests with HMAC-SHA256 so endpoints can refuse other callers.
-    pub signing: Option<SigningConfig>,
     /// Stop feeding a handler that fails most of what it gets (its database is down,
     /// every pod crashes): the subscriptions routed to it take nothing new from the
     /// broker while the circuit is open, and failed attempts are not counted against
     /// messages, so an outage does not burn the backlog into the dead-letter queue.
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Every other key: the target's own settings (`endpoints`, `signing` ...), read
+    /// with [`HandlerConfig::settings`] by the target of `kind`.
+    #[serde(flatten)]
+    pub target: serde_yaml_ng::Mapping,
+}
+
+fn default_target() -> String {
+    "http".into()
+}
+
+impl HandlerConfig {
+    /// The target's section as its own type `T` (which should deny unknown fields).
+    /// A problem names its key path under `handlers.<name>`.
+    pub fn settings<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, ConfigIssue> {
+        serde_path_to_error::deserialize(serde_yaml_ng::Value::Mapping(self.target.clone())).map_err(|e| {
+            let inner = e.path().to_string();
+            let path = if inner == "." { format!("handlers.{name}") } else { format!("handlers.{name}.{inner}") };
+            ConfigIssue::new(path, e.inner().to_string())
+        })
+    }
 }
 
 /// When a handler's circuit opens, and how it probes its way back (README
@@ -298,35 +308,6 @@ fn default_timeout() -> Duration {
 
 fn default_max_in_flight() -> usize {
     64
-}
-
-/// `handlers.<name>.signing`. Debug output names no secret (a config may be logged).
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SigningConfig {
-    /// The key every request is signed with (>= 16 characters).
-    pub secret: String,
-    /// During a rotation: the key being retired. Requests then carry both signatures
-    /// (`x-router-signature: v1=<with secret>, v1=<with previous_secret>`), so an
-    /// endpoint that knows either key accepts them.
-    #[serde(default)]
-    pub previous_secret: Option<String>,
-}
-
-impl SigningConfig {
-    /// The keys to sign with, the current one first.
-    pub fn keys(&self) -> Vec<Vec<u8>> {
-        std::iter::once(&self.secret).chain(self.previous_secret.as_ref()).map(|s| s.clone().into_bytes()).collect()
-    }
-}
-
-impl std::fmt::Debug for SigningConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningConfig")
-            .field("secret", &"<redacted>")
-            .field("previous_secret", &self.previous_secret.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

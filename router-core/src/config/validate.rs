@@ -97,38 +97,11 @@ impl Config {
 
         for (name, h) in &self.handlers {
             let p = format!("handlers.{name}");
-            for (i, endpoint) in h.endpoints.iter().enumerate() {
-                let problem = match url::Url::parse(endpoint) {
-                    Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => continue,
-                    Ok(u) => format!("scheme is {:?}", u.scheme()),
-                    Err(e) => e.to_string(),
-                };
-                add(
-                    format!("{p}.endpoints[{i}]"),
-                    format!("{endpoint:?} must be an http:// or https:// URL with a host, like http://127.0.0.1:8080/ ({problem})"),
-                );
-            }
             if h.max_in_flight == 0 {
                 add(format!("{p}.max_in_flight"), "must be at least 1".into());
             }
             if h.timeout.is_zero() {
                 add(format!("{p}.timeout"), "must be greater than 0".into());
-            }
-            if let Some(s) = &h.signing {
-                if s.secret.len() < 16 {
-                    add(format!("{p}.signing.secret"), "must be at least 16 characters".into());
-                }
-                if let Some(previous) = &s.previous_secret {
-                    if previous.len() < 16 {
-                        add(format!("{p}.signing.previous_secret"), "must be at least 16 characters".into());
-                    }
-                    if *previous == s.secret {
-                        add(
-                            format!("{p}.signing.previous_secret"),
-                            "must differ from signing.secret (omit it when no rotation is in progress)".into(),
-                        );
-                    }
-                }
             }
             check_breaker(&h.circuit_breaker, &format!("{p}.circuit_breaker"), &mut add);
         }
@@ -553,10 +526,6 @@ routes:
                 "router.yaml: transports.rabbit.type: unknown variant `kafkaa`",
             ),
             (
-                GOOD.replace("http://127.0.0.1:8080/", "ftp://x/"),
-                "router.yaml: handlers.orders.endpoints[0]: \"ftp://x/\" must be an http:// or https:// URL",
-            ),
-            (
                 GOOD.replace("transport: rabbit", "transport: rabit"),
                 "router.yaml: subscriptions.orders.transport: unknown transport \"rabit\"",
             ),
@@ -588,26 +557,22 @@ routes:
     }
 
     #[test]
-    fn signing_takes_a_previous_secret_during_a_rotation() {
-        let signed = |signing: &str| GOOD.replace("8080/\"] }", &format!("8080/\"], signing: {signing} }}"));
-        let c = parse(
-            &signed(r#"{ secret: "new-secret-0123456789", previous_secret: "old-secret-0123456789" }"#),
-            "router.yaml",
-            &env,
-        )
-        .expect("valid");
-        let s = c.handlers["orders"].signing.as_ref().expect("signing");
-        assert_eq!(s.keys(), [b"new-secret-0123456789".to_vec(), b"old-secret-0123456789".to_vec()]);
-        let shown = format!("{s:?}");
-        assert!(!shown.contains("secret-0123456789"), "Debug shows no secret: {shown}");
-        let one = parse(&signed(r#"{ secret: "new-secret-0123456789" }"#), "router.yaml", &env).expect("valid");
-        assert_eq!(one.handlers["orders"].signing.as_ref().expect("signing").keys().len(), 1);
-
-        let got = errors(&signed(r#"{ secret: "new-secret-0123456789", previous_secret: "short" }"#));
-        assert!(got.contains("handlers.orders.signing.previous_secret: must be at least 16 characters"), "{got}");
-        let got = errors(&signed(r#"{ secret: "same-secret-0123456789", previous_secret: "same-secret-0123456789" }"#));
-        assert!(got.contains("handlers.orders.signing.previous_secret: must differ from signing.secret"), "{got}");
-        assert!(!got.contains("same-secret"), "errors name no secret: {got}");
+    fn a_handler_keeps_its_target_section_for_the_target() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        struct Http {
+            #[allow(dead_code)]
+            endpoints: Vec<String>,
+        }
+        let c = parse(GOOD, "router.yaml", &env).expect("valid");
+        let h = &c.handlers["orders"];
+        assert_eq!(h.kind, "http", "http is the default target");
+        assert!(h.settings::<Http>("orders").is_ok());
+        let c =
+            parse(&GOOD.replace("8080/\"] }", "8080/\"], balanse: x }"), "router.yaml", &env).expect("core accepts");
+        let issue = c.handlers["orders"].settings::<Http>("orders").expect_err("the target refuses");
+        assert_eq!(issue.path, "handlers.orders.balanse", "{issue:?}");
+        assert!(issue.message.contains("unknown field `balanse`"), "{issue:?}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The HTTP target: delivers to a pool of handler endpoints (PHP-FPM pods, `php -S`,
 //! anything that speaks HTTP).
 //!
+//! - `config.rs`: the handler section of `type: http` (endpoints, balance, signing).
 //! - `contract.rs`: request headers and the status → outcome table.
 //! - `pool.rs`: endpoint selection and passive health.
 //!
@@ -8,16 +9,17 @@
 //! try the next endpoint within the same attempt: a dead pod costs a retry of the
 //! connect, not an attempt of the message.
 
+pub mod config;
 pub mod contract;
 pub mod pool;
 
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use router_core::config::HandlerConfig;
 use router_core::{DeliveryInfo, Outcome, Target};
 use tracing::warn;
 
+use config::HttpConfig;
 use pool::{Endpoint, Pool};
 
 pub struct HttpTarget {
@@ -30,10 +32,12 @@ pub struct HttpTarget {
 }
 
 impl HttpTarget {
-    /// A target for one handler. `up` is the `router_endpoint_up` gauge family.
+    /// A target for handler `name`, with `timeout` per request. `up` is the
+    /// `router_endpoint_up` gauge family.
     pub fn new(
         name: &str,
-        config: &HandlerConfig,
+        config: &HttpConfig,
+        timeout: Duration,
         client: reqwest::Client,
         up: &prometheus::IntGaugeVec,
     ) -> Result<Self, String> {
@@ -46,7 +50,7 @@ impl HttpTarget {
             name: name.to_string(),
             client,
             pool: Pool::new(endpoints, config.balance),
-            timeout: config.timeout,
+            timeout,
             secrets: config.signing.as_ref().map(|s| s.keys()).unwrap_or_default(),
         })
     }

@@ -8,8 +8,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::config::Balance;
 use parking_lot::Mutex;
-use router_core::config::Balance;
 
 pub struct Endpoint {
     pub url: reqwest::Url,

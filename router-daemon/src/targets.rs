@@ -1,0 +1,120 @@
+//! Which delivery target reaches each handler (`handlers.<name>.type`). The one place
+//! that lists the targets: a new one is a folder beside `http/` (its config, checked,
+//! and its `Target`) and an arm in [`check`] and in [`build`]. router-core does not
+//! change: it keeps a handler's target section for the target to read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use router_core::config::{Config, ConfigIssue, HandlerConfig};
+use router_core::{Metrics, Target};
+
+use crate::http::{config::HttpConfig, HttpTarget};
+
+/// The targets the daemon can deliver through, as `type` names them.
+const KINDS: &[&str] = &["http"];
+
+/// Every problem of every handler's target section, with key paths.
+pub fn check(config: &Config) -> Vec<ConfigIssue> {
+    let mut issues = Vec::new();
+    for (name, handler) in &config.handlers {
+        let problems = match handler.kind.as_str() {
+            "http" => HttpConfig::read(name, handler).err(),
+            other => Some(vec![unknown(name, other)]),
+        };
+        issues.extend(problems.unwrap_or_default());
+    }
+    issues
+}
+
+fn unknown(name: &str, kind: &str) -> ConfigIssue {
+    ConfigIssue::new(format!("handlers.{name}.type"), format!("unknown target {kind:?} (one of: {})", KINDS.join(", ")))
+}
+
+/// What targets of one kind share (one HTTP client and its gauge for every handler).
+#[derive(Default)]
+struct Shared {
+    http: Option<(reqwest::Client, prometheus::IntGaugeVec)>,
+}
+
+impl Shared {
+    fn http(&mut self, metrics: &Metrics) -> anyhow::Result<(reqwest::Client, prometheus::IntGaugeVec)> {
+        if let Some(h) = &self.http {
+            return Ok(h.clone());
+        }
+        let up = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("router_endpoint_up", "1 while a handler endpoint accepts connections"),
+            &["handler", "endpoint"],
+        )?;
+        metrics.registry.register(Box::new(up.clone()))?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .user_agent(concat!("message-router/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        self.http = Some((client.clone(), up.clone()));
+        Ok((client, up))
+    }
+}
+
+/// The target of every handler of a config that [`check`] accepted.
+pub fn build(config: &Config, metrics: &Metrics) -> anyhow::Result<HashMap<String, Arc<dyn Target>>> {
+    let mut shared = Shared::default();
+    let mut targets = HashMap::new();
+    for (name, handler) in &config.handlers {
+        targets.insert(name.clone(), one(name, handler, metrics, &mut shared)?);
+    }
+    Ok(targets)
+}
+
+fn one(name: &str, handler: &HandlerConfig, metrics: &Metrics, shared: &mut Shared) -> anyhow::Result<Arc<dyn Target>> {
+    let invalid = |issues: Vec<ConfigIssue>| {
+        anyhow::anyhow!(issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+    };
+    match handler.kind.as_str() {
+        "http" => {
+            let config = HttpConfig::read(name, handler).map_err(invalid)?;
+            let (client, up) = shared.http(metrics)?;
+            Ok(Arc::new(HttpTarget::new(name, &config, handler.timeout, client, &up).map_err(anyhow::Error::msg)?))
+        }
+        other => Err(invalid(vec![unknown(name, other)])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use router_core::config::parse_with;
+
+    const CONFIG: &str = r#"
+transports:
+  rabbit: { type: amqp, url: "amqp://guest:guest@127.0.0.1:5672/%2f" }
+handlers:
+  orders: { endpoints: ["http://127.0.0.1:8080/"] }
+subscriptions:
+  orders: { transport: rabbit, queue: orders, prefetch: 8 }
+routes:
+  - { name: all, handler: orders }
+"#;
+
+    fn errors(text: &str) -> String {
+        match parse_with(text, "router.yaml", &|_| None, &crate::daemon_issues) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn http_is_the_default_and_other_types_are_named() {
+        assert_eq!(errors(CONFIG), "");
+        assert_eq!(errors(&CONFIG.replace("{ endpoints", "{ type: http, endpoints")), "");
+        let got = errors(&CONFIG.replace("{ endpoints", "{ type: smtp, endpoints"));
+        assert!(got.contains("router.yaml: handlers.orders.type: unknown target \"smtp\" (one of: http"), "{got}");
+    }
+
+    #[test]
+    fn core_and_target_problems_come_in_one_list() {
+        let got = errors(&CONFIG.replace("prefetch: 8", "prefetch: 0").replace("http://127.0.0.1:8080/", "ftp://x/"));
+        assert!(got.contains("router.yaml: subscriptions.orders.prefetch: must be at least 1"), "{got}");
+        assert!(got.contains("router.yaml: handlers.orders.endpoints[0]: \"ftp://x/\" must be an http://"), "{got}");
+    }
+}

@@ -5,9 +5,12 @@
 //! - `main.rs`: the CLI (`run`, `validate`, `publish`); thin.
 //! - [`targets`]: which target reaches each handler (`handlers.<name>.type`); the one
 //!   list of targets.
-//! - [`http`]: the HTTP target: its handler section (`http/config.rs`), the delivery
-//!   contract (`http/contract.rs`) and endpoint pools with load balancing and passive
-//!   health (`http/pool.rs`).
+//! - [`http`]: the HTTP target: its handler section (`http/config.rs`) and the delivery
+//!   contract (`http/contract.rs`).
+//! - [`fastcgi`]: the FastCGI target (PHP-FPM without a web server): its handler
+//!   section, the record protocol, pooled keep-alive connections.
+//! - [`pool`]: endpoint pools with load balancing and passive health, for every
+//!   target with endpoints.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: tracing set-up (text or JSON).
 //! - this file: loading a config for the daemon (core validation plus what only the
@@ -17,7 +20,9 @@
 //! in `router-core`.
 
 pub mod admin;
+pub mod fastcgi;
 pub mod http;
+pub mod pool;
 pub mod targets;
 pub mod telemetry;
 

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use router_core::config::{Config, ConfigIssue, HandlerConfig};
 use router_core::{Metrics, Target};
 
+use crate::fastcgi::{config::FastcgiConfig, FastcgiTarget};
 use crate::http::{config::HttpConfig, HttpTarget};
 
 /// The targets the daemon can deliver through, as `type` names them.
-const KINDS: &[&str] = &["http"];
+const KINDS: &[&str] = &["http", "fastcgi"];
 
 /// Every problem of every handler's target section, with key paths.
 pub fn check(config: &Config) -> Vec<ConfigIssue> {
@@ -20,6 +21,7 @@ pub fn check(config: &Config) -> Vec<ConfigIssue> {
     for (name, handler) in &config.handlers {
         let problems = match handler.kind.as_str() {
             "http" => HttpConfig::read(name, handler).err(),
+            "fastcgi" => FastcgiConfig::read(name, handler).err(),
             other => Some(vec![unknown(name, other)]),
         };
         issues.extend(problems.unwrap_or_default());
@@ -34,26 +36,36 @@ fn unknown(name: &str, kind: &str) -> ConfigIssue {
 /// What targets of one kind share (one HTTP client and its gauge for every handler).
 #[derive(Default)]
 struct Shared {
-    http: Option<(reqwest::Client, prometheus::IntGaugeVec)>,
+    up: Option<prometheus::IntGaugeVec>,
+    http: Option<reqwest::Client>,
 }
 
 impl Shared {
-    fn http(&mut self, metrics: &Metrics) -> anyhow::Result<(reqwest::Client, prometheus::IntGaugeVec)> {
-        if let Some(h) = &self.http {
-            return Ok(h.clone());
+    /// `router_endpoint_up{handler,endpoint}`, for every target with endpoints.
+    fn up(&mut self, metrics: &Metrics) -> anyhow::Result<prometheus::IntGaugeVec> {
+        if let Some(up) = &self.up {
+            return Ok(up.clone());
         }
         let up = prometheus::IntGaugeVec::new(
             prometheus::Opts::new("router_endpoint_up", "1 while a handler endpoint accepts connections"),
             &["handler", "endpoint"],
         )?;
         metrics.registry.register(Box::new(up.clone()))?;
+        self.up = Some(up.clone());
+        Ok(up)
+    }
+
+    fn http(&mut self) -> anyhow::Result<reqwest::Client> {
+        if let Some(h) = &self.http {
+            return Ok(h.clone());
+        }
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .user_agent(concat!("message-router/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        self.http = Some((client.clone(), up.clone()));
-        Ok((client, up))
+        self.http = Some(client.clone());
+        Ok(client)
     }
 }
 
@@ -74,8 +86,16 @@ fn one(name: &str, handler: &HandlerConfig, metrics: &Metrics, shared: &mut Shar
     match handler.kind.as_str() {
         "http" => {
             let config = HttpConfig::read(name, handler).map_err(invalid)?;
-            let (client, up) = shared.http(metrics)?;
+            let (client, up) = (shared.http()?, shared.up(metrics)?);
             Ok(Arc::new(HttpTarget::new(name, &config, handler.timeout, client, &up).map_err(anyhow::Error::msg)?))
+        }
+        "fastcgi" => {
+            let config = FastcgiConfig::read(name, handler).map_err(invalid)?;
+            let up = shared.up(metrics)?;
+            Ok(Arc::new(
+                FastcgiTarget::new(name, &config, handler.timeout, handler.max_in_flight, &up)
+                    .map_err(anyhow::Error::msg)?,
+            ))
         }
         other => Err(invalid(vec![unknown(name, other)])),
     }
@@ -108,7 +128,10 @@ routes:
         assert_eq!(errors(CONFIG), "");
         assert_eq!(errors(&CONFIG.replace("{ endpoints", "{ type: http, endpoints")), "");
         let got = errors(&CONFIG.replace("{ endpoints", "{ type: smtp, endpoints"));
-        assert!(got.contains("router.yaml: handlers.orders.type: unknown target \"smtp\" (one of: http"), "{got}");
+        assert!(
+            got.contains("router.yaml: handlers.orders.type: unknown target \"smtp\" (one of: http, fastcgi"),
+            "{got}"
+        );
     }
 
     #[test]

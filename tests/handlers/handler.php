@@ -59,9 +59,10 @@ function log_request($log, $headers, $attempt, $status, $body) {
         'id' => $headers['ce-id'] ?? null,
         'attempt' => $attempt,
         'status' => $status,
-        'port' => (int)$_SERVER['SERVER_PORT'],
+        'port' => (int)($_SERVER['SERVER_PORT'] ?? 0),
         'time' => microtime(true),
         'body_sha1' => sha1($body),
+        'pool' => getenv('FPM_POOL') ?: '',
         'headers' => $headers,
     ]) . "\n";
     file_put_contents($log, $line, FILE_APPEND | LOCK_EX);

@@ -23,9 +23,11 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 
 pub mod brokers;
+pub mod fpm;
 pub mod netfault;
 
 pub use brokers::{PrivateRabbit, PrivateRedis};
+pub use fpm::PhpFpm;
 pub use netfault::{owned_scratch, root_or_skip, FaultNet};
 
 pub fn amqp_url() -> String {
@@ -206,6 +208,10 @@ pub struct Seen {
     pub status: u16,
     pub port: u16,
     pub time: f64,
+    /// SHA-1 of the body as PHP read it, hex.
+    pub body_sha1: String,
+    /// The PHP-FPM pool that ran it (empty under `php -S`).
+    pub pool: String,
     pub headers: BTreeMap<String, String>,
 }
 
@@ -222,6 +228,8 @@ pub fn seen(log: &Path) -> Vec<Seen> {
             status: v["status"].as_u64().unwrap_or(0) as u16,
             port: v["port"].as_u64().unwrap_or(0) as u16,
             time: v["time"].as_f64().unwrap_or(0.0),
+            body_sha1: v["body_sha1"].as_str().unwrap_or_default().to_string(),
+            pool: v["pool"].as_str().unwrap_or_default().to_string(),
             headers: v["headers"]
                 .as_object()
                 .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())

@@ -5,6 +5,8 @@
 use router_core::config::{ConfigIssue, HandlerConfig};
 use serde::Deserialize;
 
+use crate::pool::Balance;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
@@ -14,15 +16,6 @@ pub struct HttpConfig {
     pub balance: Balance,
     /// Sign requests with HMAC-SHA256 so endpoints can refuse other callers.
     pub signing: Option<SigningConfig>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Balance {
-    /// Send to the endpoint with the fewest requests in flight.
-    #[default]
-    LeastOutstanding,
-    RoundRobin,
 }
 
 /// `handlers.<name>.signing`. Debug output names no secret (a config may be logged).

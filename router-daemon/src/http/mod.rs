@@ -2,8 +2,10 @@
 //! anything that speaks HTTP).
 //!
 //! - `config.rs`: the handler section of `type: http` (endpoints, balance, signing).
-//! - `contract.rs`: request headers and the status → outcome table.
-//! - `pool.rs`: endpoint selection and passive health.
+//! - `contract.rs`: request headers and the status → outcome table (the FastCGI
+//!   target carries the same contract).
+//!
+//! Endpoint selection and passive health: `crate::pool`.
 //!
 //! A connection failure means the request never reached a handler, so it is safe to
 //! try the next endpoint within the same attempt: a dead pod costs a retry of the
@@ -11,7 +13,6 @@
 
 pub mod config;
 pub mod contract;
-pub mod pool;
 
 use std::time::{Duration, SystemTime};
 
@@ -19,8 +20,8 @@ use async_trait::async_trait;
 use router_core::{DeliveryInfo, Outcome, Target};
 use tracing::warn;
 
+use crate::pool::{Endpoint, Pool};
 use config::HttpConfig;
-use pool::{Endpoint, Pool};
 
 pub struct HttpTarget {
     name: String,

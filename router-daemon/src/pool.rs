@@ -1,4 +1,5 @@
-//! A handler's endpoint pool: load balancing and passive health.
+//! A handler's endpoint pool, for every target that has endpoints (HTTP URLs, FastCGI
+//! sockets): load balancing and passive health.
 //!
 //! An endpoint that refuses connections (or cannot be reached) is marked down for a
 //! cool-down that doubles per consecutive failure (100 ms up to 10 s); while any
@@ -8,8 +9,18 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::config::Balance;
 use parking_lot::Mutex;
+use serde::Deserialize;
+
+/// `handlers.<name>.balance`: how a target picks among its endpoints.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Send to the endpoint with the fewest requests in flight.
+    #[default]
+    LeastOutstanding,
+    RoundRobin,
+}
 
 pub struct Endpoint {
     pub url: reqwest::Url,

@@ -8,6 +8,7 @@
 //   reject           422 with a body (poison message)
 //   busy:S           429 with Retry-After: S, until attempt 2, then 200
 //   slow:MS          sleep MS milliseconds, then 200
+//   warn             error_log() a line (PHP-FPM sends it as a FastCGI stderr record), 200
 //   hang:MS          log the request at once (status 0), then sleep MS ms and 200:
 //                    lets a test see a message is being handled, then kill the router
 // While the file $HANDLER_DOWN_FILE exists, every request answers 500 whatever its
@@ -48,6 +49,8 @@ switch ($mode) {
         break;
     case 'slow':
         usleep((int)$arg * 1000); break;
+    case 'warn':
+        error_log('handler warning for ' . ($headers['ce-id'] ?? '?')); break;
 }
 
 $log = getenv('HANDLER_LOG');

@@ -6,8 +6,9 @@ use MessageRouter\Http\Signature;
 
 /**
  * Daemon mode: the same handler class (handlers/BehaveHandler.php) behind the bridge's
- * HTTP entry point (router-php/php/front.php under php -S, without the extension: the
- * polyfill serves), driven by the real message-router daemon from RabbitMQ.
+ * HTTP entry point (router-php/php/front.php under php -S, and under PHP-FPM reached
+ * over FastCGI; without the extension: the polyfill serves), driven by the real
+ * message-router daemon from RabbitMQ.
  */
 final class BridgeHttpTest extends WorkerTestCase
 {
@@ -115,19 +116,36 @@ final class BridgeHttpTest extends WorkerTestCase
     public function testTheHandlerClassGivesTheSameOutcomesBehindTheHttpEntryPoint(): void
     {
         $queue = self::unique('php-http');
-        $this->declareQueue($queue);
         $log = "$this->dir/handler.log";
         touch($log);
         $url = $this->startEntryPoint($log);
-        $amqp = self::amqpTransport()['url'];
         $secret = self::SECRET;
+        $calls = $this->sameOutcomesThrough($queue, $log, "{ endpoints: [\"$url\"], timeout: 5s, signing: { secret: \"$secret\" } }");
+        // Unsigned requests are refused: 503, so a router with the wrong key retries
+        // instead of dead-lettering (a rotation in progress), and no handler runs.
+        [$status, $headers, $body] = self::post($url, ['x-router-route' => 'work', 'ce-id' => 'forged'], 'x');
+        $this->assertStringContainsString('503', $status, $body);
+        $this->assertContains('Retry-After: 5', $headers);
+        $this->assertStringContainsString('signature not accepted: the request is not signed', $body);
+        $this->assertArrayNotHasKey('forged', $calls->started());
+        $this->deleteQueues($queue, "$queue.dlq");
+    }
+
+    /**
+     * The daemon drives `$queue` (declared here) into the handler `$handler` (a YAML
+     * flow mapping) with the outcome messages; the same outcomes as in process.
+     */
+    private function sameOutcomesThrough(string $queue, string $log, string $handler): Worker
+    {
+        $this->declareQueue($queue);
+        $amqp = self::amqpTransport()['url'];
         $this->startDaemon(<<<YAML
 admin: { enabled: false }
 shutdown: { grace_period: 10s }
 transports:
   rabbit: { type: amqp, url: "$amqp", reconnect_max_delay: 1s }
 handlers:
-  php: { endpoints: ["$url"], timeout: 5s, signing: { secret: "$secret" } }
+  php: $handler
 subscriptions:
   main:
     transport: rabbit
@@ -146,14 +164,47 @@ YAML);
         $this->assertFalse($calls->done()['ok-1'][0]['extension'], 'daemon mode: the polyfill, not the extension');
         // The same outcomes as in process (InProcessAmqpTest::testOutcomesAndMetadata).
         $this->assertOutcomes($calls, $queue, true);
+        return $calls;
+    }
 
-        // Unsigned requests are refused: 503, so a router with the wrong key retries
-        // instead of dead-lettering (a rotation in progress), and no handler runs.
-        [$status, $headers, $body] = self::post($url, ['x-router-route' => 'work', 'ce-id' => 'forged'], 'x');
-        $this->assertStringContainsString('503', $status, $body);
-        $this->assertContains('Retry-After: 5', $headers);
-        $this->assertStringContainsString('signature not accepted: the request is not signed', $body);
-        $this->assertArrayNotHasKey('forged', $calls->started());
+    public function testTheHandlerClassGivesTheSameOutcomesBehindPhpFpmOverFastCgi(): void
+    {
+        $fpm = is_executable('/usr/sbin/php-fpm8.2') ? '/usr/sbin/php-fpm8.2' : 'php-fpm8.2';
+        $queue = self::unique('php-fcgi');
+        $log = "$this->dir/handler.log";
+        touch($log);
+        $port = self::freePort();
+        $root = realpath(__DIR__ . '/..');
+        $handlers = __DIR__ . '/handlers/routes.php';
+        $secret = self::SECRET;
+        // php-fpm -n: no php.ini, so no extension (the polyfill serves, as under php -n -S).
+        file_put_contents("$this->dir/fpm.conf", <<<INI
+[global]
+pid = $this->dir/fpm.pid
+error_log = $this->dir/fpm.log
+daemonize = no
+[bridge]
+listen = 127.0.0.1:$port
+pm = static
+pm.max_children = 4
+clear_env = no
+env[MESSAGE_ROUTER_HANDLERS] = $handlers
+env[MESSAGE_ROUTER_SIGNING_SECRET] = $secret
+env[HANDLER_LOG] = $log
+INI);
+        $cmd = [$fpm, '-n', '-F', '-y', "$this->dir/fpm.conf"];
+        if (posix_getuid() === 0) {
+            $cmd[] = '-R';
+        }
+        // Its own environment: no PHP_INI_SCAN_DIR of php-tests/run (the extension).
+        $p = proc_open($cmd, [0 => ['file', '/dev/null', 'r'], 1 => ['file', "$this->dir/fpm.out", 'a'], 2 => ['file', "$this->dir/fpm.err", 'a']], $pipes, null, ['PATH' => getenv('PATH')]);
+        $this->servers[$port] = $p;
+        $this->waitFor('php-fpm to listen', 15, fn () => @fsockopen('127.0.0.1', $port) !== false);
+        $this->sameOutcomesThrough(
+            $queue,
+            $log,
+            "{ type: fastcgi, endpoints: [\"tcp://127.0.0.1:$port\"], script_filename: \"$root/router-php/php/front.php\", max_connections: 4, timeout: 5s, signing: { secret: \"$secret\" } }"
+        );
         $this->deleteQueues($queue, "$queue.dlq");
     }
 

@@ -10,10 +10,11 @@ use router_core::config::{Config, ConfigIssue, HandlerConfig};
 use router_core::{Metrics, Target};
 
 use crate::fastcgi::{config::FastcgiConfig, FastcgiTarget};
+use crate::grpc::{config::GrpcConfig, GrpcTarget};
 use crate::http::{config::HttpConfig, HttpTarget};
 
 /// The targets the daemon can deliver through, as `type` names them.
-const KINDS: &[&str] = &["http", "fastcgi"];
+const KINDS: &[&str] = &["http", "fastcgi", "grpc"];
 
 /// Every problem of every handler's target section, with key paths.
 pub fn check(config: &Config) -> Vec<ConfigIssue> {
@@ -22,6 +23,7 @@ pub fn check(config: &Config) -> Vec<ConfigIssue> {
         let problems = match handler.kind.as_str() {
             "http" => HttpConfig::read(name, handler).err(),
             "fastcgi" => FastcgiConfig::read(name, handler).err(),
+            "grpc" => GrpcConfig::read(name, handler).err(),
             other => Some(vec![unknown(name, other)]),
         };
         issues.extend(problems.unwrap_or_default());
@@ -97,6 +99,11 @@ fn one(name: &str, handler: &HandlerConfig, metrics: &Metrics, shared: &mut Shar
                     .map_err(anyhow::Error::msg)?,
             ))
         }
+        "grpc" => {
+            let config = GrpcConfig::read(name, handler).map_err(invalid)?;
+            let up = shared.up(metrics)?;
+            Ok(Arc::new(GrpcTarget::new(name, &config, handler.timeout, &up).map_err(anyhow::Error::msg)?))
+        }
         other => Err(invalid(vec![unknown(name, other)])),
     }
 }
@@ -129,7 +136,7 @@ routes:
         assert_eq!(errors(&CONFIG.replace("{ endpoints", "{ type: http, endpoints")), "");
         let got = errors(&CONFIG.replace("{ endpoints", "{ type: smtp, endpoints"));
         assert!(
-            got.contains("router.yaml: handlers.orders.type: unknown target \"smtp\" (one of: http, fastcgi"),
+            got.contains("router.yaml: handlers.orders.type: unknown target \"smtp\" (one of: http, fastcgi, grpc"),
             "{got}"
         );
     }

@@ -24,10 +24,12 @@ use serde_json::Value;
 
 pub mod brokers;
 pub mod fpm;
+pub mod grpc;
 pub mod netfault;
 
 pub use brokers::{PrivateRabbit, PrivateRedis};
 pub use fpm::PhpFpm;
+pub use grpc::GrpcHandler;
 pub use netfault::{owned_scratch, root_or_skip, FaultNet};
 
 pub fn amqp_url() -> String {

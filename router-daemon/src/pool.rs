@@ -67,6 +67,14 @@ impl Endpoint {
         self.up_gauge.set(0);
     }
 
+    /// No connection could be made (nothing reached a handler): mark the endpoint
+    /// down, log it, and return the error to report if no endpoint answers.
+    pub fn unreachable(&self, handler: &str, what: &str, error: &dyn std::fmt::Display) -> String {
+        self.mark_down();
+        tracing::warn!(handler, endpoint = %self.url, error = %error, "{what} unreachable; trying another");
+        format!("{}: cannot connect: {error}", self.url)
+    }
+
     pub fn mark_up(&self) {
         let mut h = self.health.lock();
         if h.failures > 0 || h.down_until.is_some() {

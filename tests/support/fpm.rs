@@ -69,20 +69,7 @@ impl PhpFpm {
             socket = socket.display(),
         );
         std::fs::write(&config, text).expect("write the FPM config");
-        let mut cmd = Command::new(binary());
-        cmd.arg("-F").arg("-y").arg(&config);
-        // As root FPM wants a pool user or -R (workers as root): the test's files are
-        // root's, so -R.
-        if is_root() {
-            cmd.arg("-R");
-        }
-        let child = cmd
-            .env(netfault::OWNER_ENV, netfault::owner_tag())
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("php-fpm8.2 starts (is php8.2-fpm installed? scripts/setup installs it)");
+        let child = spawn(&config);
         let fpm = PhpFpm {
             proc: Proc { child, name: format!("php-fpm:{port}") },
             port,
@@ -119,18 +106,7 @@ impl PhpFpm {
     /// Start the same pool again (same config, port and socket) after [`PhpFpm::kill`].
     pub async fn restart(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
-        let mut cmd = Command::new(binary());
-        cmd.arg("-F").arg("-y").arg(&self.config);
-        if is_root() {
-            cmd.arg("-R");
-        }
-        let child = cmd
-            .env(netfault::OWNER_ENV, netfault::owner_tag())
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("php-fpm8.2 starts again");
+        let child = spawn(&self.config);
         self.proc = Proc { child, name: format!("php-fpm:{}", self.port) };
         let addr = format!("127.0.0.1:{}", self.port);
         wait_for("php-fpm to listen again", Duration::from_secs(15), || async {
@@ -143,6 +119,23 @@ impl PhpFpm {
     pub fn script() -> PathBuf {
         root().join("tests/handlers/handler.php")
     }
+}
+
+/// The FPM master on `config`, in the foreground, in a process group of its own.
+fn spawn(config: &Path) -> std::process::Child {
+    let mut cmd = Command::new(binary());
+    cmd.arg("-F").arg("-y").arg(config);
+    // As root FPM wants a pool user or -R (workers as root): the test's files are
+    // root's, so -R.
+    if is_root() {
+        cmd.arg("-R");
+    }
+    cmd.env(netfault::OWNER_ENV, netfault::owner_tag())
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("php-fpm8.2 starts (is php8.2-fpm installed? scripts/setup installs it)")
 }
 
 fn is_root() -> bool {

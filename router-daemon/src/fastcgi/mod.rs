@@ -208,9 +208,7 @@ impl Target for FastcgiTarget {
             let (conn, response) = match answer {
                 Ok(a) => a,
                 Err(e) => {
-                    endpoint.mark_down();
-                    warn!(handler = %self.name, endpoint = %endpoint.url, error = %e, "PHP-FPM unreachable; trying another");
-                    last_error = format!("{}: cannot connect: {e}", endpoint.url);
+                    last_error = endpoint.unreachable(&self.name, "PHP-FPM", &e);
                     continue;
                 }
             };

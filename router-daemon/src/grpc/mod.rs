@@ -22,7 +22,6 @@ use reqwest::StatusCode;
 use router_core::{DeliveryInfo, Outcome, Target};
 use tonic::transport::Channel;
 use tonic::Code;
-use tracing::warn;
 
 use crate::http::contract;
 use crate::pool::{Endpoint, Pool};
@@ -153,9 +152,7 @@ impl Target for GrpcTarget {
                 Err(_) => Err(None),
                 Ok(Ok(response)) => Ok(response.into_inner()),
                 Ok(Err(status)) if not_connected(&status) => {
-                    endpoint.mark_down();
-                    warn!(handler = %self.name, endpoint = %endpoint.url, error = %status.message(), "gRPC handler unreachable; trying another");
-                    last_error = format!("{}: cannot connect: {}", endpoint.url, status.message());
+                    last_error = endpoint.unreachable(&self.name, "gRPC handler", &status.message());
                     continue;
                 }
                 Ok(Err(status)) => Err(Some(status)),

@@ -18,7 +18,6 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use router_core::{DeliveryInfo, Outcome, Target};
-use tracing::warn;
 
 use crate::pool::{Endpoint, Pool};
 use config::HttpConfig;
@@ -81,9 +80,7 @@ impl Target for HttpTarget {
             let mut response = match sent {
                 Ok(r) => r,
                 Err(e) if e.is_connect() => {
-                    endpoint.mark_down();
-                    warn!(handler = %self.name, endpoint = %endpoint.url, error = %e, "endpoint unreachable; trying another");
-                    last_error = format!("{}: cannot connect: {e}", endpoint.url);
+                    last_error = endpoint.unreachable(&self.name, "endpoint", &e);
                     continue;
                 }
                 Err(e) if e.is_timeout() => {

@@ -10,7 +10,33 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use router_core::config::ConfigIssue;
 use serde::Deserialize;
+
+/// The checks of a target's `endpoints` list (at `{path}.endpoints`): not empty
+/// (`empty` says what to list), and each accepted by `parse`, else reported as
+/// `"<endpoint>" must be <expected> (<why parse refused it>)`.
+pub fn check_endpoints(
+    path: &str,
+    endpoints: &[String],
+    empty: &str,
+    expected: &str,
+    parse: impl Fn(&str) -> Result<(), String>,
+) -> Vec<ConfigIssue> {
+    let mut issues = Vec::new();
+    if endpoints.is_empty() {
+        issues.push(ConfigIssue::new(format!("{path}.endpoints"), empty));
+    }
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        if let Err(problem) = parse(endpoint) {
+            issues.push(ConfigIssue::new(
+                format!("{path}.endpoints[{i}]"),
+                format!("{endpoint:?} must be {expected} ({problem})"),
+            ));
+        }
+    }
+    issues
+}
 
 /// `handlers.<name>.balance`: how a target picks among its endpoints.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

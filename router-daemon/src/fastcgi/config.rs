@@ -6,7 +6,7 @@ use router_core::config::{ConfigIssue, HandlerConfig};
 use serde::Deserialize;
 
 use crate::http::config::SigningConfig;
-use crate::pool::Balance;
+use crate::pool::{check_endpoints, Balance};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,17 +75,15 @@ impl FastcgiConfig {
     pub fn read(name: &str, handler: &HandlerConfig) -> Result<FastcgiConfig, Vec<ConfigIssue>> {
         let config: FastcgiConfig = handler.settings(name).map_err(|issue| vec![issue])?;
         let p = format!("handlers.{name}");
-        let mut issues = Vec::new();
-        if config.endpoints.is_empty() {
-            issues.push(ConfigIssue::new(format!("{p}.endpoints"), "list at least one PHP-FPM address"));
-        }
-        for (i, endpoint) in config.endpoints.iter().enumerate() {
-            if let Err(problem) = Address::parse(endpoint) {
-                issues.push(ConfigIssue::new(
-                    format!("{p}.endpoints[{i}]"),
-                    format!("{endpoint:?} must be tcp://host:port or unix:///path/to/php-fpm.sock ({problem})"),
-                ));
-            }
+        let mut issues = check_endpoints(
+            &p,
+            &config.endpoints,
+            "list at least one PHP-FPM address",
+            "tcp://host:port or unix:///path/to/php-fpm.sock",
+            |endpoint| Address::parse(endpoint).map(|_| ()),
+        );
+        if let Some(s) = &config.signing {
+            issues.extend(s.check(&format!("{p}.signing")));
         }
         if !config.script_filename.starts_with('/') {
             issues.push(ConfigIssue::new(

@@ -4,7 +4,7 @@ use router_core::config::{ConfigIssue, HandlerConfig};
 use serde::Deserialize;
 
 use crate::http::config::SigningConfig;
-use crate::pool::Balance;
+use crate::pool::{check_endpoints, Balance};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,21 +23,20 @@ impl GrpcConfig {
     pub fn read(name: &str, handler: &HandlerConfig) -> Result<GrpcConfig, Vec<ConfigIssue>> {
         let config: GrpcConfig = handler.settings(name).map_err(|issue| vec![issue])?;
         let p = format!("handlers.{name}");
-        let mut issues = Vec::new();
-        if config.endpoints.is_empty() {
-            issues.push(ConfigIssue::new(format!("{p}.endpoints"), "list at least one gRPC server URL"));
-        }
-        for (i, endpoint) in config.endpoints.iter().enumerate() {
-            let problem = match url::Url::parse(endpoint) {
-                Ok(u) if u.scheme() == "http" && u.host().is_some() && u.port().is_some() => continue,
-                Ok(u) if u.scheme() == "https" => "TLS to gRPC handlers is not supported yet".to_string(),
-                Ok(u) => format!("scheme is {:?}, or no port", u.scheme()),
-                Err(e) => e.to_string(),
-            };
-            issues.push(ConfigIssue::new(
-                format!("{p}.endpoints[{i}]"),
-                format!("{endpoint:?} must be http://host:port ({problem})"),
-            ));
+        let mut issues = check_endpoints(
+            &p,
+            &config.endpoints,
+            "list at least one gRPC server URL",
+            "http://host:port",
+            |endpoint| match url::Url::parse(endpoint) {
+                Ok(u) if u.scheme() == "http" && u.host().is_some() && u.port().is_some() => Ok(()),
+                Ok(u) if u.scheme() == "https" => Err("TLS to gRPC handlers is not supported yet".to_string()),
+                Ok(u) => Err(format!("scheme is {:?}, or no port", u.scheme())),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+        if let Some(s) = &config.signing {
+            issues.extend(s.check(&format!("{p}.signing")));
         }
         if issues.is_empty() {
             Ok(config)
@@ -63,5 +62,7 @@ mod tests {
         let err = read(r#"{ type: grpc, endpoints: ["127.0.0.1:50051", "https://h:1"] }"#).expect_err("bad");
         assert!(err.contains("handlers.h.endpoints[0]: \"127.0.0.1:50051\" must be http://host:port"), "{err}");
         assert!(err.contains("handlers.h.endpoints[1]") && err.contains("TLS"), "{err}");
+        let err = read(r#"{ type: grpc, endpoints: ["http://h:1"], signing: { secret: short } }"#).expect_err("bad");
+        assert!(err.contains("handlers.h.signing.secret: must be at least 16 characters"), "{err}");
     }
 }

@@ -5,7 +5,7 @@
 use router_core::config::{ConfigIssue, HandlerConfig};
 use serde::Deserialize;
 
-use crate::pool::Balance;
+use crate::pool::{check_endpoints, Balance};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +32,26 @@ pub struct SigningConfig {
 }
 
 impl SigningConfig {
+    /// Its problems, at `path` (`handlers.<name>.signing`), for every target that signs.
+    pub fn check(&self, path: &str) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        if self.secret.len() < 16 {
+            issues.push(ConfigIssue::new(format!("{path}.secret"), "must be at least 16 characters"));
+        }
+        if let Some(previous) = &self.previous_secret {
+            if previous.len() < 16 {
+                issues.push(ConfigIssue::new(format!("{path}.previous_secret"), "must be at least 16 characters"));
+            }
+            if *previous == self.secret {
+                issues.push(ConfigIssue::new(
+                    format!("{path}.previous_secret"),
+                    "must differ from signing.secret (omit it when no rotation is in progress)",
+                ));
+            }
+        }
+        issues
+    }
+
     /// The keys to sign with, the current one first.
     pub fn keys(&self) -> Vec<Vec<u8>> {
         std::iter::once(&self.secret).chain(self.previous_secret.as_ref()).map(|s| s.clone().into_bytes()).collect()
@@ -52,39 +72,19 @@ impl HttpConfig {
     pub fn read(name: &str, handler: &HandlerConfig) -> Result<HttpConfig, Vec<ConfigIssue>> {
         let config: HttpConfig = handler.settings(name).map_err(|issue| vec![issue])?;
         let p = format!("handlers.{name}");
-        let mut issues = Vec::new();
-        if config.endpoints.is_empty() {
-            issues.push(ConfigIssue::new(format!("{p}.endpoints"), "list at least one endpoint URL"));
-        }
-        for (i, endpoint) in config.endpoints.iter().enumerate() {
-            let problem = match url::Url::parse(endpoint) {
-                Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => continue,
-                Ok(u) => format!("scheme is {:?}", u.scheme()),
-                Err(e) => e.to_string(),
-            };
-            issues.push(ConfigIssue::new(
-                format!("{p}.endpoints[{i}]"),
-                format!("{endpoint:?} must be an http:// or https:// URL with a host, like http://127.0.0.1:8080/ ({problem})"),
-            ));
-        }
+        let mut issues = check_endpoints(
+            &p,
+            &config.endpoints,
+            "list at least one endpoint URL",
+            "an http:// or https:// URL with a host, like http://127.0.0.1:8080/",
+            |endpoint| match url::Url::parse(endpoint) {
+                Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
+                Ok(u) => Err(format!("scheme is {:?}", u.scheme())),
+                Err(e) => Err(e.to_string()),
+            },
+        );
         if let Some(s) = &config.signing {
-            if s.secret.len() < 16 {
-                issues.push(ConfigIssue::new(format!("{p}.signing.secret"), "must be at least 16 characters"));
-            }
-            if let Some(previous) = &s.previous_secret {
-                if previous.len() < 16 {
-                    issues.push(ConfigIssue::new(
-                        format!("{p}.signing.previous_secret"),
-                        "must be at least 16 characters",
-                    ));
-                }
-                if *previous == s.secret {
-                    issues.push(ConfigIssue::new(
-                        format!("{p}.signing.previous_secret"),
-                        "must differ from signing.secret (omit it when no rotation is in progress)",
-                    ));
-                }
-            }
+            issues.extend(s.check(&format!("{p}.signing")));
         }
         if issues.is_empty() {
             Ok(config)

@@ -38,35 +38,35 @@ impl PhpFpm {
         let socket = dir.join(format!("fpm-{port}.sock"));
         let fpm_log = dir.join(format!("fpm-{port}.log"));
         let config = dir.join(format!("fpm-{port}.conf"));
+        // Two pools alike but for where they listen: TCP, and a unix socket.
+        let pool = |name: &str, listen: &str, extra: &str| {
+            format!(
+                "[{name}]\n\
+                 listen = {listen}\n\
+                 {extra}\
+                 pm = static\n\
+                 pm.max_children = {workers}\n\
+                 catch_workers_output = yes\n\
+                 clear_env = no\n\
+                 env[HANDLER_LOG] = {log}\n\
+                 env[HANDLER_DOWN_FILE] = {down}\n\
+                 env[FPM_POOL] = {name}\n",
+                log = log.display(),
+                down = down_file(log).display(),
+            )
+        };
         let text = format!(
             "[global]\n\
              pid = {dir}/fpm-{port}.pid\n\
              error_log = {fpm_log}\n\
              daemonize = no\n\
-             [tcp]\n\
-             listen = 127.0.0.1:{port}\n\
-             pm = static\n\
-             pm.max_children = {workers}\n\
-             catch_workers_output = yes\n\
-             clear_env = no\n\
-             env[HANDLER_LOG] = {log}\n\
-             env[HANDLER_DOWN_FILE] = {down}\n\
-             env[FPM_POOL] = tcp\n\
-             [unix]\n\
-             listen = {socket}\n\
-             listen.mode = 0666\n\
-             pm = static\n\
-             pm.max_children = {workers}\n\
-             catch_workers_output = yes\n\
-             clear_env = no\n\
-             env[HANDLER_LOG] = {log}\n\
-             env[HANDLER_DOWN_FILE] = {down}\n\
-             env[FPM_POOL] = unix\n",
+             {tcp}\
+             {unix}",
             dir = dir.display(),
             fpm_log = fpm_log.display(),
-            log = log.display(),
-            down = down_file(log).display(),
-            socket = socket.display(),
+            tcp = pool("tcp", &format!("127.0.0.1:{port}"), ""),
+            // The socket is made root's: open to the workers and the router.
+            unix = pool("unix", &socket.display().to_string(), "listen.mode = 0666\n"),
         );
         std::fs::write(&config, text).expect("write the FPM config");
         let child = spawn(&config);

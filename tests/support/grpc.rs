@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{free_port, netfault, root, wait_for, Proc};
+use super::{free_port, netfault, root, setup_cache, wait_for, Proc};
 
 pub struct GrpcHandler {
     pub proc: Proc,
@@ -19,10 +19,7 @@ fn python() -> PathBuf {
     if let Ok(p) = std::env::var("GRPC_PYTHON") {
         return p.into();
     }
-    let cache = std::env::var("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
-    cache.join("message-router/venv/bin/python")
+    setup_cache().join("venv/bin/python")
 }
 
 impl GrpcHandler {

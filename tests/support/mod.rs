@@ -62,6 +62,15 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
+/// Where scripts/setup keeps what it builds or installs outside the repository
+/// (tansu, the gRPC handler's Python venv).
+pub fn setup_cache() -> PathBuf {
+    std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"))
+        .join("message-router")
+}
+
 /// A scratch directory removed at drop.
 pub struct Scratch(pub PathBuf);
 
@@ -949,12 +958,7 @@ impl Tansu {
     }
 
     fn spawn(host: &str, port: u16, db: &Path, log: &Path) -> Proc {
-        let bin = std::env::var("TANSU_BIN").map(PathBuf::from).unwrap_or_else(|_| {
-            let cache = std::env::var("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
-            cache.join("message-router/bin/tansu")
-        });
+        let bin = std::env::var("TANSU_BIN").map(PathBuf::from).unwrap_or_else(|_| setup_cache().join("bin/tansu"));
         let url = format!("tcp://{host}:{port}");
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("tansu log");
         let err = out.try_clone().expect("tansu log");

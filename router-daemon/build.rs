@@ -4,7 +4,11 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "../proto/message_router/v1/handler.proto";
     let files = protox::compile([proto], ["../proto"])?;
-    tonic_prost_build::configure().build_server(false).compile_fds(files)?;
+    // The body as bytes::Bytes: the message's own buffer is shared, not copied.
+    tonic_prost_build::configure()
+        .build_server(false)
+        .bytes(".message_router.v1.DeliverRequest.body")
+        .compile_fds(files)?;
     println!("cargo:rerun-if-changed={proto}");
     Ok(())
 }

@@ -117,14 +117,19 @@ impl FastcgiTarget {
         })
     }
 
-    /// The CGI variables of one request: the fixed ones, then each header.
-    fn params(&self, headers: &HeaderMap, body_len: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut params = self.base.clone();
-        params.push((b"CONTENT_LENGTH".to_vec(), body_len.to_string().into_bytes()));
-        for (name, value) in headers {
-            params.push((cgi_name(name.as_str()), value.as_bytes().to_vec()));
-        }
-        params
+    /// One request's bytes: the fixed CGI variables, `CONTENT_LENGTH`, each header as
+    /// its variable, then the body.
+    fn request(&self, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
+        let length = body.len().to_string();
+        let names: Vec<(Vec<u8>, &[u8])> =
+            headers.iter().map(|(name, value)| (cgi_name(name.as_str()), value.as_bytes())).collect();
+        let params = self
+            .base
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .chain(std::iter::once((&b"CONTENT_LENGTH"[..], length.as_bytes())))
+            .chain(names.iter().map(|(k, v)| (k.as_slice(), *v)));
+        proto::request(params, body)
     }
 }
 
@@ -162,7 +167,7 @@ impl Target for FastcgiTarget {
             Ok(h) => h,
             Err(reason) => return Outcome::Undeliverable { reason },
         };
-        let request = proto::request(&self.params(&headers, d.message.body.len()), &d.message.body);
+        let request = self.request(&headers, &d.message.body);
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut tried = Vec::new();
         let mut last_error = String::from("no endpoints configured");

@@ -52,7 +52,7 @@ fn length(out: &mut Vec<u8>, len: usize) {
 }
 
 /// Every byte of one request: begin (keep the connection), the params, the body.
-pub fn request(params: &[(Vec<u8>, Vec<u8>)], body: &[u8]) -> Vec<u8> {
+pub fn request<'a>(params: impl IntoIterator<Item = (&'a [u8], &'a [u8])>, body: &[u8]) -> Vec<u8> {
     let mut pairs = Vec::new();
     for (name, value) in params {
         length(&mut pairs, name.len());
@@ -99,7 +99,8 @@ pub enum ReadError {
 pub async fn read_response<R: AsyncRead + Unpin>(io: &mut R, stdout_cap: usize) -> Result<Response, ReadError> {
     let mut response = Response::default();
     let mut received = 0usize;
-    let mut content = vec![0u8; MAX_CONTENT + 255];
+    // Grown to the largest record seen (at most 64 KiB + padding), not zeroed up front.
+    let mut content = Vec::new();
     loop {
         let mut header = [0u8; 8];
         io.read_exact(&mut header).await.map_err(|source| ReadError::Closed { received, source })?;
@@ -111,6 +112,9 @@ pub async fn read_response<R: AsyncRead + Unpin>(io: &mut R, stdout_cap: usize) 
         let id = u16::from_be_bytes([header[2], header[3]]);
         let len = usize::from(u16::from_be_bytes([header[4], header[5]]));
         let total = len + usize::from(header[6]);
+        if content.len() < total {
+            content.resize(total, 0);
+        }
         let buf = &mut content[..total];
         io.read_exact(buf).await.map_err(|source| ReadError::Closed { received, source })?;
         received += total;
@@ -209,9 +213,9 @@ mod tests {
     #[test]
     fn a_request_is_begin_params_stdin_each_stream_ended_by_an_empty_record() {
         let long = vec![b'v'; 300];
-        let params = vec![(b"REQUEST_METHOD".to_vec(), b"POST".to_vec()), (b"HTTP_X_LONG".to_vec(), long.clone())];
+        let params: [(&[u8], &[u8]); 2] = [(b"REQUEST_METHOD", b"POST"), (b"HTTP_X_LONG", &long)];
         let body = vec![7u8; 70_000];
-        let recs = records(&request(&params, &body));
+        let recs = records(&request(params, &body));
         let kinds: Vec<u8> = recs.iter().map(|r| r.0).collect();
         assert_eq!(kinds, [BEGIN_REQUEST, PARAMS, PARAMS, STDIN, STDIN, STDIN]);
         assert_eq!(recs[0].1, [0, 1, KEEP_CONN, 0, 0, 0, 0, 0], "responder role, keep the connection");

@@ -126,7 +126,7 @@ impl Target for GrpcTarget {
         };
         let request = v1::DeliverRequest {
             id: d.message.id.clone(),
-            body: d.message.body.to_vec(),
+            body: d.message.body.clone(),
             content_type: d.message.content_type.clone().unwrap_or_else(|| "application/octet-stream".into()),
             headers: headers
                 .iter()

@@ -81,6 +81,10 @@ pub struct KafkaTransport {
     live: Mutex<HashMap<String, Live>>,
     /// A group-less consumer the watchdog reads single records with (made on first use).
     probe: Mutex<Option<Arc<BaseConsumer>>>,
+    /// How long a rebalance may take (`max.poll.interval.ms`): the coordinator waits
+    /// that long for members to rejoin, so the watchdog does not start a consumer that
+    /// is rejoining again sooner (it would join as a new member and the wait go on).
+    rebalance_timeout: Duration,
     /// Each subscription's group membership, across the consumers it has had.
     groups: Mutex<HashMap<String, Arc<rebalance::GroupWatch>>>,
 }
@@ -99,6 +103,11 @@ impl KafkaTransport {
         let mut producer = base_config(&brokers, &properties, properties::Role::Producer);
         producer.set("acks", "all").set("enable.idempotence", "true");
         let producer = producer.create::<FutureProducer>().map_err(|e| format!("kafka producer: {e}"));
+        let rebalance_timeout = properties
+            .iter()
+            .find(|(k, _)| k == "max.poll.interval.ms")
+            .and_then(|(_, v)| v.parse().ok())
+            .map_or(DEFAULT_MAX_POLL_INTERVAL, Duration::from_millis);
         KafkaTransport {
             name: name.to_string(),
             display: format!("kafka://{}", config.brokers.first().map_or("", String::as_str)),
@@ -108,6 +117,7 @@ impl KafkaTransport {
             create_topics: config.create_topics.clone().unwrap_or_default(),
             live: Mutex::new(HashMap::new()),
             probe: Mutex::new(None),
+            rebalance_timeout,
             groups: Mutex::new(HashMap::new()),
         }
     }
@@ -271,17 +281,8 @@ impl Transport for KafkaTransport {
         let probe = self.probe()?;
         let group = self.group_watch(&spec.subscription);
         let subscription = spec.subscription.clone();
-        // A rebalance may take up to the rebalance timeout (max.poll.interval.ms): the
-        // coordinator waits that long for members to rejoin. Starting the consumer
-        // again sooner cannot help (it joins as a new member and the wait goes on).
-        let rebalance_timeout = self
-            .properties
-            .iter()
-            .find(|(k, _)| k == "max.poll.interval.ms")
-            .and_then(|(_, v)| v.parse().ok())
-            .map_or(DEFAULT_MAX_POLL_INTERVAL, Duration::from_millis);
         let stall_after = spec.config.stall_timeout;
-        let unsteady_after = stall_after.max(rebalance_timeout);
+        let unsteady_after = stall_after.max(self.rebalance_timeout);
         let topics = spec.config.topics.clone();
         tokio::task::spawn_blocking(move || {
             let broker = |e: rdkafka::error::KafkaError| TransportError::Broker(e.to_string());

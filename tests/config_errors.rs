@@ -41,7 +41,7 @@ fn valid_config_validates() {
 fn each_mistake_names_file_path_and_problem() {
     let dir = Scratch::new("cfg");
     let cases = [
-        ("unknown key", GOOD.replace("queue: orders,", "queue: orders, prefetchh: 3,"), "FILE: subscriptions.orders.prefetchh: unknown field `prefetchh`"),
+        ("unknown key", GOOD.replace("queue: orders,", "queue: orders, prefetchh: 3,"), "FILE: subscriptions.orders.prefetchh: unknown key `prefetchh`: an amqp subscription takes `queue`, `ordered`, `dead_letter` and, like every subscription, `transport`, `dedup`, `prefetch`,"),
         ("bad handler URL", GOOD.replace("http://127.0.0.1:8080/", "127.0.0.1:8080"), "FILE: handlers.php.endpoints[0]: \"127.0.0.1:8080\" must be an http:// or https:// URL"),
         ("bad broker URL", GOOD.replace("amqp://guest", "http://guest"), "FILE: transports.rabbit.url: scheme must be amqp or amqps, not \"http\""),
         ("unknown transport type", GOOD.replace("type: amqp", "type: rabbitmq"), "FILE: transports.rabbit.type: unknown variant `rabbitmq`, expected one of `amqp`, `redis`, `kafka`, `memory`"),
@@ -88,7 +88,7 @@ routes:
         let (code, _, stderr) = run(cmd, yaml, &dir);
         assert_eq!(code, Some(2), "`{cmd}` must exit 2; stderr:\n{stderr}");
         for want in [
-            "FILE: subscriptions.orders.queue: a redis subscription reads `streams`, not a `queue`",
+            "FILE: subscriptions.orders.queue: `queue` is a setting of amqp, memory subscriptions; this one is redis",
             "FILE: subscriptions.orders.streams: list at least one stream to read",
             "FILE: subscriptions.orders.group: a redis subscription needs a consumer group name",
             "FILE: subscriptions.orders.claim_idle: 10s must be longer than the timeout of handler \"php\" (30s)",

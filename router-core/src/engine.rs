@@ -328,7 +328,7 @@ impl Pipeline {
             config: self.config.clone(),
             lag: Some(self.metrics.consumer_lag.clone()),
         };
-        let window = if self.config.ordered { 1 } else { usize::from(self.config.prefetch.max(1)) };
+        let window = if self.config.source.ordered() { 1 } else { usize::from(self.config.prefetch.max(1)) };
         let tasks = TaskTracker::new();
         let abort = CancellationToken::new();
         let inbox = Arc::new(PipelineInbox {

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::Path;
 
-use serde_yaml_ng::Value;
+use serde_yaml_ng::{Mapping, Value};
 
 use super::Config;
 
@@ -88,12 +88,13 @@ pub fn parse_with(
     if !issues.is_empty() {
         return Err(ConfigError::Invalid { file: file.to_string(), issues });
     }
-    let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        ConfigError::Invalid { file: file.to_string(), issues: vec![ConfigIssue::new(path, e.inner().to_string())] }
-    })?;
-    let mut issues = config.validate();
+    let invalid = |issues| ConfigError::Invalid { file: file.to_string(), issues };
+    let Value::Mapping(top) = value else {
+        return Err(invalid(vec![ConfigIssue::new("", "the file must be a mapping (transports:, handlers: ...)")]));
+    };
+    let raw: Config<Mapping, Mapping> = super::section::parse(top, "").map_err(|issue| invalid(vec![issue]))?;
+    let (config, mut issues) = raw.resolve().map_err(invalid)?;
+    issues.extend(config.validate());
     issues.extend(front(&config));
     if issues.is_empty() {
         Ok(config)

@@ -5,6 +5,7 @@
 //! Field doc comments are the user reference (README "Configuration").
 
 mod load;
+pub mod section;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -13,13 +14,15 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::retry::RetryPolicy;
+pub use crate::transport::config::{BrokerConfig, SourceConfig, TransportKind};
 
 pub use load::{interpolate, load, load_with, parse, parse_with, ConfigError, ConfigIssue};
 
-/// The whole file.
+/// The whole file. The loader reads it first with each transport and subscription as
+/// a plain mapping (`Config<Mapping, Mapping>`), then each of those by its kind.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct Config<T = TransportConfig, S = SubscriptionConfig> {
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
@@ -27,11 +30,11 @@ pub struct Config {
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     /// Broker connections by name.
-    pub transports: BTreeMap<String, TransportConfig>,
+    pub transports: BTreeMap<String, T>,
     /// Handlers by name: where messages are delivered.
     pub handlers: BTreeMap<String, HandlerConfig>,
     /// What to consume, by name.
-    pub subscriptions: BTreeMap<String, SubscriptionConfig>,
+    pub subscriptions: BTreeMap<String, S>,
     /// Ordered routing table; the first matching route wins.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -89,133 +92,29 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum TransportKind {
-    /// RabbitMQ and other AMQP 0-9-1 brokers.
-    Amqp,
-    /// Redis Streams, read through consumer groups.
-    Redis,
-    /// Apache Kafka and Kafka-protocol brokers, read through consumer groups.
-    Kafka,
-    /// In-process queues: tests and demos; nothing survives the process.
-    Memory,
-}
-
-#[derive(Clone, Debug, Deserialize)]
+/// `transports.<name>`: the keys every transport takes; `broker` holds the rest, as
+/// the transport's kind defines them (`crate::transport::<kind>::config`). The loader
+/// reads the common keys as `TransportConfig<()>` and the rest by `kind`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct TransportConfig {
+pub struct TransportConfig<B = BrokerConfig> {
     #[serde(rename = "type")]
     pub kind: TransportKind,
-    /// `amqp://user:pass@host:port/vhost` (`amqps://` for TLS), or
-    /// `redis://[:pass@]host:port[/db]` (`rediss://` for TLS). Use `${VAR}` for secrets.
-    pub url: Option<String>,
-    /// Kafka: bootstrap brokers, `host:port`.
-    #[serde(default)]
-    pub brokers: Vec<String>,
-    /// Kafka: librdkafka client properties passed through as they are
-    /// (`security.protocol`, `sasl.mechanism`, `sasl.username`, `ssl.ca.location`,
-    /// `client.id`, `auto.offset.reset` ...). Use `${VAR}` for secrets. Numbers and
-    /// booleans may be written bare.
-    #[serde(default, deserialize_with = "crate::config::scalars::deserialize")]
-    pub properties: BTreeMap<String, String>,
-    /// Redis: this router instance's consumer name in every consumer group. Keep it
-    /// stable across restarts (a restarted instance first re-reads its own pending
-    /// entries) and unique per instance. Default: the host name.
-    pub consumer: Option<String>,
     /// Longest wait between reconnect attempts (the wait doubles from 100 ms).
     #[serde(default = "default_reconnect_max", deserialize_with = "crate::config::duration::deserialize")]
     pub reconnect_max_delay: Duration,
-    /// AMQP: heartbeat interval asked of the broker. A connection that stays silent for
-    /// two intervals (a network partition, a hung broker) is closed and reconnected,
-    /// and `/readyz` reports it. A `heartbeat=` in the URL wins. Default: 10s.
-    #[serde(default, deserialize_with = "crate::config::duration::deserialize_opt")]
-    pub heartbeat: Option<Duration>,
-    /// Kafka: how the router creates the retry and dead-letter topics it writes to
-    /// (when `declare` is on and they are missing). Unset values take the cluster's
-    /// defaults (`num.partitions`, `default.replication.factor`), so a dead letter is
-    /// as durable as the cluster makes any topic.
-    pub create_topics: Option<CreateTopics>,
-    /// Exchanges, queues and bindings to declare at connect (AMQP).
-    #[serde(default)]
-    pub topology: Topology,
+    #[serde(skip)]
+    pub broker: B,
+}
+
+impl TransportConfig<()> {
+    fn with_broker(self, broker: BrokerConfig) -> TransportConfig {
+        TransportConfig { kind: self.kind, reconnect_max_delay: self.reconnect_max_delay, broker }
+    }
 }
 
 fn default_reconnect_max() -> Duration {
     Duration::from_secs(30)
-}
-
-/// AMQP heartbeat when the config names none.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
-
-/// Partitions and replication of the topics the router creates (Kafka).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct CreateTopics {
-    /// Unset: the cluster's `num.partitions`.
-    pub partitions: Option<i32>,
-    /// Unset: the cluster's `default.replication.factor`.
-    pub replication_factor: Option<i32>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Topology {
-    pub exchanges: Vec<ExchangeDecl>,
-    pub queues: Vec<QueueDecl>,
-    pub bindings: Vec<BindingDecl>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ExchangeType {
-    Direct,
-    #[default]
-    Topic,
-    Fanout,
-    Headers,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExchangeDecl {
-    pub name: String,
-    #[serde(rename = "type", default)]
-    pub kind: ExchangeType,
-    #[serde(default = "yes")]
-    pub durable: bool,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueueDecl {
-    pub name: String,
-    #[serde(default = "yes")]
-    pub durable: bool,
-    /// Queue arguments (`x-queue-type: quorum`, `x-max-length: 10000` ...).
-    #[serde(default)]
-    pub arguments: BTreeMap<String, ArgValue>,
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum ArgValue {
-    Bool(bool),
-    Int(i64),
-    Text(String),
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BindingDecl {
-    pub queue: String,
-    pub exchange: String,
-    #[serde(default)]
-    pub routing_key: String,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// `handlers.<name>`: what the engine needs of every handler, whatever reaches it,
@@ -253,11 +152,7 @@ impl HandlerConfig {
     /// The target's section as its own type `T` (which should deny unknown fields).
     /// A problem names its key path under `handlers.<name>`.
     pub fn settings<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, ConfigIssue> {
-        serde_path_to_error::deserialize(serde_yaml_ng::Value::Mapping(self.target.clone())).map_err(|e| {
-            let inner = e.path().to_string();
-            let path = if inner == "." { format!("handlers.{name}") } else { format!("handlers.{name}.{inner}") };
-            ConfigIssue::new(path, e.inner().to_string())
-        })
+        section::parse(self.target.clone(), &format!("handlers.{name}"))
     }
 }
 
@@ -310,66 +205,24 @@ fn default_max_in_flight() -> usize {
     64
 }
 
+/// `subscriptions.<name>`: the keys every subscription takes; `source` holds what it
+/// reads and how, as the kind of its transport defines it
+/// (`crate::transport::<kind>::config`). The loader reads the common keys as
+/// `SubscriptionConfig<()>` and the rest by the kind of `transport`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SubscriptionConfig {
+pub struct SubscriptionConfig<S = SourceConfig> {
     /// Name of an entry under `transports`.
     pub transport: String,
-    /// AMQP: the queue to consume.
-    #[serde(default)]
-    pub queue: String,
-    /// Redis: the streams to read, all through the consumer group `group`.
-    #[serde(default)]
-    pub streams: Vec<String>,
-    /// Redis, Kafka: the consumer group (instances sharing a group split the work).
-    pub group: Option<String>,
-    /// Kafka: the topics to consume.
-    #[serde(default)]
-    pub topics: Vec<String>,
-    /// Kafka: consume every topic whose name matches this regular expression
-    /// (instead of `topics`).
-    pub topic_pattern: Option<String>,
-    /// Kafka: what may run in parallel. `partition`: one message at a time per
-    /// partition; `key`: one at a time per record key, keys of a partition in
-    /// parallel; `unordered`: up to `prefetch` at once. In every mode offsets are
-    /// committed only up to the first message not yet settled.
-    #[serde(default)]
-    pub ordering: KafkaOrdering,
-    /// Kafka: a retry due within this is waited for in place (holding its partition or
-    /// key); a longer one goes through the retry topic. `0s`: always the retry topic.
-    #[serde(default = "default_in_place_retry_max", deserialize_with = "crate::config::duration::deserialize")]
-    pub in_place_retry_max: Duration,
-    /// Kafka: the topic durable retries wait in, consumed by the same group.
-    /// Default: `<group>.retry`.
-    pub retry_topic: Option<String>,
-    /// Redis: create the consumer group (and the stream, MKSTREAM) when missing,
-    /// reading from the stream's first entry. Kafka: create the retry and dead-letter
-    /// topics when missing.
-    #[serde(default = "yes")]
-    pub declare: bool,
-    /// Redis: pending entries idle this long (their consumer died or stalled) are
-    /// claimed (XAUTOCLAIM) and delivered again. Must exceed every handler timeout.
-    #[serde(default = "default_claim_idle", deserialize_with = "crate::config::duration::deserialize")]
-    pub claim_idle: Duration,
-    /// Redis: the entry field that holds the message body; every other field is a header.
-    #[serde(default = "default_body_field")]
-    pub body_field: String,
     /// Skip messages already handled successfully (by message id) within a window.
     pub dedup: Option<DedupConfig>,
     /// Most unacked messages the broker hands this subscription at once: the bound on
     /// in-flight work and on memory.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
-    /// Handle one message at a time, in the broker's order.
-    #[serde(default)]
-    pub ordered: bool,
     /// Retry policy for failed attempts (a route may override it).
     #[serde(default)]
     pub retry: RetryPolicy,
-    /// Where messages go that leave the normal path. Default: the queue `<queue>.dlq`
-    /// through the default exchange, declared by the router (AMQP); the stream
-    /// `<stream>.dlq` next to each source stream (Redis).
-    pub dead_letter: Option<DeadLetterConfig>,
     /// Handler for messages no route matches; without one they are dead-lettered
     /// with reason "no route".
     pub default_handler: Option<String>,
@@ -382,28 +235,97 @@ pub struct SubscriptionConfig {
     /// turns the watchdog off.
     #[serde(default = "default_stall_timeout", deserialize_with = "crate::config::duration::deserialize")]
     pub stall_timeout: Duration,
+    #[serde(skip)]
+    pub source: S,
 }
 
-/// How a Kafka subscription orders its work (see `SubscriptionConfig::ordering`).
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum KafkaOrdering {
-    #[default]
-    Partition,
-    Key,
-    Unordered,
+impl SubscriptionConfig<()> {
+    fn with_source(self, source: SourceConfig) -> SubscriptionConfig {
+        SubscriptionConfig {
+            transport: self.transport,
+            dedup: self.dedup,
+            prefetch: self.prefetch,
+            retry: self.retry,
+            default_handler: self.default_handler,
+            max_body_bytes: self.max_body_bytes,
+            stall_timeout: self.stall_timeout,
+            source,
+        }
+    }
 }
 
-fn default_in_place_retry_max() -> Duration {
-    Duration::from_secs(10)
-}
-
-fn default_claim_idle() -> Duration {
-    Duration::from_secs(60)
-}
-
-fn default_body_field() -> String {
-    "body".into()
+impl Config<serde_yaml_ng::Mapping, serde_yaml_ng::Mapping> {
+    /// Each transport and subscription read by its kind: the keys every one takes
+    /// here, the rest by its broker ([`TransportKind::parse_broker`],
+    /// [`TransportKind::parse_source`]). A section that cannot be read is an `Err`
+    /// with every section's problem; keys nobody takes are returned beside the config,
+    /// to be reported with what validation finds.
+    fn resolve(self) -> Result<(Config, Vec<ConfigIssue>), Vec<ConfigIssue>> {
+        let mut issues = section::Issues::default();
+        let mut unknown = section::Issues::default();
+        let mut kinds = BTreeMap::new();
+        let mut transports = BTreeMap::new();
+        for (name, map) in self.transports {
+            let path = format!("transports.{name}");
+            let (common, own) = section::split(map, section::field_names::<TransportConfig<()>>());
+            let parsed = section::parse::<TransportConfig<()>>(common, &path).and_then(|head| {
+                let kind = head.kind;
+                kinds.insert(name.clone(), Some(kind));
+                Ok(head.with_broker(kind.parse_broker(own, &path, &mut unknown)?))
+            });
+            match parsed {
+                Ok(t) => drop(transports.insert(name, t)),
+                Err(issue) => {
+                    kinds.entry(name).or_insert(None);
+                    issues.push(issue);
+                }
+            }
+        }
+        let mut subscriptions = BTreeMap::new();
+        for (name, map) in self.subscriptions {
+            let path = format!("subscriptions.{name}");
+            let (common, own) = section::split(map, section::field_names::<SubscriptionConfig<()>>());
+            let head = match section::parse::<SubscriptionConfig<()>>(common, &path) {
+                Ok(head) => head,
+                Err(issue) => {
+                    issues.push(issue);
+                    continue;
+                }
+            };
+            let kind = match kinds.get(&head.transport) {
+                Some(Some(kind)) => *kind,
+                // Its transport's own problem is reported.
+                Some(None) => continue,
+                None => {
+                    let known = kinds.keys().cloned().collect::<Vec<_>>().join(", ");
+                    issues.add(
+                        format!("{path}.transport"),
+                        format!("unknown transport {:?} (defined: {known})", head.transport),
+                    );
+                    continue;
+                }
+            };
+            match kind.parse_source(own, &path, &mut unknown) {
+                Ok(source) => drop(subscriptions.insert(name, head.with_source(source))),
+                Err(issue) => issues.push(issue),
+            }
+        }
+        if !issues.is_empty() {
+            let mut all = unknown.into_vec();
+            all.extend(issues.into_vec());
+            return Err(all);
+        }
+        let config = Config {
+            admin: self.admin,
+            log: self.log,
+            shutdown: self.shutdown,
+            transports,
+            handlers: self.handlers,
+            subscriptions,
+            routes: self.routes,
+        };
+        Ok((config, unknown.into_vec()))
+    }
 }
 
 fn default_prefetch() -> u16 {
@@ -416,34 +338,6 @@ fn default_max_body() -> usize {
 
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(60)
-}
-
-impl SubscriptionConfig {
-    /// The dead-letter destination, defaults applied.
-    pub fn dead_letter(&self) -> DeadLetterConfig {
-        self.dead_letter.clone().unwrap_or_else(|| DeadLetterConfig {
-            routing_key: (!self.queue.is_empty()).then(|| format!("{}.dlq", self.queue)),
-            ..DeadLetterConfig::default()
-        })
-    }
-}
-
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DeadLetterConfig {
-    /// AMQP: exchange to publish dead letters to; "" is the default exchange.
-    #[serde(default)]
-    pub exchange: String,
-    /// AMQP: routing key; with the default exchange this is the dead-letter queue's
-    /// name, which the router declares. Default: `<queue>.dlq`.
-    pub routing_key: Option<String>,
-    /// Redis: the dead-letter stream. Default: `<stream>.dlq` for each source stream.
-    pub stream: Option<String>,
-    /// Kafka: the dead-letter topic. Default: `<topic>.dlq` for each source topic.
-    pub topic: Option<String>,
-    /// Redis: trim the dead-letter stream to about this many entries (oldest first).
-    /// Unset: never trimmed.
-    pub maxlen: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

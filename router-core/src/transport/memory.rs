@@ -13,8 +13,14 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
 use crate::message::{header, Delivery, Message, Settle, SettleError, Settlement};
+
+/// `transports.<name>` of `type: memory` takes no keys of its own; its subscriptions
+/// take those of an AMQP subscription (`queue`, `ordered`, `dead_letter`).
+#[derive(Clone, Debug, Default, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {}
 
 /// A named set of in-memory queues. The same name gives the same broker within a
 /// process, so a test can publish into the broker the router consumes.
@@ -128,9 +134,9 @@ impl Transport for Arc<MemoryBroker> {
             }
             None => {}
         }
-        let queue = self.queue(&spec.config.queue);
-        let dead_letter_queue =
-            spec.config.dead_letter().routing_key.unwrap_or_else(|| format!("{}.dlq", spec.config.queue));
+        let source = spec.source("memory", SourceConfig::amqp).map_err(ConsumeError::Fatal)?;
+        let queue = self.queue(&source.queue);
+        let dead_letter_queue = source.dead_letter().routing_key;
         let window = Arc::new(Semaphore::new(usize::from(spec.config.prefetch.max(1))));
         status.set_connected(true);
         loop {
@@ -153,7 +159,7 @@ impl Transport for Arc<MemoryBroker> {
             let Some(message) = message else { break };
             let handle = MemoryHandle {
                 broker: self.clone(),
-                queue: spec.config.queue.clone(),
+                queue: source.queue.clone(),
                 subscription: spec.subscription.clone(),
                 dead_letter_queue: dead_letter_queue.clone(),
                 message: message.clone(),
@@ -175,7 +181,8 @@ impl Transport for Arc<MemoryBroker> {
     }
 
     async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
-        Ok(Some(self.len(&spec.config.queue) as u64))
+        let source = spec.source("memory", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
+        Ok(Some(self.len(&source.queue) as u64))
     }
 }
 

@@ -4,6 +4,7 @@
 //! and [`build`].
 
 pub mod amqp;
+pub mod config;
 pub mod kafka;
 pub mod memory;
 pub mod redis;
@@ -17,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::backoff;
-use crate::config::{SubscriptionConfig, TransportConfig, TransportKind};
+use crate::config::{SubscriptionConfig, TransportConfig};
 use crate::message::{Delivery, Message};
+pub use config::{BrokerConfig, SourceConfig, TransportKind};
 
 /// Names producers use, on brokers without message properties (Redis fields, Kafka
 /// headers), for the message id, content type and type.
@@ -38,6 +40,20 @@ pub struct ConsumeSpec {
     pub config: SubscriptionConfig,
     /// `router_consumer_lag{subscription, topic, partition}`, for brokers that know it.
     pub lag: Option<prometheus::IntGaugeVec>,
+}
+
+impl ConsumeSpec {
+    /// The subscription's source as the transport of `kind` reads it, picked by `pick`
+    /// (`SourceConfig::amqp` ...). The loader parses every subscription by the kind of
+    /// its transport, so `Err` means a caller handed a transport another's subscription.
+    pub fn source<'a, T>(
+        &'a self,
+        kind: &str,
+        pick: impl Fn(&'a SourceConfig) -> Option<&'a T>,
+    ) -> Result<&'a T, String> {
+        pick(&self.config.source)
+            .ok_or_else(|| format!("subscription {:?} is not a {kind} subscription", self.subscription))
+    }
 }
 
 pub use crate::health::{Problem, SourceStatus};
@@ -122,11 +138,12 @@ pub trait Transport: Send + Sync {
 
 /// The transport a config entry describes.
 pub fn build(name: &str, config: &TransportConfig) -> Arc<dyn Transport> {
-    match config.kind {
-        TransportKind::Amqp => Arc::new(amqp::AmqpTransport::new(name, config)),
-        TransportKind::Redis => Arc::new(redis::RedisTransport::new(name, config)),
-        TransportKind::Kafka => Arc::new(kafka::KafkaTransport::new(name, config)),
-        TransportKind::Memory => Arc::new(memory::MemoryBroker::named(name)),
+    let reconnect_max = config.reconnect_max_delay;
+    match &config.broker {
+        BrokerConfig::Amqp(c) => Arc::new(amqp::AmqpTransport::new(name, c, reconnect_max)),
+        BrokerConfig::Redis(c) => Arc::new(redis::RedisTransport::new(name, c, reconnect_max)),
+        BrokerConfig::Kafka(c) => Arc::new(kafka::KafkaTransport::new(name, c)),
+        BrokerConfig::Memory(_) => Arc::new(memory::MemoryBroker::named(name)),
     }
 }
 

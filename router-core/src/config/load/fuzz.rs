@@ -488,7 +488,7 @@ fn subscription(name: &str, transport: (&'static str, &'static str), handlers: &
         f("ordering", p(kafka, 0.4), st(&["partition", "key", "unordered", "!random"])),
         f("in_place_retry_max", p(kafka, 0.3), dur()),
         f("retry_topic", p(kafka, 0.2), st(&["billing.retry", "!orders", "!"])),
-        f("declare", 0.1, boolean()),
+        f("declare", if redis || kafka { 0.1 } else { 0.02 }, boolean()),
         f("claim_idle", p(redis, 0.5), st(&["60s", "90s", "31s", "!5s", "!0s"])),
         f("body_field", p(redis, 0.3), st(&["body", "payload", "!"])),
         f("dedup", 0.1, dedup),

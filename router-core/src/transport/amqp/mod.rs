@@ -8,6 +8,7 @@
 //! - `delay.rs`: the delay queues retries wait in, and the mover that brings them back.
 //! - `publisher.rs`: the confirm-mode publish channel, reopened after a refusal.
 //! - `convert.rs`: AMQP properties and headers ↔ the router's message model.
+//! - `config.rs`: the transport and subscription sections of the config.
 //!
 //! Each consume session has its own consume channel (QoS = the subscription's prefetch),
 //! its own publisher and its own retry mover. Delivery tags belong to a channel, so a
@@ -16,6 +17,7 @@
 //! publish (a dead-letter exchange that does not exist) only costs the publisher its
 //! channel; the consume channel and every message in flight on it stay.
 
+pub mod config;
 mod convert;
 mod delay;
 mod publisher;
@@ -43,9 +45,9 @@ pub use delay::{delay_queue, delay_queues, MOVER_PREFETCH};
 use publisher::Publisher;
 use settle::{declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
-use crate::config::{ArgValue, ExchangeType, Topology, TransportConfig, DEFAULT_HEARTBEAT};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
 use crate::message::{Delivery, Message};
+use config::{AmqpConfig, AmqpSource, ArgValue, ExchangeType, Topology, DEFAULT_HEARTBEAT};
 
 /// A broker that does not answer a connect within this is treated as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -72,15 +74,15 @@ enum SessionError {
 }
 
 impl AmqpTransport {
-    pub fn new(name: &str, config: &TransportConfig) -> Self {
-        let url = config.url.clone().unwrap_or_default();
+    pub fn new(name: &str, config: &AmqpConfig, reconnect_max: Duration) -> Self {
+        let url = config.url.clone();
         let display = super::display_url(&url, name);
         AmqpTransport {
             name: name.to_string(),
             url,
             display,
             topology: config.topology.clone(),
-            reconnect_max: config.reconnect_max_delay,
+            reconnect_max,
             heartbeat: config.heartbeat.unwrap_or(DEFAULT_HEARTBEAT),
             connection: tokio::sync::Mutex::new(None),
             publisher: tokio::sync::Mutex::new(None),
@@ -127,7 +129,7 @@ impl AmqpTransport {
 
     async fn declare_topology(&self, conn: &Connection) -> Result<(), SessionError> {
         let t = &self.topology;
-        if t.exchanges.is_empty() && t.queues.is_empty() && t.bindings.is_empty() {
+        if t.is_empty() {
             return Ok(());
         }
         let ch = conn.create_channel().await?;
@@ -177,51 +179,48 @@ impl AmqpTransport {
     async fn session(
         &self,
         spec: &ConsumeSpec,
+        source: &AmqpSource,
         inbox: &Arc<dyn Inbox>,
         status: &SourceStatus,
         stop: &CancellationToken,
     ) -> Result<(), SessionError> {
         let connection = self.connection().await?;
-        let dead_letter = spec.config.dead_letter();
+        let dead_letter = source.dead_letter();
         if dead_letter.exchange.is_empty() {
-            if let Some(q) = &dead_letter.routing_key {
-                declare_owned_queue(&connection, q, FieldTable::default()).await.map_err(SessionError::Other)?;
-            }
+            declare_owned_queue(&connection, &dead_letter.routing_key, FieldTable::default())
+                .await
+                .map_err(SessionError::Other)?;
         }
-        declare_all(&connection, &spec.config.queue).await.map_err(SessionError::Other)?;
+        declare_all(&connection, &source.queue).await.map_err(SessionError::Other)?;
         let channel = connection.create_channel().await?;
         channel.basic_qos(spec.config.prefetch, BasicQosOptions::default()).await?;
         let consumer_tag = format!("message-router/{}/{}", spec.subscription, uuid::Uuid::new_v4());
         let mut consumer = channel
             .basic_consume(
-                spec.config.queue.as_str().into(),
+                source.queue.as_str().into(),
                 consumer_tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| SessionError::Other(format!("consuming queue {:?}: {e}", spec.config.queue)))?;
+            .map_err(|e| SessionError::Other(format!("consuming queue {:?}: {e}", source.queue)))?;
         status.set_connected(true);
-        info!(subscription = %spec.subscription, queue = %spec.config.queue, prefetch = spec.config.prefetch, "consuming");
+        info!(subscription = %spec.subscription, queue = %source.queue, prefetch = spec.config.prefetch, "consuming");
 
         let publisher = Arc::new(Publisher::new(connection.clone()));
         let session = Arc::new(Session {
             consume_channel: channel.clone(),
             publisher: publisher.clone(),
             subscription: spec.subscription.clone(),
-            queue: spec.config.queue.clone(),
+            queue: source.queue.clone(),
             dead_letter,
         });
         let mover_stop = stop.child_token();
-        let mover = tokio::spawn(run_mover(
-            connection.clone(),
-            publisher.clone(),
-            spec.config.queue.clone(),
-            mover_stop.clone(),
-        ));
+        let mover =
+            tokio::spawn(run_mover(connection.clone(), publisher.clone(), source.queue.clone(), mover_stop.clone()));
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(run_acker(channel.clone(), ack_rx));
-        let source = super::source_uri(&self.display, &spec.config.queue);
+        let origin = super::source_uri(&self.display, &source.queue);
         let result = loop {
             let next = tokio::select! {
                 biased;
@@ -237,7 +236,7 @@ impl AmqpTransport {
             };
             let _ = acks.send(AckCmd::Delivered(d.delivery_tag));
             let body = Bytes::from(d.data);
-            let (message, defect) = convert::to_message(&source, d.routing_key.as_str(), &d.properties, body.clone());
+            let (message, defect) = convert::to_message(&origin, d.routing_key.as_str(), &d.properties, body.clone());
             let handle = AmqpHandle {
                 tag: d.delivery_tag,
                 acks: acks.clone(),
@@ -289,7 +288,8 @@ impl Transport for AmqpTransport {
         status: Arc<SourceStatus>,
         stop: CancellationToken,
     ) -> Result<(), ConsumeError> {
-        let session = || self.session(&spec, &inbox, &status, &stop);
+        let source = spec.source("amqp", SourceConfig::amqp).map_err(ConsumeError::Fatal)?;
+        let session = || self.session(&spec, source, &inbox, &status, &stop);
         super::keep_consuming(&self.name, &spec.subscription, self.reconnect_max, &status, &stop, session).await;
         Ok(())
     }
@@ -315,11 +315,12 @@ impl Transport for AmqpTransport {
     }
 
     async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
+        let source = spec.source("amqp", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
         let Some(conn) = self.live_connection().await else { return Ok(None) };
         let ch = conn.create_channel().await.map_err(|e| TransportError::Broker(e.to_string()))?;
         let declared = ch
             .queue_declare(
-                spec.config.queue.as_str().into(),
+                source.queue.as_str().into(),
                 QueueDeclareOptions { passive: true, ..Default::default() },
                 FieldTable::default(),
             )
@@ -327,7 +328,7 @@ impl Transport for AmqpTransport {
         if ch.status().connected() {
             let _ = ch.close(200, "looked".into()).await;
         }
-        let queue = declared.map_err(|e| TransportError::Broker(format!("queue {:?}: {e}", spec.config.queue)))?;
+        let queue = declared.map_err(|e| TransportError::Broker(format!("queue {:?}: {e}", source.queue)))?;
         Ok(Some(u64::from(queue.message_count())))
     }
 

@@ -26,10 +26,10 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use super::config::DeadLetterTo;
 use super::convert::{republish_properties, to_text};
 use super::delay::{delay_queue, due_ms};
 use super::publisher::{soft_error, Publisher};
-use crate::config::DeadLetterConfig;
 use crate::message::{header, Settle, SettleError, Settlement};
 
 /// Instructions for the acker task of one channel, in delivery order.
@@ -131,7 +131,7 @@ pub struct Session {
     pub publisher: Arc<Publisher>,
     pub subscription: String,
     pub queue: String,
-    pub dead_letter: DeadLetterConfig,
+    pub dead_letter: DeadLetterTo,
 }
 
 /// The AMQP half of a [`crate::message::Delivery`].
@@ -170,8 +170,7 @@ impl Settle for AmqpHandle {
                 let mut extra = self.origin_headers();
                 extra.extend(failure.headers(&self.session.subscription));
                 let dl = &self.session.dead_letter;
-                let key = dl.routing_key.clone().unwrap_or_else(|| format!("{}.dlq", self.session.queue));
-                self.publish(&dl.exchange, &key, &extra).await?;
+                self.publish(&dl.exchange, &dl.routing_key, &extra).await?;
             }
         }
         let _ = self.acks.send(AckCmd::Ack(self.tag));

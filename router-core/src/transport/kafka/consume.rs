@@ -32,7 +32,7 @@ use super::settle::{Event, KafkaHandle, Pending, Shared};
 use super::state::{Part, State};
 use super::{properties, KafkaTransport, Live};
 use crate::message::{header, Delivery};
-use crate::transport::{ConsumeError, ConsumeSpec, Inbox, SourceStatus};
+use crate::transport::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus};
 
 /// A partition reads at most this many times `prefetch` offsets past its commit
 /// point. Pausing is costly: librdkafka drops what it fetched for the partition and
@@ -61,12 +61,12 @@ pub async fn run(
     status: Arc<SourceStatus>,
     stop: CancellationToken,
 ) -> Result<(), ConsumeError> {
-    let config = &spec.config;
-    let group = config.group.clone().unwrap_or_default();
-    let retry_topic = config.retry_topic.clone().unwrap_or_else(|| format!("{group}.retry"));
+    let config = spec.source("kafka", SourceConfig::kafka).map_err(ConsumeError::Fatal)?;
+    let group = config.group.clone();
+    let retry_topic = config.retry_topic();
     if config.declare {
         let mut topics = vec![retry_topic.clone()];
-        match config.dead_letter.clone().unwrap_or_default().topic {
+        match config.dead_letter.topic.clone() {
             Some(t) => topics.push(t),
             None => topics.extend(config.topics.iter().map(|t| format!("{t}.dlq"))),
         }
@@ -110,7 +110,7 @@ pub async fn run(
         .create_with_context(context)
         .map_err(|e| ConsumeError::Fatal(format!("cannot create the kafka consumer: {e}")))?;
     let consumer = Arc::new(consumer);
-    let state = Arc::new(State::new(&spec.subscription, SPAN_FACTOR * i64::from(config.prefetch.max(1))));
+    let state = Arc::new(State::new(&spec.subscription, SPAN_FACTOR * i64::from(spec.config.prefetch.max(1))));
     state.attach(Box::new(ConsumerSwitch(Arc::downgrade(&consumer))));
     let _ = state_slot.set(state.clone());
     let mut topics: Vec<String> = match &config.topic_pattern {
@@ -134,14 +134,14 @@ pub async fn run(
             state: state.clone(),
             producer,
             retry_topic: retry_topic.clone(),
-            dead_letter: config.dead_letter.clone().unwrap_or_default().topic,
+            dead_letter: config.dead_letter.topic.clone(),
             in_place_max: config.in_place_retry_max,
             subscription: spec.subscription.clone(),
         }),
         events,
         inbox: &inbox,
     };
-    let limit = usize::from(config.prefetch.max(1));
+    let limit = usize::from(spec.config.prefetch.max(1));
     let mut lanes: Lanes<Pending> = Lanes::new(config.ordering);
     // Ready to go while the pipeline is paused: handed out when it resumes.
     let mut held: VecDeque<Pending> = VecDeque::new();

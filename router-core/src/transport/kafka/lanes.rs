@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 
+use super::config::Ordering as KafkaOrdering;
 use super::state::Part;
-use crate::config::KafkaOrdering;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Lane {

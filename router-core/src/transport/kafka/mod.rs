@@ -12,6 +12,7 @@
 //! - `offsets.rs`: the commit point of a partition (first unsettled offset).
 //! - `properties.rs`: which librdkafka properties go to consumers, producers, admins.
 //! - `convert.rs`: records ↔ the router's message model, re-publish headers.
+//! - `config.rs`: the transport and subscription sections of the config.
 //!
 //! Offsets are stored (and auto-committed every 200 ms) only up to the first message
 //! of a partition that is not settled, so a message in flight, waiting for a retry or
@@ -31,6 +32,7 @@
 //! then lets the partitions go. Their queued messages are dropped unsettled: the next
 //! owner starts at the committed offset.
 
+pub mod config;
 mod consume;
 mod convert;
 mod lanes;
@@ -58,9 +60,9 @@ use tracing::info;
 
 pub use convert::field;
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
-use crate::config::{CreateTopics, TransportConfig};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
 use crate::message::Message;
+use config::{CreateTopics, KafkaConfig};
 use rebalance::Context;
 use state::State;
 
@@ -97,7 +99,7 @@ struct Live {
 }
 
 impl KafkaTransport {
-    pub fn new(name: &str, config: &TransportConfig) -> Self {
+    pub fn new(name: &str, config: &KafkaConfig) -> Self {
         let brokers = config.brokers.join(",");
         let properties: Vec<(String, String)> = config.properties.clone().into_iter().collect();
         let mut producer = base_config(&brokers, &properties, properties::Role::Producer);
@@ -114,7 +116,7 @@ impl KafkaTransport {
             brokers,
             properties,
             producer,
-            create_topics: config.create_topics.clone().unwrap_or_default(),
+            create_topics: config.create_topics.clone(),
             live: Mutex::new(HashMap::new()),
             probe: Mutex::new(None),
             rebalance_timeout,
@@ -283,7 +285,7 @@ impl Transport for KafkaTransport {
         let subscription = spec.subscription.clone();
         let stall_after = spec.config.stall_timeout;
         let unsteady_after = stall_after.max(self.rebalance_timeout);
-        let topics = spec.config.topics.clone();
+        let topics = spec.source("kafka", SourceConfig::kafka).map_err(TransportError::Unsupported)?.topics.clone();
         tokio::task::spawn_blocking(move || {
             let broker = |e: rdkafka::error::KafkaError| TransportError::Broker(e.to_string());
             // Whatever the assignment, the broker must answer (a consumer dropped from

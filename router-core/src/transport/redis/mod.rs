@@ -27,7 +27,10 @@
 //!
 //! Blocking reads use a connection of their own; acks, scripts and claims share one
 //! multiplexed connection per transport, which reconnects by itself.
+//!
+//! `config.rs` holds the transport and subscription sections of the config.
 
+pub mod config;
 mod convert;
 mod settle;
 
@@ -47,9 +50,9 @@ use convert::Entry;
 pub use settle::trim_acked;
 use settle::{run_acker, run_mover, Done, Finished, ReadKey, RedisHandle, Shared, StreamKeys};
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceStatus, Transport, TransportError};
-use crate::config::TransportConfig;
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
 use crate::message::{Delivery, Message};
+use config::{RedisConfig, RedisSource};
 
 /// How long a blocking read waits for new entries before looking at claims and stop.
 const BLOCK: Duration = Duration::from_secs(2);
@@ -71,8 +74,8 @@ pub struct RedisTransport {
 }
 
 impl RedisTransport {
-    pub fn new(name: &str, config: &TransportConfig) -> Self {
-        let url = config.url.clone().unwrap_or_default();
+    pub fn new(name: &str, config: &RedisConfig, reconnect_max: Duration) -> Self {
+        let url = config.url.clone();
         let client = redis::Client::open(url.as_str()).map_err(|e| format!("redis url: {e}"));
         let commands = client.as_ref().map_err(Clone::clone).and_then(|c| {
             let config = ConnectionManagerConfig::new()
@@ -87,7 +90,7 @@ impl RedisTransport {
             commands,
             display: super::display_url(&url, name),
             consumer: config.consumer.clone().unwrap_or_else(host_name),
-            reconnect_max: config.reconnect_max_delay,
+            reconnect_max,
         }
     }
 
@@ -112,7 +115,7 @@ impl RedisTransport {
         let mut conn = self.reader().await?;
         s.ensure_groups(&mut conn).await?;
         s.status.set_connected(true);
-        info!(subscription = %s.shared.subscription, streams = ?s.spec.config.streams, group = %s.shared.group, consumer = %self.consumer, "consuming");
+        info!(subscription = %s.shared.subscription, streams = ?s.source.streams, group = %s.shared.group, consumer = %self.consumer, "consuming");
 
         // (1) What this consumer had in flight before: its own pending entries.
         for &key in &s.read_keys {
@@ -120,7 +123,7 @@ impl RedisTransport {
                 return Ok(());
             }
         }
-        let claim_every = (s.spec.config.claim_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        let claim_every = (s.source.claim_idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
         let mut next_claim = tokio::time::Instant::now();
         loop {
             // (2) A dead consumer's entries.
@@ -161,7 +164,7 @@ impl RedisTransport {
 
 /// One subscription's consume state, shared by its sessions.
 struct Session<'a> {
-    spec: &'a ConsumeSpec,
+    source: &'a RedisSource,
     shared: Arc<Shared>,
     acks: mpsc::UnboundedSender<Finished>,
     inbox: &'a Arc<dyn Inbox>,
@@ -180,7 +183,7 @@ impl Session<'_> {
     /// config says `declare`, on the router's own retry streams always.
     async fn ensure_groups(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
         for k in &self.read_keys {
-            if !k.retry && !self.spec.config.declare {
+            if !k.retry && !self.source.declare {
                 continue;
             }
             let name = k.name(&self.shared.streams);
@@ -206,7 +209,7 @@ impl Session<'_> {
         if e.code() == Some("NOGROUP") {
             let g = &self.shared.group;
             let fixes: Vec<String> =
-                self.spec.config.streams.iter().map(|s| format!("XGROUP CREATE {s} {g} 0 MKSTREAM")).collect();
+                self.source.streams.iter().map(|s| format!("XGROUP CREATE {s} {g} 0 MKSTREAM")).collect();
             return format!(
                 "consumer group {g:?} does not exist on every stream ({e}); set `declare: true` on the subscription or create it: {}",
                 fixes.join("; ")
@@ -252,7 +255,7 @@ impl Session<'_> {
     /// Claim entries idle longer than `claim_idle` from any consumer of the group
     /// (XAUTOCLAIM) and hand them out. Returns false when stopping.
     async fn claim(&self) -> Result<bool, String> {
-        let min_idle = u64::try_from(self.spec.config.claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let min_idle = u64::try_from(self.source.claim_idle.as_millis()).unwrap_or(u64::MAX);
         let mut conn = self.shared.commands.clone();
         for &key in &self.read_keys {
             let name = key.name(&self.shared.streams);
@@ -362,8 +365,7 @@ impl Session<'_> {
             return true;
         };
         let origin = &self.shared.streams[key.source].stream;
-        let (message, defect) =
-            convert::to_message(self.display, origin, &entry.id, &fields, &self.spec.config.body_field);
+        let (message, defect) = convert::to_message(self.display, origin, &entry.id, &fields, &self.source.body_field);
         let handle =
             RedisHandle { shared: self.shared.clone(), acks: self.acks.clone(), key, id: entry.id, fields, deliveries };
         let mut delivery = Delivery::new(message, Box::new(handle));
@@ -385,10 +387,11 @@ impl Transport for RedisTransport {
     ) -> Result<(), ConsumeError> {
         // The URL was validated; a client that still cannot be made never will be.
         let commands = self.commands().map_err(ConsumeError::Fatal)?;
-        let group = spec.config.group.clone().unwrap_or_default();
-        let dl = spec.config.dead_letter.clone().unwrap_or_default();
+        let source = spec.source("redis", SourceConfig::redis).map_err(ConsumeError::Fatal)?;
+        let group = source.group.clone();
+        let dl = &source.dead_letter;
         let streams: Vec<StreamKeys> =
-            spec.config.streams.iter().map(|s| StreamKeys::new(s, &group, dl.stream.as_deref())).collect();
+            source.streams.iter().map(|s| StreamKeys::new(s, &group, dl.stream.as_deref())).collect();
         let read_keys =
             (0..streams.len()).flat_map(|source| [false, true].map(|retry| ReadKey { source, retry })).collect();
         let shared = Arc::new(Shared::new(
@@ -404,7 +407,7 @@ impl Transport for RedisTransport {
         let mover_stop = stop.child_token();
         let mover = tokio::spawn(run_mover(shared.clone(), mover_stop.clone()));
         let session = Session {
-            spec: &spec,
+            source,
             shared: shared.clone(),
             acks,
             inbox: &inbox,
@@ -414,7 +417,7 @@ impl Transport for RedisTransport {
             // Read no further ahead than the pipeline's window: an entry read but not
             // started ages toward claim_idle, and in ordered mode must not be claimed
             // by another instance while an earlier one is still being handled.
-            limit: if spec.config.ordered { 1 } else { usize::from(spec.config.prefetch.max(1)) },
+            limit: if source.ordered { 1 } else { usize::from(spec.config.prefetch.max(1)) },
             display: &self.display,
             consumer: &self.consumer,
         };
@@ -433,11 +436,12 @@ impl Transport for RedisTransport {
 
     async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
         let mut conn = self.commands().map_err(TransportError::Broker)?;
-        let group = spec.config.group.clone().unwrap_or_default();
+        let source = spec.source("redis", SourceConfig::redis).map_err(TransportError::Unsupported)?;
+        let group = &source.group;
         let mut waiting = 0u64;
         let failed = |what: &str, e: redis::RedisError| TransportError::Broker(format!("{what}: {e}"));
-        for stream in &spec.config.streams {
-            let retry = StreamKeys::new(stream, &group, None).retry;
+        for stream in &source.streams {
+            let retry = StreamKeys::new(stream, group, None).retry;
             for key in [stream.as_str(), retry.as_str()] {
                 let kind: String =
                     redis::cmd("TYPE").arg(key).query_async(&mut conn).await.map_err(|e| failed("TYPE", e))?;
@@ -450,7 +454,7 @@ impl Transport for RedisTransport {
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| failed("XINFO", e))?;
-                match convert::group_info(&groups, &group) {
+                match convert::group_info(&groups, group) {
                     Some((Some(lag), _)) => waiting += lag,
                     // Redis cannot count (entries were deleted): is anything after
                     // what the group was last given?

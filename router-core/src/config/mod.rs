@@ -17,6 +17,9 @@ use crate::retry::RetryPolicy;
 pub use crate::transport::config::{BrokerConfig, SourceConfig, TransportKind};
 
 pub use load::{interpolate, load, load_with, parse, parse_with, ConfigError, ConfigIssue};
+/// The helpers of the config tests, for the brokers' tests of their own sections.
+#[cfg(test)]
+pub(crate) use validate::tests;
 
 /// The whole file. The loader reads it first with each transport and subscription as
 /// a plain mapping (`Config<Mapping, Mapping>`), then each of those by its kind.

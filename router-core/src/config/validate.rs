@@ -162,10 +162,10 @@ fn check_retry(r: &RetryPolicy, p: &str, issues: &mut Issues) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::config::{parse, BrokerConfig, ConfigError};
 
-    const GOOD: &str = r#"
+    pub(crate) const GOOD: &str = r#"
 transports:
   rabbit: { type: amqp, url: "amqp://guest:${PASS}@127.0.0.1:5672/%2f" }
 handlers:
@@ -176,11 +176,12 @@ routes:
   - { name: all, handler: orders }
 "#;
 
-    fn env(name: &str) -> Option<String> {
+    pub(crate) fn env(name: &str) -> Option<String> {
         (name == "PASS").then(|| "s3cret".to_string())
     }
 
-    fn errors(text: &str) -> String {
+    /// What the loader says of a config it must refuse.
+    pub(crate) fn errors(text: &str) -> String {
         match parse(text, "router.yaml", &env) {
             Ok(_) => panic!("config should be rejected:\n{text}"),
             Err(e) => e.to_string(),
@@ -262,128 +263,6 @@ routes:
         let got = errors(&GOOD.replace("  - { name: all, handler: orders }", ""));
         assert!(got.contains("no route matches this subscription"), "{got}");
         assert!(matches!(parse("a: [", "f.yaml", &env), Err(ConfigError::Syntax { .. })));
-    }
-
-    const REDIS: &str = r#"
-transports:
-  redis: { type: redis, url: "redis://127.0.0.1:6379/0", consumer: "${PASS}" }
-handlers:
-  orders: { endpoints: ["http://127.0.0.1:8080/"], timeout: 5s }
-subscriptions:
-  orders: { transport: redis, streams: [orders, refunds], group: billing, claim_idle: 30s }
-routes:
-  - { name: all, handler: orders }
-"#;
-
-    #[test]
-    fn accepts_redis_subscription() {
-        let c = parse(REDIS, "router.yaml", &env).expect("valid");
-        let s = c.subscriptions["orders"].source.redis().expect("a redis subscription");
-        assert_eq!(s.streams, ["orders", "refunds"]);
-        assert_eq!(s.group, "billing");
-        assert!(s.declare, "groups are created unless the config says not to");
-        assert_eq!(s.body_field, "body");
-        let BrokerConfig::Redis(redis) = &c.transports["redis"].broker else { panic!("a redis transport") };
-        assert_eq!(redis.consumer.as_deref(), Some("s3cret"));
-    }
-
-    #[test]
-    fn redis_mistakes_name_their_key() {
-        let cases = [
-            (REDIS.replace("streams: [orders, refunds], ", "queue: orders, "), &[
-                "subscriptions.orders.queue: `queue` is a setting of amqp, memory subscriptions; this one is redis",
-            ][..]),
-            (REDIS.replace("streams: [orders, refunds], ", ""), &["subscriptions.orders.streams: list at least one stream to read"]),
-            (REDIS.replace("group: billing, ", ""), &["subscriptions.orders.group: a redis subscription needs a consumer group name"]),
-            (REDIS.replace("[orders, refunds]", "[orders, orders]"), &["subscriptions.orders.streams[1]: stream \"orders\" is listed twice"]),
-            (REDIS.replace("claim_idle: 30s", "claim_idle: 5s"), &[
-                "subscriptions.orders.claim_idle: 5s must be longer than the timeout of handler \"orders\" (5s)",
-            ]),
-            (REDIS.replace("redis://", "amqp://"), &["transports.redis.url: scheme must be redis or rediss, not \"amqp\""]),
-            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dead_letter: { routing_key: dlq }"), &[
-                "subscriptions.orders.dead_letter.routing_key: unknown field `routing_key`, expected `stream` or `maxlen`",
-            ]),
-            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dead_letter: { stream: refunds }"), &[
-                "subscriptions.orders.dead_letter.stream: \"refunds\" is a source stream",
-            ]),
-            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dedup: { redis: \"http://x\", ttl: 0s }"), &[
-                "subscriptions.orders.dedup.redis: scheme must be redis or rediss, not \"http\"",
-                "subscriptions.orders.dedup.ttl: must be greater than 0",
-            ]),
-            (GOOD.replace("queue: orders", "queue: orders, streams: [x]"), &[
-                "subscriptions.orders.streams: `streams` is a setting of redis subscriptions; this one is amqp",
-            ]),
-            (GOOD.replace("url: \"amqp", "consumer: me, url: \"amqp"), &["transports.rabbit.consumer: `consumer` is a setting of redis transports; this one is amqp"]),
-        ];
-        for (text, wants) in cases {
-            let got = errors(&text);
-            for want in wants {
-                assert!(got.contains(want), "want {want:?} in:\n{got}");
-            }
-        }
-    }
-
-    const KAFKA: &str = r#"
-transports:
-  kafka: { type: kafka, brokers: ["127.0.0.1:9092"], properties: { security.protocol: SASL_SSL, sasl.mechanism: SCRAM-SHA-512, sasl.username: u, sasl.password: "${PASS}", session.timeout.ms: 6000 } }
-handlers:
-  orders: { endpoints: ["http://127.0.0.1:8080/"] }
-subscriptions:
-  orders: { transport: kafka, topics: [orders], group: billing, ordering: key }
-routes:
-  - { name: all, handler: orders }
-"#;
-
-    #[test]
-    fn accepts_kafka_subscription() {
-        let c = parse(KAFKA, "router.yaml", &env).expect("valid");
-        let s = c.subscriptions["orders"].source.kafka().expect("a kafka subscription");
-        assert_eq!(s.ordering, crate::transport::kafka::config::Ordering::Key);
-        assert_eq!(s.in_place_retry_max, std::time::Duration::from_secs(10));
-        let BrokerConfig::Kafka(kafka) = &c.transports["kafka"].broker else { panic!("a kafka transport") };
-        assert_eq!(kafka.properties["security.protocol"], "SASL_SSL");
-        assert_eq!(kafka.properties["session.timeout.ms"], "6000", "bare numbers are fine");
-    }
-
-    #[test]
-    fn kafka_mistakes_name_their_key() {
-        let cases = [
-            (KAFKA.replace("topics: [orders], ", ""), "subscriptions.orders.topics: list the topics to consume, or set topic_pattern"),
-            (KAFKA.replace("topics: [orders]", "topics: [orders], topic_pattern: \"o.*\""), "subscriptions.orders.topic_pattern: set either topics or topic_pattern, not both"),
-            (KAFKA.replace("group: billing, ", ""), "subscriptions.orders.group: a kafka subscription needs a consumer group id"),
-            (KAFKA.replace("127.0.0.1:9092", "localhost"), "transports.kafka.brokers[0]: \"localhost\" is not host:port"),
-            (KAFKA.replace("security.protocol: SASL_SSL,", "group.id: x,"), "transports.kafka.properties.group.id: set by the router"),
-            (KAFKA.replace("session.timeout.ms: 6000", "fetch.wait.maxx.ms: 5"), "transports.kafka.properties: librdkafka refuses them: "),
-            (KAFKA.replace("ordering: key", "ordered: true"), "subscriptions.orders.ordered: `ordered` is a setting of amqp, redis, memory subscriptions; this one is kafka"),
-            (KAFKA.replace("ordering: key", "retry_topic: orders"), "subscriptions.orders.retry_topic: \"orders\" is a source topic"),
-            (KAFKA.replace("brokers: [\"127.0.0.1:9092\"]", "url: \"kafka://x:1\""), "transports.kafka.url: `url` is a setting of amqp, redis transports; this one is kafka"),
-            (GOOD.replace("queue: orders", "queue: orders, topics: [x]"), "subscriptions.orders.topics: `topics` is a setting of kafka subscriptions; this one is amqp"),
-        ];
-        for (text, want) in cases {
-            let got = errors(&text);
-            assert!(got.contains(want), "want {want:?} in:\n{got}");
-        }
-    }
-
-    #[test]
-    fn refused_kafka_properties_are_reported_the_same_every_time() {
-        let text = KAFKA
-            .replace("session.timeout.ms: 6000", "fetch.wait.maxx.ms: 5, auto.offset.reset: sideways, zz.bogus: 1");
-        let first = errors(&text);
-        assert!(first.contains("librdkafka refuses them: ") && first.contains("auto.offset.reset"), "{first}");
-        for _ in 0..20 {
-            assert_eq!(errors(&text), first);
-        }
-    }
-
-    #[test]
-    fn one_subscription_per_stream_and_group() {
-        let text = REDIS.replace(
-            "routes:",
-            "  again: { transport: redis, streams: [refunds], group: billing, claim_idle: 30s }\nroutes:",
-        );
-        let got = errors(&text);
-        assert!(got.contains("another subscription already reads stream \"refunds\" with group \"billing\""), "{got}");
     }
 
     #[test]

@@ -193,3 +193,62 @@ impl KafkaSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{env, errors, GOOD};
+    use crate::config::{parse, BrokerConfig};
+
+    const KAFKA: &str = r#"
+transports:
+  kafka: { type: kafka, brokers: ["127.0.0.1:9092"], properties: { security.protocol: SASL_SSL, sasl.mechanism: SCRAM-SHA-512, sasl.username: u, sasl.password: "${PASS}", session.timeout.ms: 6000 } }
+handlers:
+  orders: { endpoints: ["http://127.0.0.1:8080/"] }
+subscriptions:
+  orders: { transport: kafka, topics: [orders], group: billing, ordering: key }
+routes:
+  - { name: all, handler: orders }
+"#;
+
+    #[test]
+    fn accepts_kafka_subscription() {
+        let c = parse(KAFKA, "router.yaml", &env).expect("valid");
+        let s = c.subscriptions["orders"].source.kafka().expect("a kafka subscription");
+        assert_eq!(s.ordering, crate::transport::kafka::config::Ordering::Key);
+        assert_eq!(s.in_place_retry_max, std::time::Duration::from_secs(10));
+        let BrokerConfig::Kafka(kafka) = &c.transports["kafka"].broker else { panic!("a kafka transport") };
+        assert_eq!(kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(kafka.properties["session.timeout.ms"], "6000", "bare numbers are fine");
+    }
+
+    #[test]
+    fn kafka_mistakes_name_their_key() {
+        let cases = [
+            (KAFKA.replace("topics: [orders], ", ""), "subscriptions.orders.topics: list the topics to consume, or set topic_pattern"),
+            (KAFKA.replace("topics: [orders]", "topics: [orders], topic_pattern: \"o.*\""), "subscriptions.orders.topic_pattern: set either topics or topic_pattern, not both"),
+            (KAFKA.replace("group: billing, ", ""), "subscriptions.orders.group: a kafka subscription needs a consumer group id"),
+            (KAFKA.replace("127.0.0.1:9092", "localhost"), "transports.kafka.brokers[0]: \"localhost\" is not host:port"),
+            (KAFKA.replace("security.protocol: SASL_SSL,", "group.id: x,"), "transports.kafka.properties.group.id: set by the router"),
+            (KAFKA.replace("session.timeout.ms: 6000", "fetch.wait.maxx.ms: 5"), "transports.kafka.properties: librdkafka refuses them: "),
+            (KAFKA.replace("ordering: key", "ordered: true"), "subscriptions.orders.ordered: `ordered` is a setting of amqp, redis, memory subscriptions; this one is kafka"),
+            (KAFKA.replace("ordering: key", "retry_topic: orders"), "subscriptions.orders.retry_topic: \"orders\" is a source topic"),
+            (KAFKA.replace("brokers: [\"127.0.0.1:9092\"]", "url: \"kafka://x:1\""), "transports.kafka.url: `url` is a setting of amqp, redis transports; this one is kafka"),
+            (GOOD.replace("queue: orders", "queue: orders, topics: [x]"), "subscriptions.orders.topics: `topics` is a setting of kafka subscriptions; this one is amqp"),
+        ];
+        for (text, want) in cases {
+            let got = errors(&text);
+            assert!(got.contains(want), "want {want:?} in:\n{got}");
+        }
+    }
+
+    #[test]
+    fn refused_kafka_properties_are_reported_the_same_every_time() {
+        let text = KAFKA
+            .replace("session.timeout.ms: 6000", "fetch.wait.maxx.ms: 5, auto.offset.reset: sideways, zz.bogus: 1");
+        let first = errors(&text);
+        assert!(first.contains("librdkafka refuses them: ") && first.contains("auto.offset.reset"), "{first}");
+        for _ in 0..20 {
+            assert_eq!(errors(&text), first);
+        }
+    }
+}

@@ -153,3 +153,78 @@ pub(crate) fn check_all(config: &Config, issues: &mut Issues) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{env, errors, GOOD};
+    use crate::config::{parse, BrokerConfig};
+
+    const REDIS: &str = r#"
+transports:
+  redis: { type: redis, url: "redis://127.0.0.1:6379/0", consumer: "${PASS}" }
+handlers:
+  orders: { endpoints: ["http://127.0.0.1:8080/"], timeout: 5s }
+subscriptions:
+  orders: { transport: redis, streams: [orders, refunds], group: billing, claim_idle: 30s }
+routes:
+  - { name: all, handler: orders }
+"#;
+
+    #[test]
+    fn accepts_redis_subscription() {
+        let c = parse(REDIS, "router.yaml", &env).expect("valid");
+        let s = c.subscriptions["orders"].source.redis().expect("a redis subscription");
+        assert_eq!(s.streams, ["orders", "refunds"]);
+        assert_eq!(s.group, "billing");
+        assert!(s.declare, "groups are created unless the config says not to");
+        assert_eq!(s.body_field, "body");
+        let BrokerConfig::Redis(redis) = &c.transports["redis"].broker else { panic!("a redis transport") };
+        assert_eq!(redis.consumer.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn redis_mistakes_name_their_key() {
+        let cases = [
+            (REDIS.replace("streams: [orders, refunds], ", "queue: orders, "), &[
+                "subscriptions.orders.queue: `queue` is a setting of amqp, memory subscriptions; this one is redis",
+            ][..]),
+            (REDIS.replace("streams: [orders, refunds], ", ""), &["subscriptions.orders.streams: list at least one stream to read"]),
+            (REDIS.replace("group: billing, ", ""), &["subscriptions.orders.group: a redis subscription needs a consumer group name"]),
+            (REDIS.replace("[orders, refunds]", "[orders, orders]"), &["subscriptions.orders.streams[1]: stream \"orders\" is listed twice"]),
+            (REDIS.replace("claim_idle: 30s", "claim_idle: 5s"), &[
+                "subscriptions.orders.claim_idle: 5s must be longer than the timeout of handler \"orders\" (5s)",
+            ]),
+            (REDIS.replace("redis://", "amqp://"), &["transports.redis.url: scheme must be redis or rediss, not \"amqp\""]),
+            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dead_letter: { routing_key: dlq }"), &[
+                "subscriptions.orders.dead_letter.routing_key: unknown field `routing_key`, expected `stream` or `maxlen`",
+            ]),
+            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dead_letter: { stream: refunds }"), &[
+                "subscriptions.orders.dead_letter.stream: \"refunds\" is a source stream",
+            ]),
+            (REDIS.replace("claim_idle: 30s", "claim_idle: 30s, dedup: { redis: \"http://x\", ttl: 0s }"), &[
+                "subscriptions.orders.dedup.redis: scheme must be redis or rediss, not \"http\"",
+                "subscriptions.orders.dedup.ttl: must be greater than 0",
+            ]),
+            (GOOD.replace("queue: orders", "queue: orders, streams: [x]"), &[
+                "subscriptions.orders.streams: `streams` is a setting of redis subscriptions; this one is amqp",
+            ]),
+            (GOOD.replace("url: \"amqp", "consumer: me, url: \"amqp"), &["transports.rabbit.consumer: `consumer` is a setting of redis transports; this one is amqp"]),
+        ];
+        for (text, wants) in cases {
+            let got = errors(&text);
+            for want in wants {
+                assert!(got.contains(want), "want {want:?} in:\n{got}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_subscription_per_stream_and_group() {
+        let text = REDIS.replace(
+            "routes:",
+            "  again: { transport: redis, streams: [refunds], group: billing, claim_idle: 30s }\nroutes:",
+        );
+        let got = errors(&text);
+        assert!(got.contains("another subscription already reads stream \"refunds\" with group \"billing\""), "{got}");
+    }
+}

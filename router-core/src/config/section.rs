@@ -23,6 +23,18 @@ impl Issues {
         self.0.push(issue);
     }
 
+    /// Each of `names` (the list at `path`, of `what`: topics, streams) is not empty
+    /// and listed once.
+    pub fn check_names(&mut self, names: &[String], path: &str, what: &str) {
+        for (i, name) in names.iter().enumerate() {
+            if name.is_empty() {
+                self.add(format!("{path}[{i}]"), "must not be empty");
+            } else if names[..i].contains(name) {
+                self.add(format!("{path}[{i}]"), format!("{what} {name:?} is listed twice"));
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -170,13 +170,7 @@ impl KafkaSource {
             }
             _ => {}
         }
-        for (i, topic) in self.topics.iter().enumerate() {
-            if topic.is_empty() {
-                issues.add(format!("{p}.topics[{i}]"), "must not be empty");
-            } else if self.topics[..i].contains(topic) {
-                issues.add(format!("{p}.topics[{i}]"), format!("topic {topic:?} is listed twice"));
-            }
-        }
+        issues.check_names(&self.topics, &format!("{p}.topics"), "topic");
         if self.group.is_empty() {
             issues.add(format!("{p}.group"), "a kafka subscription needs a consumer group id");
         }

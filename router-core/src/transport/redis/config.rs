@@ -90,13 +90,7 @@ impl RedisSource {
         if self.streams.is_empty() {
             issues.add(format!("{p}.streams"), "list at least one stream to read");
         }
-        for (i, stream) in self.streams.iter().enumerate() {
-            if stream.is_empty() {
-                issues.add(format!("{p}.streams[{i}]"), "must not be empty");
-            } else if self.streams[..i].contains(stream) {
-                issues.add(format!("{p}.streams[{i}]"), format!("stream {stream:?} is listed twice"));
-            }
-        }
+        issues.check_names(&self.streams, &format!("{p}.streams"), "stream");
         if self.group.is_empty() {
             issues.add(format!("{p}.group"), "a redis subscription needs a consumer group name");
         }

@@ -17,9 +17,11 @@
 //! - [`dedup`]: Redis-backed skipping of messages already handled (optional).
 //! - [`target`]: the [`Target`] trait handlers are reached through.
 //! - [`transport`]: brokers (`amqp`, `kafka`, `redis`, `memory`) behind the
-//!   [`Transport`] trait.
-//! - [`config`]: the YAML model shared by daemon and extension; loading, `${ENV}`
-//!   interpolation and validation with key paths.
+//!   [`Transport`] trait; each owns its transport and subscription config sections
+//!   (`transport/<broker>/config.rs`), listed by kind in `transport/config.rs`.
+//! - [`config`]: the YAML model shared by daemon and extension: the keys every
+//!   transport, handler and subscription take; loading (each section handed to the
+//!   component that owns it), `${ENV}` interpolation and validation with key paths.
 //! - [`metrics`]: the Prometheus registry.
 
 pub mod backoff;

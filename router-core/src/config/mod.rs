@@ -2,6 +2,16 @@
 //! same YAML file). [`load`] turns a file into a validated [`Config`]; every problem is
 //! reported as `FILE: key.path: what is wrong`.
 //!
+//! This module knows the keys every transport, handler and subscription take; the rest
+//! of each section belongs to a component: a broker's keys to
+//! `crate::transport::<broker>::config` (by the transport's `type`), a handler's to
+//! its delivery target in the front (read with [`HandlerConfig::settings`]).
+//! [`section`] holds the tools they read and check their keys with.
+//!
+//! - `load.rs`: file → YAML → `${VAR}` → typed config → checks.
+//! - `validate.rs`: what crosses sections (references, routes) and the common keys.
+//! - `section.rs`: parsing a component's section with key paths; [`section::Issues`].
+//!
 //! Field doc comments are the user reference (README "Configuration").
 
 mod load;

@@ -15,6 +15,8 @@
 //! - [`health`]: what `/readyz` reports per subscription ([`Readiness`]).
 //! - [`backoff`]: the one exponential backoff (reconnects, restarts, settle retries).
 //! - [`dedup`]: Redis-backed skipping of messages already handled (optional).
+//! - [`dlq`]: dead letters as `message-router dlq` shows them: filters, stats (the
+//!   transports read them back).
 //! - [`target`]: the [`Target`] trait handlers are reached through.
 //! - [`transport`]: brokers (`amqp`, `kafka`, `redis`, `memory`) behind the
 //!   [`Transport`] trait; each owns its transport and subscription config sections
@@ -28,6 +30,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod config;
 pub mod dedup;
+pub mod dlq;
 pub mod engine;
 pub mod health;
 pub mod message;

@@ -2,7 +2,8 @@
 //! delivers to pools of handler endpoints.
 //!
 //! # Layout
-//! - `main.rs`: the CLI (`run`, `validate`, `publish`); thin.
+//! - `main.rs`: the CLI (`run`, `validate`, `publish`, `dlq`); thin.
+//! - [`dlq`]: `dlq stats|list|show`, the dead letters read back from every broker.
 //! - [`targets`]: which target reaches each handler (`handlers.<name>.type`); the one
 //!   list of targets.
 //! - [`http`]: the HTTP target: its handler section (`http/config.rs`) and the delivery
@@ -22,6 +23,7 @@
 //! in `router-core`.
 
 pub mod admin;
+pub mod dlq;
 pub mod fastcgi;
 pub mod grpc;
 pub mod http;

@@ -57,6 +57,87 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Dead letters of the config's subscriptions, on every broker: `stats`, `list`,
+    /// `show`. Reading changes nothing at the broker.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Per subscription: how many, by reason and by route, oldest and newest.
+    Stats {
+        #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        select: Select,
+    },
+    /// One line per dead letter: id, when, reason, route, body excerpt.
+    List {
+        #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        select: Select,
+        /// At most this many per subscription.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One dead letter whole: the router's headers, its origin, its body.
+    Show {
+        #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        subscription: String,
+        /// The id `dlq list` shows.
+        id: String,
+    },
+}
+
+/// Which dead letters: every condition given must hold.
+#[derive(clap::Args)]
+struct Select {
+    /// Only this subscription (default: all).
+    #[arg(long)]
+    subscription: Option<String>,
+    /// The reason contains this text, or matches this regular expression.
+    #[arg(long, value_parser = parse_regex)]
+    reason: Option<regex::Regex>,
+    /// Only dead letters of this route.
+    #[arg(long)]
+    route: Option<String>,
+    /// Dead-lettered at or after: an RFC 3339 time or a span ago (`2h`, `3d`).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<SystemTime>,
+    /// Dead-lettered before: an RFC 3339 time or a span ago.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<SystemTime>,
+}
+
+impl Select {
+    fn filter(&self) -> router_core::dlq::Filter {
+        router_core::dlq::Filter {
+            reason: self.reason.clone(),
+            route: self.route.clone(),
+            since: self.since,
+            until: self.until,
+            ids: Vec::new(),
+        }
+    }
+}
+
+fn parse_regex(s: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(s).map_err(|e| format!("not a regular expression: {e}"))
+}
+
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    let ago = humantime::parse_duration(s)
+        .map_err(|_| format!("{s:?} is neither a time like 2026-12-05T10:00:00Z nor a span ago like 2h or 3d"))?;
+    SystemTime::now().checked_sub(ago).ok_or_else(|| format!("{s:?} reaches before the epoch"))
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -66,7 +147,12 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
-        Command::Run { config } | Command::Validate { config } | Command::Publish { config, .. } => config.clone(),
+        Command::Run { config }
+        | Command::Validate { config }
+        | Command::Publish { config, .. }
+        | Command::Dlq { command: DlqCommand::Stats { config, .. } }
+        | Command::Dlq { command: DlqCommand::List { config, .. } }
+        | Command::Dlq { command: DlqCommand::Show { config, .. } } => config.clone(),
     };
     let config = match router_daemon::load_config(&config_path) {
         Ok(c) => c,
@@ -123,6 +209,22 @@ fn main() -> ExitCode {
                 }
                 t.close().await;
                 println!("published {count} message(s) to exchange {exchange:?} with routing key {routing_key:?}");
+                Ok(())
+            }
+            Command::Dlq { command } => {
+                let out = match command {
+                    DlqCommand::Stats { select, .. } => {
+                        router_daemon::dlq::stats(&config, select.subscription.as_deref(), &select.filter()).await?
+                    }
+                    DlqCommand::List { select, limit, .. } => {
+                        router_daemon::dlq::list(&config, select.subscription.as_deref(), &select.filter(), limit)
+                            .await?
+                    }
+                    DlqCommand::Show { subscription, id, .. } => {
+                        router_daemon::dlq::show(&config, &subscription, &id).await?
+                    }
+                };
+                print!("{out}");
                 Ok(())
             }
             Command::Validate { .. } => Ok(()),

@@ -58,6 +58,9 @@ impl ConsumeSpec {
 
 pub use crate::health::{Problem, SourceStatus};
 
+/// What [`Transport::dead_letters`] hands each dead letter to; `false` stops the read.
+pub type Visit<'a> = &'a mut (dyn FnMut(crate::dlq::DeadLetter) -> bool + Send);
+
 /// Why a transport could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -130,6 +133,13 @@ pub trait Transport: Send + Sync {
     /// the stall watchdog; `None` when the transport cannot tell.
     async fn backlog(&self, _spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
         Ok(None)
+    }
+
+    /// Read the dead letters of the subscription in `spec`, oldest first, handing each
+    /// to `visit` until it returns `false`. Nothing is removed or changed at the
+    /// broker; a destination that does not exist yet holds none.
+    async fn dead_letters(&self, _spec: &ConsumeSpec, _visit: Visit<'_>) -> Result<(), TransportError> {
+        Err(TransportError::Unsupported("this transport cannot read its dead letters back".into()))
     }
 
     /// Close connections cleanly; called once every subscription has stopped.

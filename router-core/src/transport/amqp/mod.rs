@@ -30,8 +30,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -45,7 +45,8 @@ pub use delay::{delay_queue, delay_queues, MOVER_PREFETCH};
 use publisher::Publisher;
 use settle::{declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError, Visit};
+use crate::dlq::DeadLetter;
 use crate::message::{Delivery, Message};
 use config::{AmqpConfig, AmqpSource, ArgValue, ExchangeType, Topology, DEFAULT_HEARTBEAT};
 
@@ -330,6 +331,52 @@ impl Transport for AmqpTransport {
         }
         let queue = declared.map_err(|e| TransportError::Broker(format!("queue {:?}: {e}", source.queue)))?;
         Ok(Some(u64::from(queue.message_count())))
+    }
+
+    async fn dead_letters(&self, spec: &ConsumeSpec, visit: Visit<'_>) -> Result<(), TransportError> {
+        let source = spec.source("amqp", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
+        let dl = source.dead_letter();
+        if !dl.exchange.is_empty() {
+            return Err(TransportError::Unsupported(format!(
+                "the dead letters of {:?} go to exchange {:?}: read them from the queues bound to it",
+                spec.subscription, dl.exchange
+            )));
+        }
+        let broker = |e: lapin::Error| TransportError::Broker(e.to_string());
+        let conn = self.connection().await.map_err(|e| TransportError::Broker(e.to_string()))?;
+        let ch = conn.create_channel().await.map_err(broker)?;
+        let queue = dl.routing_key.as_str();
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        // A queue not declared yet: nothing was dead-lettered (the declare failed and
+        // closed this channel).
+        let Ok(declared) = ch.queue_declare(queue.into(), passive, FieldTable::default()).await else { return Ok(()) };
+        // Every message is taken unacked, and given back when the channel closes: the
+        // queue keeps them all, in their order, whatever happens to this reader. At
+        // most the count at the start, so none is seen twice.
+        let origin = super::source_uri(&self.display, queue);
+        let mut result = Ok(());
+        for _ in 0..declared.message_count() {
+            match ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await {
+                Ok(Some(got)) => {
+                    let d = got.delivery;
+                    let body = Bytes::from(d.data);
+                    let (message, _) = convert::to_message(&origin, d.routing_key.as_str(), &d.properties, body);
+                    let letter = DeadLetter { id: message.id.clone(), destination: queue.to_string(), message };
+                    if !visit(letter) {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(broker(e));
+                    break;
+                }
+            }
+        }
+        if ch.status().connected() {
+            let _ = ch.close(200, "dead letters read".into()).await;
+        }
+        result
     }
 
     async fn close(&self) {

@@ -13,6 +13,7 @@
 //! - `properties.rs`: which librdkafka properties go to consumers, producers, admins.
 //! - `convert.rs`: records ↔ the router's message model, re-publish headers.
 //! - `config.rs`: the transport and subscription sections of the config.
+//! - `dlq.rs`: reading the dead-letter topics back (`message-router dlq`).
 //!
 //! Offsets are stored (and auto-committed every 200 ms) only up to the first message
 //! of a partition that is not settled, so a message in flight, waiting for a retry or
@@ -35,6 +36,7 @@
 pub mod config;
 mod consume;
 mod convert;
+mod dlq;
 mod lanes;
 mod offsets;
 mod properties;
@@ -60,7 +62,7 @@ use tracing::info;
 
 pub use convert::field;
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError, Visit};
 use crate::message::Message;
 use config::{CreateTopics, KafkaConfig};
 use rebalance::Context;
@@ -259,6 +261,11 @@ impl Transport for KafkaTransport {
         settle::produce(&producer, routing_key, key.as_ref(), &message.body, &headers)
             .await
             .map_err(|reason| TransportError::NotConfirmed { destination: format!("topic {routing_key:?}"), reason })
+    }
+
+    async fn dead_letters(&self, spec: &ConsumeSpec, visit: Visit<'_>) -> Result<(), TransportError> {
+        let source = spec.source("kafka", SourceConfig::kafka).map_err(TransportError::Unsupported)?;
+        dlq::read(self, source, visit).await
     }
 
     /// Records waiting in the source partitions assigned to this consumer that are

@@ -50,7 +50,8 @@ use convert::Entry;
 pub use settle::trim_acked;
 use settle::{run_acker, run_mover, Done, Finished, ReadKey, RedisHandle, Shared, StreamKeys};
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
+use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError, Visit};
+use crate::dlq::DeadLetter;
 use crate::message::{Delivery, Message};
 use config::{RedisConfig, RedisSource};
 
@@ -61,6 +62,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After stopping, how long acks Redis refuses are retried.
 const ACK_GIVE_UP: Duration = Duration::from_secs(5);
+/// Entries read at once when dead letters are read back.
+const DEAD_LETTER_PAGE: usize = 500;
 
 pub struct RedisTransport {
     name: String,
@@ -476,6 +479,47 @@ impl Transport for RedisTransport {
             }
         }
         Ok(Some(waiting))
+    }
+
+    async fn dead_letters(&self, spec: &ConsumeSpec, visit: Visit<'_>) -> Result<(), TransportError> {
+        let source = spec.source("redis", SourceConfig::redis).map_err(TransportError::Unsupported)?;
+        let mut conn = self.commands().map_err(TransportError::Broker)?;
+        let failed = |e: redis::RedisError| TransportError::Broker(format!("XRANGE: {e}"));
+        // Each source stream's dead-letter stream, each once (they may share one).
+        let mut keys: Vec<String> = Vec::new();
+        for stream in &source.streams {
+            let key = StreamKeys::new(stream, &source.group, source.dead_letter.stream.as_deref()).dead_letter;
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        for key in &keys {
+            let origin = super::source_uri(&self.display, key);
+            let mut start = "-".to_string();
+            loop {
+                let page: Value = redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(DEAD_LETTER_PAGE)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(failed)?;
+                let entries = convert::parse_entries(&page).map_err(TransportError::Broker)?;
+                let Some(last) = entries.last().map(|e| e.id.clone()) else { break };
+                for entry in entries {
+                    let fields = entry.fields.unwrap_or_default();
+                    let (message, _) = convert::to_message(&origin, key, &entry.id, &fields, &source.body_field);
+                    let letter = DeadLetter { id: format!("{key}/{}", entry.id), destination: key.clone(), message };
+                    if !visit(letter) {
+                        return Ok(());
+                    }
+                }
+                start = format!("({last}");
+            }
+        }
+        Ok(())
     }
 
     async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {

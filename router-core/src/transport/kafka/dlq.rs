@@ -1,0 +1,122 @@
+//! Reading a subscription's dead-letter topics back (`message-router dlq`): every
+//! partition from its low to its high watermark as they are at the start, through a
+//! consumer that joins no group and commits nothing.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::config::KafkaSource;
+use super::convert::Record;
+use super::{properties, KafkaTransport};
+use crate::dlq::DeadLetter;
+use crate::transport::{TransportError, Visit};
+
+/// How long the broker may stay silent while records are still expected.
+const SILENCE: Duration = Duration::from_secs(30);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn read(t: &KafkaTransport, source: &KafkaSource, visit: Visit<'_>) -> Result<(), TransportError> {
+    let mut c = t.client_config(properties::Role::Other);
+    c.set("group.id", "message-router-dlq-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer =
+        c.create().map_err(|e| TransportError::Broker(format!("kafka dead-letter reader: {e}")))?;
+    let source = source.clone();
+    let display = t.display.clone();
+    let (tx, mut rx) = mpsc::channel::<DeadLetter>(256);
+    let reader = tokio::task::spawn_blocking(move || scan(&consumer, &source, &display, &tx));
+    while let Some(letter) = rx.recv().await {
+        if !visit(letter) {
+            break;
+        }
+    }
+    // Closing the channel stops the scan at its next record.
+    drop(rx);
+    reader.await.map_err(|e| TransportError::Broker(format!("dead-letter reader: {e}")))?
+}
+
+/// The dead-letter topics of `source`: its `dead_letter.topic`, else `<topic>.dlq` of
+/// each source topic (with a `topic_pattern`: of each existing topic it matches).
+fn topics(consumer: &BaseConsumer, source: &KafkaSource) -> Result<Vec<String>, TransportError> {
+    if let Some(t) = &source.dead_letter.topic {
+        return Ok(vec![t.clone()]);
+    }
+    let Some(pattern) = &source.topic_pattern else {
+        return Ok(source.topics.iter().map(|t| format!("{t}.dlq")).collect());
+    };
+    let re = regex::Regex::new(&super::anchored(pattern))
+        .map_err(|e| TransportError::Unsupported(format!("topic_pattern {pattern:?}: {e}")))?;
+    let metadata =
+        consumer.fetch_metadata(None, METADATA_TIMEOUT).map_err(|e| TransportError::Broker(e.to_string()))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter_map(|t| t.name().strip_suffix(".dlq").filter(|base| re.is_match(base)).map(|_| t.name().to_string()))
+        .collect())
+}
+
+fn scan(
+    consumer: &BaseConsumer,
+    source: &KafkaSource,
+    display: &str,
+    tx: &mpsc::Sender<DeadLetter>,
+) -> Result<(), TransportError> {
+    let broker = |e: rdkafka::error::KafkaError| TransportError::Broker(e.to_string());
+    let mut assignment = TopicPartitionList::new();
+    // The last offset to read of each partition (high watermark − 1 at the start).
+    let mut last: HashMap<(String, i32), i64> = HashMap::new();
+    for topic in topics(consumer, source)? {
+        let metadata = consumer.fetch_metadata(Some(&topic), METADATA_TIMEOUT).map_err(broker)?;
+        let Some(partitions) = metadata.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().len())
+        else {
+            continue; // not created yet: nothing dead-lettered there
+        };
+        for p in 0..partitions {
+            let p = i32::try_from(p).unwrap_or(i32::MAX);
+            let (low, high) = consumer.fetch_watermarks(&topic, p, METADATA_TIMEOUT).map_err(broker)?;
+            if high > low {
+                assignment.add_partition_offset(&topic, p, Offset::Offset(low)).map_err(broker)?;
+                last.insert((topic.clone(), p), high - 1);
+            }
+        }
+    }
+    if last.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&assignment).map_err(broker)?;
+    let mut heard = Instant::now();
+    while !last.is_empty() {
+        let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+            if heard.elapsed() > SILENCE {
+                return Err(TransportError::Broker(format!(
+                    "no record for {SILENCE:?} while {} partitions were not read to their end",
+                    last.len()
+                )));
+            }
+            continue;
+        };
+        let m = polled.map_err(broker)?;
+        heard = Instant::now();
+        let part = (m.topic().to_string(), m.partition());
+        let Some(&end) = last.get(&part) else { continue };
+        if m.offset() >= end {
+            last.remove(&part);
+        }
+        if m.offset() > end {
+            continue; // written after the read began
+        }
+        let record = Record::from_borrowed(&m);
+        let (message, _) = record.to_message(display);
+        let id = format!("{}/{}/{}", part.0, part.1, m.offset());
+        if tx.blocking_send(DeadLetter { id, destination: part.0, message }).is_err() {
+            return Ok(()); // the caller has seen enough
+        }
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
-//! `message-router dlq stats|list|show` on every broker: dead letters the router wrote
-//! (a handler rejecting with HTTP 422) are counted, listed, filtered and shown, and
-//! reading them changes nothing at the broker. Bad input gets a clear error.
+//! `message-router dlq` on every broker: dead letters the router wrote (a handler
+//! rejecting with HTTP 422) are counted, listed, filtered and shown, and reading them
+//! changes nothing at the broker; replayed (a copy back on the source, attempt 1
+//! again, marked) and purged. Bad input gets a clear error and changes nothing.
 
 use std::path::Path;
 use std::process::Command;
@@ -91,6 +92,19 @@ fn check_commands(config: &Path, id: &str) {
     assert!(stderr.contains("is neither a time like"), "{stderr}");
 }
 
+/// A purge asks first: without --yes and no terminal to ask on, nothing is purged;
+/// a bad --rate is refused.
+fn check_purge_refusals(config: &Path) {
+    let (code, _, stderr) = dlq(config, &["purge"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("refusing to purge without --yes"), "{stderr}");
+    let (code, _, stderr) = dlq(config, &["replay", "--rate", "0"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--rate 0 must be a number of messages per second above 0"), "{stderr}");
+    let still = ok(config, &["stats"]);
+    assert!(still.contains("main: 3 dead letter(s)"), "{still}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn amqp_dead_letters_are_read_and_stay() {
     let dir = Scratch::new("dlq-amqp");
@@ -114,6 +128,31 @@ async fn amqp_dead_letters_are_read_and_stay() {
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(sorted, ["bad-0", "bad-1", "bad-2"]);
+
+    // Dead-letter them again, then replay and purge.
+    let mut router = Router::restart(&dir, &router).await;
+    rabbit.publish(&queue, &messages()[..3]).await;
+    wait_for("three dead letters again", WAIT, || async { rabbit.count(&dead).await == 3 }).await;
+    assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
+    check_purge_refusals(&router.config);
+    let dry = ok(&router.config, &["replay", "--dry-run"]);
+    assert!(dry.contains("main: 3 would be replayed (dry run: nothing changed)"), "{dry}");
+    assert_eq!(rabbit.count(&dead).await, 3);
+    let purged = ok(&router.config, &["purge", "--id", "bad-2", "--yes"]);
+    assert!(purged.contains("main: 1 purged"), "{purged}");
+    assert_eq!(rabbit.count(&dead).await, 2);
+    let replayed = ok(&router.config, &["replay", "--id", "bad-0", "--rate", "50"]);
+    assert!(replayed.contains("main: 1 replayed"), "{replayed}");
+    assert_eq!(rabbit.count(&dead).await, 1);
+    let back = rabbit.drain(&queue).await;
+    assert_eq!(back.len(), 1, "the copy is on the source queue");
+    let copy = &back[0];
+    assert_eq!((copy.id.as_str(), copy.body.as_slice()), ("bad-0", b"{\"n\":0}".as_slice()));
+    assert!(copy.headers.contains_key("x-router-replayed"), "{:?}", copy.headers);
+    for gone in ["x-router-reason", "x-router-attempts", "x-router-attempt", "x-router-last-error"] {
+        assert!(!copy.headers.contains_key(gone), "{gone} kept: {:?}", copy.headers);
+    }
+    assert_eq!(copy.headers["behave"], "reject", "the producer's headers are kept");
     rabbit.cleanup().await;
 }
 
@@ -138,6 +177,21 @@ async fn redis_dead_letters_are_read_and_stay() {
     let first = redis.entries(&dead).await[0].id.clone();
     check_commands(&router.config, &format!("{dead}/{first}"));
     assert_eq!(redis.entries(&dead).await.len(), 3, "reading takes nothing away");
+
+    check_purge_refusals(&router.config);
+    let before = redis.entries(&stream).await.len();
+    let replayed = ok(&router.config, &["replay", "--id", &format!("{dead}/{first}")]);
+    assert!(replayed.contains("main: 1 replayed"), "{replayed}");
+    let source = redis.entries(&stream).await;
+    assert_eq!(source.len(), before + 1, "the copy is on the source stream");
+    let copy = &source[before];
+    assert!(copy.fields.contains_key("x-router-replayed"), "{:?}", copy.fields.keys());
+    assert!(!copy.fields.contains_key("x-router-reason") && !copy.fields.contains_key("x-router-attempts"));
+    assert_eq!(copy.text("behave"), "reject");
+    assert_eq!(redis.entries(&dead).await.len(), 2, "the dead letter is gone with its replay");
+    let purged = ok(&router.config, &["purge", "--yes", "--reason", "422"]);
+    assert!(purged.contains("main: 2 purged"), "{purged}");
+    assert!(redis.entries(&dead).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -156,7 +210,21 @@ async fn kafka_dead_letters_are_read_and_stay() {
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
 
     let r = &records[0];
-    check_commands(&router.config, &format!("{dead}/{}/{}", r.partition, r.offset));
+    let id = format!("{dead}/{}/{}", r.partition, r.offset);
+    check_commands(&router.config, &id);
     assert_eq!(kafka.read(&dead, 3, Duration::from_secs(10)).await.len(), 3, "a log keeps them");
+
+    let (code, _, stderr) = dlq(&router.config, &["purge", "--yes"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("a Kafka topic is a log"), "{stderr}");
+    let replayed = ok(&router.config, &["replay", "--id", &id]);
+    assert!(replayed.contains("main: 1 replayed"), "{replayed}");
+    let source = kafka.read(&topic, 5, WAIT).await;
+    let copies: Vec<_> = source.iter().filter(|r| !r.header("x-router-replayed").is_empty()).collect();
+    assert_eq!(copies.len(), 1, "one copy on the source topic");
+    assert_eq!(copies[0].payload, r.payload);
+    assert_eq!(copies[0].key, r.key, "the key is kept");
+    assert!(copies[0].header("x-router-reason").is_empty());
+    assert_eq!(kafka.read(&dead, 3, Duration::from_secs(10)).await.len(), 3, "the dead letter stays");
     kafka.delete_topics(&[&topic, &dead]).await;
 }

@@ -92,6 +92,34 @@ impl DeadLetter {
     }
 }
 
+/// What a dead letter carries about its failures: dropped from a replayed copy, which
+/// starts again at attempt 1.
+pub const FAILURE_HEADERS: &[&str] = &[
+    header::REASON,
+    header::ATTEMPTS,
+    header::LAST_ERROR,
+    header::FIRST_FAILURE,
+    header::LAST_FAILURE,
+    header::ROUTE,
+    header::HANDLER,
+    header::SUBSCRIPTION,
+    header::ATTEMPT,
+    header::DUE,
+];
+
+/// The `x-router-replayed` of a copy replayed now.
+pub fn replayed_now() -> String {
+    crate::message::rfc3339(SystemTime::now())
+}
+
+/// A dead letter's headers as its replayed copy carries them: without
+/// [`FAILURE_HEADERS`], with `x-router-replayed` (origin, message id and the
+/// producer's headers kept).
+pub fn replay_headers(headers: &mut BTreeMap<String, String>) {
+    headers.retain(|k, _| !FAILURE_HEADERS.contains(&k.as_str()));
+    headers.insert(header::REPLAYED.to_string(), replayed_now());
+}
+
 /// Which dead letters a `dlq` command is about. Every set condition must hold.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {

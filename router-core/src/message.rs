@@ -49,6 +49,8 @@ pub mod header {
     /// `message_id`), kept on its retry copies and dead letter so every attempt
     /// carries the same `ce-id`.
     pub const MESSAGE_ID: &str = "x-router-message-id";
+    /// When a dead letter was put back on its source (`message-router dlq replay`).
+    pub const REPLAYED: &str = "x-router-replayed";
 }
 
 /// One message as the router sees it, whatever broker it came from.

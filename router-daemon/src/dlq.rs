@@ -1,6 +1,7 @@
-//! `message-router dlq stats|list|show`: the dead letters of the config's
-//! subscriptions, read back from each broker without changing anything there
-//! (`Transport::dead_letters`).
+//! `message-router dlq stats|list|show|replay|purge`: the dead letters of the
+//! config's subscriptions, read back from each broker without changing anything there
+//! (`Transport::dead_letters`), or put back on their source and removed
+//! (`Transport::rework_dead_letters`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,7 +10,7 @@ use std::time::SystemTime;
 use anyhow::{bail, Context as _};
 use router_core::config::Config;
 use router_core::dlq::{DeadLetter, Filter, Stats};
-use router_core::transport::{self, ConsumeSpec, Transport};
+use router_core::transport::{self, ConsumeSpec, Rework, Reworked, Transport};
 
 /// The subscriptions a command is about: the one named, or every one.
 fn selected<'a>(config: &'a Config, subscription: Option<&'a str>) -> anyhow::Result<Vec<&'a str>> {
@@ -23,30 +24,97 @@ fn selected<'a>(config: &'a Config, subscription: Option<&'a str>) -> anyhow::Re
     }
 }
 
+type Transports = BTreeMap<String, std::sync::Arc<dyn Transport>>;
+
+/// The transport of `subscription` (made once per command) and what it consumes.
+fn open(
+    config: &Config,
+    transports: &mut Transports,
+    subscription: &str,
+) -> (std::sync::Arc<dyn Transport>, ConsumeSpec) {
+    let s = &config.subscriptions[subscription];
+    let t = transports
+        .entry(s.transport.clone())
+        .or_insert_with(|| transport::build(&s.transport, &config.transports[&s.transport]))
+        .clone();
+    (t, ConsumeSpec { subscription: subscription.to_string(), config: s.clone(), lag: None })
+}
+
 /// Read the dead letters of `subscription` that pass `filter`, handing each to `visit`
 /// until it returns `false`.
 async fn read(
     config: &Config,
-    transports: &mut BTreeMap<String, std::sync::Arc<dyn Transport>>,
+    transports: &mut Transports,
     subscription: &str,
     filter: &Filter,
     visit: &mut (dyn FnMut(DeadLetter) -> bool + Send),
 ) -> anyhow::Result<()> {
-    let s = &config.subscriptions[subscription];
-    let t = match transports.get(&s.transport) {
-        Some(t) => t.clone(),
-        None => {
-            let t = transport::build(&s.transport, &config.transports[&s.transport]);
-            transports.insert(s.transport.clone(), t.clone());
-            t
-        }
-    };
-    let spec = ConsumeSpec { subscription: subscription.to_string(), config: s.clone(), lag: None };
+    let (t, spec) = open(config, transports, subscription);
     let mut pass = |d: DeadLetter| if filter.matches(&d) { visit(d) } else { true };
     t.dead_letters(&spec, &mut pass).await.with_context(|| format!("reading the dead letters of {subscription:?}"))
 }
 
-async fn close(transports: BTreeMap<String, std::sync::Arc<dyn Transport>>) {
+/// What `dlq replay` and `dlq purge` are asked to do.
+pub struct ReworkJob {
+    pub act: Rework,
+    pub limit: usize,
+    /// Wait between two (`--rate`).
+    pub pace: std::time::Duration,
+    pub dry_run: bool,
+    /// Say how far it got on stderr, about once a second.
+    pub progress: bool,
+}
+
+/// `dlq replay` / `dlq purge`: the dead letters of the selected subscriptions that
+/// pass `filter`, at most `limit` per subscription. A dry run only counts them.
+pub async fn rework(
+    config: &Config,
+    subscription: Option<&str>,
+    filter: &Filter,
+    job: &ReworkJob,
+) -> anyhow::Result<String> {
+    let verb = if job.act == Rework::Replay { "replayed" } else { "purged" };
+    let mut transports = Transports::new();
+    let mut out = String::new();
+    for name in selected(config, subscription)? {
+        if job.dry_run {
+            let mut n = 0usize;
+            read(config, &mut transports, name, filter, &mut |_| {
+                n += 1;
+                n < job.limit
+            })
+            .await?;
+            let _ = writeln!(out, "{name}: {n} would be {verb} (dry run: nothing changed)");
+            continue;
+        }
+        let (t, spec) = open(config, &mut transports, name);
+        let (mut chosen, mut said) = (0usize, std::time::Instant::now());
+        let mut decide = |d: &DeadLetter| {
+            if chosen == job.limit {
+                return Rework::Stop;
+            }
+            if !filter.matches(d) {
+                return Rework::Keep;
+            }
+            chosen += 1;
+            if job.progress && said.elapsed() >= std::time::Duration::from_secs(1) {
+                eprintln!("{name}: {chosen} {verb} so far ...");
+                said = std::time::Instant::now();
+            }
+            job.act
+        };
+        let done: Reworked = t
+            .rework_dead_letters(&spec, &mut decide, job.pace)
+            .await
+            .with_context(|| format!("{name}: stopped after {chosen} chosen (those before the error are done)"))?;
+        let n = if job.act == Rework::Replay { done.replayed } else { done.purged };
+        let _ = writeln!(out, "{name}: {n} {verb}");
+    }
+    close(transports).await;
+    Ok(out)
+}
+
+async fn close(transports: Transports) {
     for t in transports.values() {
         t.close().await;
     }
@@ -54,7 +122,7 @@ async fn close(transports: BTreeMap<String, std::sync::Arc<dyn Transport>>) {
 
 /// `dlq stats`: per subscription, how many, by reason and route, oldest and newest.
 pub async fn stats(config: &Config, subscription: Option<&str>, filter: &Filter) -> anyhow::Result<String> {
-    let mut transports = BTreeMap::new();
+    let mut transports = Transports::new();
     let mut out = String::new();
     for name in selected(config, subscription)? {
         let mut stats = Stats::default();
@@ -90,7 +158,7 @@ pub async fn list(
     filter: &Filter,
     limit: usize,
 ) -> anyhow::Result<String> {
-    let mut transports = BTreeMap::new();
+    let mut transports = Transports::new();
     let mut out = String::new();
     for name in selected(config, subscription)? {
         let mut shown = 0usize;
@@ -127,7 +195,7 @@ pub async fn list(
 
 /// `dlq show ID`: one dead letter whole: its headers, origin and body.
 pub async fn show(config: &Config, subscription: &str, id: &str) -> anyhow::Result<String> {
-    let mut transports = BTreeMap::new();
+    let mut transports = Transports::new();
     selected(config, Some(subscription))?;
     let filter = Filter { ids: vec![id.to_string()], ..Filter::default() };
     let mut found = None;

@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::time::Duration;
+
 use router_core::transport;
+use router_core::transport::Rework;
 use router_core::Message;
 
 /// One process that owns every broker connection and delivers messages to HTTP handlers.
@@ -84,6 +88,33 @@ enum DlqCommand {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Put dead letters back on their source (queue, stream or topic): a copy with
+    /// the failure headers removed (attempt 1 again) and `x-router-replayed` set,
+    /// confirmed before the dead letter is removed (Kafka keeps it: a log).
+    Replay {
+        #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        select: Select,
+        #[command(flatten)]
+        job: Job,
+        /// At most this many per second.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Delete dead letters (RabbitMQ, Redis; a Kafka topic keeps its records until
+    /// their retention). Asks first unless --yes.
+    Purge {
+        #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        select: Select,
+        #[command(flatten)]
+        job: Job,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
     /// One dead letter whole: the router's headers, its origin, its body.
     Show {
         #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
@@ -93,6 +124,20 @@ enum DlqCommand {
         /// The id `dlq list` shows.
         id: String,
     },
+}
+
+/// How much of a replay or purge.
+#[derive(clap::Args)]
+struct Job {
+    /// Only these ids (as `dlq list` shows them); repeatable.
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// At most this many per subscription.
+    #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
+    limit: usize,
+    /// Count what would be done; change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Which dead letters: every condition given must hold.
@@ -127,6 +172,69 @@ impl Select {
     }
 }
 
+impl Select {
+    /// [`Select::filter`] with the ids of a replay or purge.
+    fn filter_ids(&self, job: &Job) -> router_core::dlq::Filter {
+        router_core::dlq::Filter { ids: job.ids.clone(), ..self.filter() }
+    }
+}
+
+impl Job {
+    fn work(&self, act: Rework, pace: Duration) -> router_daemon::dlq::ReworkJob {
+        router_daemon::dlq::ReworkJob {
+            act,
+            limit: self.limit,
+            pace,
+            dry_run: self.dry_run,
+            progress: std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+async fn dlq(config: &router_core::config::Config, command: DlqCommand) -> anyhow::Result<String> {
+    use router_daemon::dlq;
+    match command {
+        DlqCommand::Stats { select, .. } => dlq::stats(config, select.subscription.as_deref(), &select.filter()).await,
+        DlqCommand::List { select, limit, .. } => {
+            dlq::list(config, select.subscription.as_deref(), &select.filter(), limit).await
+        }
+        DlqCommand::Show { subscription, id, .. } => dlq::show(config, &subscription, &id).await,
+        DlqCommand::Replay { select, job, rate, .. } => {
+            let pace = match rate {
+                Some(r) if r.is_finite() && r > 0.0 => Duration::from_secs_f64(1.0 / r),
+                Some(r) => anyhow::bail!("--rate {r} must be a number of messages per second above 0"),
+                None => Duration::ZERO,
+            };
+            let work = job.work(Rework::Replay, pace);
+            dlq::rework(config, select.subscription.as_deref(), &select.filter_ids(&job), &work).await
+        }
+        DlqCommand::Purge { select, job, yes, .. } => {
+            let filter = select.filter_ids(&job);
+            let sub = select.subscription.as_deref();
+            if !yes && !job.dry_run {
+                let mut count = job.work(Rework::Purge, Duration::ZERO);
+                count.dry_run = true;
+                let plan = dlq::rework(config, sub, &filter, &count).await?;
+                if !confirm(&plan.replace("would be purged (dry run: nothing changed)", "to purge"))? {
+                    anyhow::bail!("nothing purged");
+                }
+            }
+            dlq::rework(config, sub, &filter, &job.work(Rework::Purge, Duration::ZERO)).await
+        }
+    }
+}
+
+/// Ask on the terminal; refuse when there is none to ask on.
+fn confirm(plan: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("refusing to purge without --yes: stdin is not a terminal to ask on (--dry-run counts)");
+    }
+    eprint!("{plan}Purge them? Type yes to go on: ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
 fn parse_regex(s: &str) -> Result<regex::Regex, String> {
     regex::Regex::new(s).map_err(|e| format!("not a regular expression: {e}"))
 }
@@ -152,7 +260,9 @@ fn main() -> ExitCode {
         | Command::Publish { config, .. }
         | Command::Dlq { command: DlqCommand::Stats { config, .. } }
         | Command::Dlq { command: DlqCommand::List { config, .. } }
-        | Command::Dlq { command: DlqCommand::Show { config, .. } } => config.clone(),
+        | Command::Dlq { command: DlqCommand::Show { config, .. } }
+        | Command::Dlq { command: DlqCommand::Replay { config, .. } }
+        | Command::Dlq { command: DlqCommand::Purge { config, .. } } => config.clone(),
     };
     let config = match router_daemon::load_config(&config_path) {
         Ok(c) => c,
@@ -212,19 +322,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Dlq { command } => {
-                let out = match command {
-                    DlqCommand::Stats { select, .. } => {
-                        router_daemon::dlq::stats(&config, select.subscription.as_deref(), &select.filter()).await?
-                    }
-                    DlqCommand::List { select, limit, .. } => {
-                        router_daemon::dlq::list(&config, select.subscription.as_deref(), &select.filter(), limit)
-                            .await?
-                    }
-                    DlqCommand::Show { subscription, id, .. } => {
-                        router_daemon::dlq::show(&config, &subscription, &id).await?
-                    }
-                };
-                print!("{out}");
+                print!("{}", dlq(&config, command).await?);
                 Ok(())
             }
             Command::Validate { .. } => Ok(()),

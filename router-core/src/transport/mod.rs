@@ -61,6 +61,40 @@ pub use crate::health::{Problem, SourceStatus};
 /// What [`Transport::dead_letters`] hands each dead letter to; `false` stops the read.
 pub type Visit<'a> = &'a mut (dyn FnMut(crate::dlq::DeadLetter) -> bool + Send);
 
+/// What `dlq replay` and `dlq purge` do with one dead letter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rework {
+    /// Leave it where it is.
+    Keep,
+    /// Publish a copy back to the subscription's source, then remove it.
+    Replay,
+    /// Remove it.
+    Purge,
+    /// Leave it and every one after it.
+    Stop,
+}
+
+/// What [`Transport::rework_dead_letters`] asks about each dead letter.
+pub type Decide<'a> = &'a mut (dyn FnMut(&crate::dlq::DeadLetter) -> Rework + Send);
+
+/// How many dead letters a rework replayed and purged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reworked {
+    pub replayed: u64,
+    pub purged: u64,
+}
+
+impl Reworked {
+    /// Count one done `act`.
+    pub fn count(&mut self, act: Rework) {
+        match act {
+            Rework::Replay => self.replayed += 1,
+            Rework::Purge => self.purged += 1,
+            Rework::Keep | Rework::Stop => {}
+        }
+    }
+}
+
 /// Why a transport could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -140,6 +174,21 @@ pub trait Transport: Send + Sync {
     /// broker; a destination that does not exist yet holds none.
     async fn dead_letters(&self, _spec: &ConsumeSpec, _visit: Visit<'_>) -> Result<(), TransportError> {
         Err(TransportError::Unsupported("this transport cannot read its dead letters back".into()))
+    }
+
+    /// Walk the dead letters as [`Transport::dead_letters`] does, doing with each what
+    /// `decide` says ([`Rework`]), and sleeping `pace` after each one replayed or
+    /// purged. A replayed copy goes back to the subscription's source, its failure
+    /// headers removed and `x-router-replayed` set ([`crate::dlq::replay_headers`]),
+    /// confirmed before the dead letter is removed: a crash in between leaves both
+    /// (one duplicate), never neither. An `Err` stops the walk; what was done stays.
+    async fn rework_dead_letters(
+        &self,
+        _spec: &ConsumeSpec,
+        _decide: Decide<'_>,
+        _pace: Duration,
+    ) -> Result<Reworked, TransportError> {
+        Err(TransportError::Unsupported("this transport cannot replay or purge its dead letters".into()))
     }
 
     /// Close connections cleanly; called once every subscription has stopped.

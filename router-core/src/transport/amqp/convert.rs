@@ -142,6 +142,19 @@ pub fn republish_properties(original: &BasicProperties, extra: &[(&str, String)]
     props
 }
 
+/// The properties of a replayed dead letter: the original's, with the failure
+/// headers removed and `x-router-replayed` set ([`crate::dlq::replay_headers`]).
+pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
+    let props = republish_properties(original, &[(header::REPLAYED, crate::dlq::replayed_now())]);
+    let mut table = FieldTable::default();
+    for (k, v) in props.headers().as_ref().map(|t| t.inner().clone()).unwrap_or_default() {
+        if !crate::dlq::FAILURE_HEADERS.contains(&k.as_str()) {
+            table.insert(k, v);
+        }
+    }
+    props.with_headers(table)
+}
+
 /// Properties for a message the router publishes on its own (`message-router publish`).
 pub fn publish_properties(message: &Message) -> BasicProperties {
     let mut table = FieldTable::default();

@@ -1,6 +1,8 @@
 //! Reading a subscription's dead-letter topics back (`message-router dlq`): every
 //! partition from its low to its high watermark as they are at the start, through a
-//! consumer that joins no group and commits nothing.
+//! consumer that joins no group and commits nothing. A replayed copy is produced
+//! (acks=all, awaited) to the topic the record first came from; the dead letter stays,
+//! as a log keeps every record until its retention: there is no purge.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -13,13 +15,19 @@ use super::config::KafkaSource;
 use super::convert::Record;
 use super::{properties, KafkaTransport};
 use crate::dlq::DeadLetter;
-use crate::transport::{TransportError, Visit};
+use crate::message::header;
+use crate::transport::{Decide, Rework, Reworked, TransportError};
 
 /// How long the broker may stay silent while records are still expected.
 const SILENCE: Duration = Duration::from_secs(30);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn read(t: &KafkaTransport, source: &KafkaSource, visit: Visit<'_>) -> Result<(), TransportError> {
+pub async fn walk(
+    t: &KafkaTransport,
+    source: &KafkaSource,
+    decide: Decide<'_>,
+    pace: Duration,
+) -> Result<Reworked, TransportError> {
     let mut c = t.client_config(properties::Role::Other);
     c.set("group.id", "message-router-dlq-reader")
         .set("enable.auto.commit", "false")
@@ -29,16 +37,43 @@ pub async fn read(t: &KafkaTransport, source: &KafkaSource, visit: Visit<'_>) ->
         c.create().map_err(|e| TransportError::Broker(format!("kafka dead-letter reader: {e}")))?;
     let source = source.clone();
     let display = t.display.clone();
-    let (tx, mut rx) = mpsc::channel::<DeadLetter>(256);
+    let (tx, mut rx) = mpsc::channel::<(DeadLetter, Record)>(256);
     let reader = tokio::task::spawn_blocking(move || scan(&consumer, &source, &display, &tx));
-    while let Some(letter) = rx.recv().await {
-        if !visit(letter) {
-            break;
+    let mut done = Reworked::default();
+    let mut result = Ok(());
+    while let Some((letter, record)) = rx.recv().await {
+        let act = decide(&letter);
+        match act {
+            Rework::Keep => continue,
+            Rework::Stop => break,
+            Rework::Purge => {
+                result = Err(TransportError::Unsupported(
+                    "a Kafka topic is a log: its records leave it only by the topic's retention (retention.ms), \
+                     never one by one; `dlq replay` copies dead letters back and they stay in the dead-letter \
+                     topic (select them by --since/--until or --id to replay each once)"
+                        .into(),
+                ));
+                break;
+            }
+            Rework::Replay => {
+                let producer = t.producer.as_ref().map_err(|e| TransportError::Broker(e.clone()))?;
+                let topic = record.origin_topic();
+                let headers = record.republish_headers(vec![(header::REPLAYED, crate::dlq::replayed_now())]);
+                let sent =
+                    super::settle::produce(producer, &topic, record.key.as_ref(), &record.payload, &headers).await;
+                if let Err(reason) = sent {
+                    result = Err(TransportError::NotConfirmed { destination: format!("topic {topic:?}"), reason });
+                    break;
+                }
+                done.count(act);
+                tokio::time::sleep(pace).await;
+            }
         }
     }
     // Closing the channel stops the scan at its next record.
     drop(rx);
-    reader.await.map_err(|e| TransportError::Broker(format!("dead-letter reader: {e}")))?
+    reader.await.map_err(|e| TransportError::Broker(format!("dead-letter reader: {e}")))??;
+    result.map(|()| done)
 }
 
 /// The dead-letter topics of `source`: its `dead_letter.topic`, else `<topic>.dlq` of
@@ -65,7 +100,7 @@ fn scan(
     consumer: &BaseConsumer,
     source: &KafkaSource,
     display: &str,
-    tx: &mpsc::Sender<DeadLetter>,
+    tx: &mpsc::Sender<(DeadLetter, Record)>,
 ) -> Result<(), TransportError> {
     let broker = |e: rdkafka::error::KafkaError| TransportError::Broker(e.to_string());
     let mut assignment = TopicPartitionList::new();
@@ -114,7 +149,7 @@ fn scan(
         let record = Record::from_borrowed(&m);
         let (message, _) = record.to_message(display);
         let id = format!("{}/{}/{}", part.0, part.1, m.offset());
-        if tx.blocking_send(DeadLetter { id, destination: part.0, message }).is_err() {
+        if tx.blocking_send((DeadLetter { id, destination: part.0, message }, record)).is_err() {
             return Ok(()); // the caller has seen enough
         }
     }

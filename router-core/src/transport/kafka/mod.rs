@@ -62,7 +62,11 @@ use tracing::info;
 
 pub use convert::field;
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError, Visit};
+use super::{
+    ConsumeError, ConsumeSpec, Decide, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
+    Visit,
+};
+use crate::dlq::DeadLetter;
 use crate::message::Message;
 use config::{CreateTopics, KafkaConfig};
 use rebalance::Context;
@@ -265,7 +269,18 @@ impl Transport for KafkaTransport {
 
     async fn dead_letters(&self, spec: &ConsumeSpec, visit: Visit<'_>) -> Result<(), TransportError> {
         let source = spec.source("kafka", SourceConfig::kafka).map_err(TransportError::Unsupported)?;
-        dlq::read(self, source, visit).await
+        let mut decide = |d: &DeadLetter| if visit(d.clone()) { Rework::Keep } else { Rework::Stop };
+        dlq::walk(self, source, &mut decide, Duration::ZERO).await.map(|_| ())
+    }
+
+    async fn rework_dead_letters(
+        &self,
+        spec: &ConsumeSpec,
+        decide: Decide<'_>,
+        pace: Duration,
+    ) -> Result<Reworked, TransportError> {
+        let source = spec.source("kafka", SourceConfig::kafka).map_err(TransportError::Unsupported)?;
+        dlq::walk(self, source, decide, pace).await
     }
 
     /// Records waiting in the source partitions assigned to this consumer that are

@@ -47,10 +47,10 @@ async fn read(
     transports: &mut Transports,
     subscription: &str,
     filter: &Filter,
-    visit: &mut (dyn FnMut(DeadLetter) -> bool + Send),
+    visit: &mut (dyn FnMut(&DeadLetter) -> bool + Send),
 ) -> anyhow::Result<()> {
     let (t, spec) = open(config, transports, subscription);
-    let mut pass = |d: DeadLetter| if filter.matches(&d) { visit(d) } else { true };
+    let mut pass = |d: &DeadLetter| if filter.matches(d) { visit(d) } else { true };
     t.dead_letters(&spec, &mut pass).await.with_context(|| format!("reading the dead letters of {subscription:?}"))
 }
 
@@ -127,7 +127,7 @@ pub async fn stats(config: &Config, subscription: Option<&str>, filter: &Filter)
     for name in selected(config, subscription)? {
         let mut stats = Stats::default();
         read(config, &mut transports, name, filter, &mut |d| {
-            stats.add(&d);
+            stats.add(d);
             true
         })
         .await?;
@@ -200,7 +200,7 @@ pub async fn show(config: &Config, subscription: &str, id: &str) -> anyhow::Resu
     let filter = Filter { ids: vec![id.to_string()], ..Filter::default() };
     let mut found = None;
     read(config, &mut transports, subscription, &filter, &mut |d| {
-        found = Some(d);
+        found = Some(d.clone());
         false
     })
     .await?;

@@ -59,7 +59,7 @@ impl ConsumeSpec {
 pub use crate::health::{Problem, SourceStatus};
 
 /// What [`Transport::dead_letters`] hands each dead letter to; `false` stops the read.
-pub type Visit<'a> = &'a mut (dyn FnMut(crate::dlq::DeadLetter) -> bool + Send);
+pub type Visit<'a> = &'a mut (dyn FnMut(&crate::dlq::DeadLetter) -> bool + Send);
 
 /// What `dlq replay` and `dlq purge` do with one dead letter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,8 +172,9 @@ pub trait Transport: Send + Sync {
     /// Read the dead letters of the subscription in `spec`, oldest first, handing each
     /// to `visit` until it returns `false`. Nothing is removed or changed at the
     /// broker; a destination that does not exist yet holds none.
-    async fn dead_letters(&self, _spec: &ConsumeSpec, _visit: Visit<'_>) -> Result<(), TransportError> {
-        Err(TransportError::Unsupported("this transport cannot read its dead letters back".into()))
+    async fn dead_letters(&self, spec: &ConsumeSpec, visit: Visit<'_>) -> Result<(), TransportError> {
+        let mut decide = |d: &crate::dlq::DeadLetter| if visit(d) { Rework::Keep } else { Rework::Stop };
+        self.rework_dead_letters(spec, &mut decide, Duration::ZERO).await.map(|_| ())
     }
 
     /// Walk the dead letters as [`Transport::dead_letters`] does, doing with each what

@@ -47,7 +47,6 @@ use settle::{declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
 
 use super::{
     ConsumeError, ConsumeSpec, Decide, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
-    Visit,
 };
 use crate::dlq::DeadLetter;
 use crate::message::{Delivery, Message};
@@ -78,82 +77,6 @@ enum SessionError {
 }
 
 impl AmqpTransport {
-    /// The dead-letter queue of `spec`, each message taken unacked and given back when
-    /// the reading channel closes: the queue keeps every one it is not told to
-    /// remove, in its order, whatever happens to this reader. At most the count at the
-    /// start is taken, so none is seen twice. A replayed copy is published (confirmed)
-    /// to the subscription's queue before its dead letter is acked.
-    async fn walk_dead_letters(
-        &self,
-        spec: &ConsumeSpec,
-        decide: Decide<'_>,
-        pace: Duration,
-    ) -> Result<Reworked, TransportError> {
-        let source = spec.source("amqp", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
-        let dl = source.dead_letter();
-        if !dl.exchange.is_empty() {
-            return Err(TransportError::Unsupported(format!(
-                "the dead letters of {:?} go to exchange {:?}: read them from the queues bound to it",
-                spec.subscription, dl.exchange
-            )));
-        }
-        let broker = |e: lapin::Error| TransportError::Broker(e.to_string());
-        let conn = self.connection().await.map_err(|e| TransportError::Broker(e.to_string()))?;
-        let ch = conn.create_channel().await.map_err(broker)?;
-        let queue = dl.routing_key.as_str();
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        let mut done = Reworked::default();
-        // A queue not declared yet: nothing was dead-lettered (the declare failed and
-        // closed this channel).
-        let Ok(declared) = ch.queue_declare(queue.into(), passive, FieldTable::default()).await else {
-            return Ok(done);
-        };
-        let origin = super::source_uri(&self.display, queue);
-        let publisher = Publisher::new(conn.clone());
-        let mut result = Ok(());
-        for _ in 0..declared.message_count() {
-            let got = match ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await {
-                Ok(Some(got)) => got.delivery,
-                Ok(None) => break,
-                Err(e) => {
-                    result = Err(broker(e));
-                    break;
-                }
-            };
-            let body = Bytes::from(got.data);
-            let (message, _) = convert::to_message(&origin, got.routing_key.as_str(), &got.properties, body.clone());
-            let letter = DeadLetter { id: message.id.clone(), destination: queue.to_string(), message };
-            let act = decide(&letter);
-            if act == Rework::Replay {
-                let props = convert::replay_properties(&got.properties);
-                if let Err(e) = publisher.publish("", &source.queue, &body, props).await {
-                    result = Err(TransportError::NotConfirmed {
-                        destination: format!("queue {:?}", source.queue),
-                        reason: e.to_string(),
-                    });
-                    break;
-                }
-            }
-            match act {
-                Rework::Keep => continue,
-                Rework::Stop => break,
-                Rework::Replay | Rework::Purge => {
-                    if let Err(e) = ch.basic_ack(got.delivery_tag, BasicAckOptions::default()).await {
-                        result = Err(broker(e));
-                        break;
-                    }
-                    done.count(act);
-                    tokio::time::sleep(pace).await;
-                }
-            }
-        }
-        publisher.close().await;
-        if ch.status().connected() {
-            let _ = ch.close(200, "dead letters read".into()).await;
-        }
-        result.map(|()| done)
-    }
-
     pub fn new(name: &str, config: &AmqpConfig, reconnect_max: Duration) -> Self {
         let url = config.url.clone();
         let display = super::display_url(&url, name);
@@ -412,18 +335,80 @@ impl Transport for AmqpTransport {
         Ok(Some(u64::from(queue.message_count())))
     }
 
-    async fn dead_letters(&self, spec: &ConsumeSpec, visit: Visit<'_>) -> Result<(), TransportError> {
-        let mut decide = |d: &DeadLetter| if visit(d.clone()) { Rework::Keep } else { Rework::Stop };
-        self.walk_dead_letters(spec, &mut decide, Duration::ZERO).await.map(|_| ())
-    }
-
+    /// The dead-letter queue of `spec`, each message taken unacked and given back when
+    /// the reading channel closes: the queue keeps every one it is not told to
+    /// remove, in its order, whatever happens to this reader. At most the count at the
+    /// start is taken, so none is seen twice. A replayed copy is published (confirmed)
+    /// to the subscription's queue before its dead letter is acked.
     async fn rework_dead_letters(
         &self,
         spec: &ConsumeSpec,
         decide: Decide<'_>,
         pace: Duration,
     ) -> Result<Reworked, TransportError> {
-        self.walk_dead_letters(spec, decide, pace).await
+        let source = spec.source("amqp", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
+        let dl = source.dead_letter();
+        if !dl.exchange.is_empty() {
+            return Err(TransportError::Unsupported(format!(
+                "the dead letters of {:?} go to exchange {:?}: read them from the queues bound to it",
+                spec.subscription, dl.exchange
+            )));
+        }
+        let broker = |e: lapin::Error| TransportError::Broker(e.to_string());
+        let conn = self.connection().await.map_err(|e| TransportError::Broker(e.to_string()))?;
+        let ch = conn.create_channel().await.map_err(broker)?;
+        let queue = dl.routing_key.as_str();
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let mut done = Reworked::default();
+        // A queue not declared yet: nothing was dead-lettered (the declare failed and
+        // closed this channel).
+        let Ok(declared) = ch.queue_declare(queue.into(), passive, FieldTable::default()).await else {
+            return Ok(done);
+        };
+        let origin = super::source_uri(&self.display, queue);
+        let publisher = Publisher::new(conn.clone());
+        let mut result = Ok(());
+        for _ in 0..declared.message_count() {
+            let got = match ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await {
+                Ok(Some(got)) => got.delivery,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(broker(e));
+                    break;
+                }
+            };
+            let body = Bytes::from(got.data);
+            let (message, _) = convert::to_message(&origin, got.routing_key.as_str(), &got.properties, body.clone());
+            let letter = DeadLetter { id: message.id.clone(), destination: queue.to_string(), message };
+            let act = decide(&letter);
+            if act == Rework::Replay {
+                let props = convert::replay_properties(&got.properties);
+                if let Err(e) = publisher.publish("", &source.queue, &body, props).await {
+                    result = Err(TransportError::NotConfirmed {
+                        destination: format!("queue {:?}", source.queue),
+                        reason: e.to_string(),
+                    });
+                    break;
+                }
+            }
+            match act {
+                Rework::Keep => continue,
+                Rework::Stop => break,
+                Rework::Replay | Rework::Purge => {
+                    if let Err(e) = ch.basic_ack(got.delivery_tag, BasicAckOptions::default()).await {
+                        result = Err(broker(e));
+                        break;
+                    }
+                    done.count(act);
+                    tokio::time::sleep(pace).await;
+                }
+            }
+        }
+        publisher.close().await;
+        if ch.status().connected() {
+            let _ = ch.close(200, "dead letters read".into()).await;
+        }
+        result.map(|()| done)
     }
 
     async fn close(&self) {

@@ -63,10 +63,8 @@ use tracing::info;
 pub use convert::field;
 
 use super::{
-    ConsumeError, ConsumeSpec, Decide, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
-    Visit,
+    ConsumeError, ConsumeSpec, Decide, Inbox, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
 };
-use crate::dlq::DeadLetter;
 use crate::message::Message;
 use config::{CreateTopics, KafkaConfig};
 use rebalance::Context;
@@ -265,12 +263,6 @@ impl Transport for KafkaTransport {
         settle::produce(&producer, routing_key, key.as_ref(), &message.body, &headers)
             .await
             .map_err(|reason| TransportError::NotConfirmed { destination: format!("topic {routing_key:?}"), reason })
-    }
-
-    async fn dead_letters(&self, spec: &ConsumeSpec, visit: Visit<'_>) -> Result<(), TransportError> {
-        let source = spec.source("kafka", SourceConfig::kafka).map_err(TransportError::Unsupported)?;
-        let mut decide = |d: &DeadLetter| if visit(d.clone()) { Rework::Keep } else { Rework::Stop };
-        dlq::walk(self, source, &mut decide, Duration::ZERO).await.map(|_| ())
     }
 
     async fn rework_dead_letters(

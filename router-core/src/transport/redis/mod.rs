@@ -52,7 +52,6 @@ use settle::{run_acker, run_mover, Done, Finished, ReadKey, RedisHandle, Shared,
 
 use super::{
     ConsumeError, ConsumeSpec, Decide, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
-    Visit,
 };
 use crate::dlq::DeadLetter;
 use crate::message::{header, Delivery, Message};
@@ -108,88 +107,6 @@ impl RedisTransport {
             consumer: config.consumer.clone().unwrap_or_else(host_name),
             reconnect_max,
         }
-    }
-
-    /// Each dead-letter stream of `spec` (each once: they may share one), read with
-    /// XRANGE page by page. A replayed copy is added to the stream the entry came from
-    /// (`x-router-original-stream`) in the same script that deletes the dead letter.
-    async fn walk_dead_letters(
-        &self,
-        spec: &ConsumeSpec,
-        decide: Decide<'_>,
-        pace: Duration,
-    ) -> Result<Reworked, TransportError> {
-        let source = spec.source("redis", SourceConfig::redis).map_err(TransportError::Unsupported)?;
-        let mut conn = self.commands().map_err(TransportError::Broker)?;
-        let failed = |what: &str, e: redis::RedisError| TransportError::Broker(format!("{what}: {e}"));
-        let mut keys: Vec<String> = Vec::new();
-        for stream in &source.streams {
-            let key = StreamKeys::new(stream, &source.group, source.dead_letter.stream.as_deref()).dead_letter;
-            if !keys.contains(&key) {
-                keys.push(key);
-            }
-        }
-        let replay = redis::Script::new(REPLAY);
-        let mut done = Reworked::default();
-        for key in &keys {
-            let origin = super::source_uri(&self.display, key);
-            let mut start = "-".to_string();
-            loop {
-                let page: Value = redis::cmd("XRANGE")
-                    .arg(key)
-                    .arg(&start)
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(DEAD_LETTER_PAGE)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| failed("XRANGE", e))?;
-                let entries = convert::parse_entries(&page).map_err(TransportError::Broker)?;
-                let Some(last) = entries.last().map(|e| e.id.clone()) else { break };
-                for entry in entries {
-                    let fields = entry.fields.unwrap_or_default();
-                    let (message, _) = convert::to_message(&origin, key, &entry.id, &fields, &source.body_field);
-                    let letter = DeadLetter { id: format!("{key}/{}", entry.id), destination: key.clone(), message };
-                    let act = decide(&letter);
-                    match act {
-                        Rework::Keep => continue,
-                        Rework::Stop => return Ok(done),
-                        Rework::Replay => {
-                            let Some(stream) = letter.message.headers.get(header::ORIGINAL_STREAM) else {
-                                return Err(TransportError::Unsupported(format!(
-                                    "dead letter {} has no {} field: which stream it came from is unknown",
-                                    letter.id,
-                                    header::ORIGINAL_STREAM
-                                )));
-                            };
-                            let mut call = replay.key(stream);
-                            call.key(key).arg(&entry.id);
-                            let dropped = |n: &[u8]| {
-                                n == header::REPLAYED.as_bytes()
-                                    || crate::dlq::FAILURE_HEADERS.iter().any(|f| f.as_bytes() == n)
-                            };
-                            for (n, v) in fields.iter().filter(|(n, _)| !dropped(n)) {
-                                call.arg(n.as_ref()).arg(v.as_ref());
-                            }
-                            call.arg(header::REPLAYED).arg(crate::dlq::replayed_now());
-                            call.invoke_async::<i64>(&mut conn).await.map_err(|e| failed("replay", e))?;
-                        }
-                        Rework::Purge => {
-                            redis::cmd("XDEL")
-                                .arg(key)
-                                .arg(&entry.id)
-                                .query_async::<i64>(&mut conn)
-                                .await
-                                .map_err(|e| failed("XDEL", e))?;
-                        }
-                    }
-                    done.count(act);
-                    tokio::time::sleep(pace).await;
-                }
-                start = format!("({last}");
-            }
-        }
-        Ok(done)
     }
 
     fn commands(&self) -> Result<ConnectionManager, String> {
@@ -576,18 +493,86 @@ impl Transport for RedisTransport {
         Ok(Some(waiting))
     }
 
-    async fn dead_letters(&self, spec: &ConsumeSpec, visit: Visit<'_>) -> Result<(), TransportError> {
-        let mut decide = |d: &DeadLetter| if visit(d.clone()) { Rework::Keep } else { Rework::Stop };
-        self.walk_dead_letters(spec, &mut decide, Duration::ZERO).await.map(|_| ())
-    }
-
+    /// Each dead-letter stream of `spec` (each once: they may share one), read with
+    /// XRANGE page by page. A replayed copy is added to the stream the entry came from
+    /// (`x-router-original-stream`) in the same script that deletes the dead letter.
     async fn rework_dead_letters(
         &self,
         spec: &ConsumeSpec,
         decide: Decide<'_>,
         pace: Duration,
     ) -> Result<Reworked, TransportError> {
-        self.walk_dead_letters(spec, decide, pace).await
+        let source = spec.source("redis", SourceConfig::redis).map_err(TransportError::Unsupported)?;
+        let mut conn = self.commands().map_err(TransportError::Broker)?;
+        let failed = |what: &str, e: redis::RedisError| TransportError::Broker(format!("{what}: {e}"));
+        let mut keys: Vec<String> = Vec::new();
+        for stream in &source.streams {
+            let key = StreamKeys::new(stream, &source.group, source.dead_letter.stream.as_deref()).dead_letter;
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        let replay = redis::Script::new(REPLAY);
+        let mut done = Reworked::default();
+        for key in &keys {
+            let origin = super::source_uri(&self.display, key);
+            let mut start = "-".to_string();
+            loop {
+                let page: Value = redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(DEAD_LETTER_PAGE)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| failed("XRANGE", e))?;
+                let entries = convert::parse_entries(&page).map_err(TransportError::Broker)?;
+                let Some(last) = entries.last().map(|e| e.id.clone()) else { break };
+                for entry in entries {
+                    let fields = entry.fields.unwrap_or_default();
+                    let (message, _) = convert::to_message(&origin, key, &entry.id, &fields, &source.body_field);
+                    let letter = DeadLetter { id: format!("{key}/{}", entry.id), destination: key.clone(), message };
+                    let act = decide(&letter);
+                    match act {
+                        Rework::Keep => continue,
+                        Rework::Stop => return Ok(done),
+                        Rework::Replay => {
+                            let Some(stream) = letter.message.headers.get(header::ORIGINAL_STREAM) else {
+                                return Err(TransportError::Unsupported(format!(
+                                    "dead letter {} has no {} field: which stream it came from is unknown",
+                                    letter.id,
+                                    header::ORIGINAL_STREAM
+                                )));
+                            };
+                            let mut call = replay.key(stream);
+                            call.key(key).arg(&entry.id);
+                            let dropped = |n: &[u8]| {
+                                n == header::REPLAYED.as_bytes()
+                                    || crate::dlq::FAILURE_HEADERS.iter().any(|f| f.as_bytes() == n)
+                            };
+                            for (n, v) in fields.iter().filter(|(n, _)| !dropped(n)) {
+                                call.arg(n.as_ref()).arg(v.as_ref());
+                            }
+                            call.arg(header::REPLAYED).arg(crate::dlq::replayed_now());
+                            call.invoke_async::<i64>(&mut conn).await.map_err(|e| failed("replay", e))?;
+                        }
+                        Rework::Purge => {
+                            redis::cmd("XDEL")
+                                .arg(key)
+                                .arg(&entry.id)
+                                .query_async::<i64>(&mut conn)
+                                .await
+                                .map_err(|e| failed("XDEL", e))?;
+                        }
+                    }
+                    done.count(act);
+                    tokio::time::sleep(pace).await;
+                }
+                start = format!("({last}");
+            }
+        }
+        Ok(done)
     }
 
     async fn publish(&self, exchange: &str, routing_key: &str, message: &Message) -> Result<(), TransportError> {

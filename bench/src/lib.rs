@@ -16,8 +16,9 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`opts`] | the command-line options every binary shares |
-//! | [`phases`] | the phases (A handler alone, B router, R references, C latency) and `main` |
+//! | [`phases`] | the phases (A handler alone, B router, R references, C latency) and `main`; the router phases any bench runs ([`phases::Bench`]) |
 //! | [`broker`] | what a broker gives the phases |
+//! | [`amqp`] | RabbitMQ's side of `amqp-http` |
 //! | [`report`] | the markdown report |
 //! | [`proc`] | child processes in process groups of their own, killed on drop |
 //! | [`php`] | `php -S` serving a handler of `bench/handlers/` |
@@ -30,6 +31,7 @@
 //! | [`drain`] | timing a drain from first to N-th ack; reference consumers on a thread |
 //! | [`latency`] | open-loop pacing, the stamp log, percentiles |
 
+pub mod amqp;
 pub mod broker;
 pub mod cpu;
 pub mod drain;

@@ -1,4 +1,4 @@
-//! RabbitMQ's side of the benches (`amqp-http`): the backlog (N
+//! RabbitMQ's side of the benches (`amqp-http`, `fastcgi-http`): the backlog (N
 //! persistent messages on a fresh durable queue, pipelined publisher confirms; each
 //! queue deleted at the end with the router's `.dlq` and retry queue), the router's
 //! transport and subscription, the references of phase R (a lapin consumer with the

@@ -5,6 +5,7 @@ use anyhow::Result;
 
 use crate::drain::{DrainMeter, RefConsumer, RefDrain};
 use crate::latency::Paced;
+use crate::router::Target;
 
 /// One broker's side of the bench. Every message it writes has the body
 /// [`crate::wrk::body`]`(i)` and the id `m-i` (`lat-i` in latency runs, with the
@@ -46,8 +47,8 @@ pub trait Broker {
     /// Messages of `source` not yet handed to a consumer (ready; a group's lag).
     async fn backlog(&self, source: &Self::Source) -> Result<u64>;
 
-    /// The router's config: admin server on `admin`, `source` delivered to `endpoint`.
-    fn router_yaml(&self, admin: u16, source: &Self::Source, endpoint: &str) -> String;
+    /// The router's config: admin server on `admin`, `source` delivered to `target`.
+    fn router_yaml(&self, admin: u16, source: &Self::Source, target: &Target) -> String;
 
     /// Drain the full `source` with reference `which` (an index of `REFERENCES`),
     /// POSTing to `url` when it is the one that does; `meter` times it.

@@ -18,6 +18,8 @@ pub struct CpuSample {
     at: Instant,
     /// CPU seconds per label (a process and its children).
     procs: Vec<(String, f64)>,
+    /// Of which in the kernel (system time).
+    sys: Vec<(String, f64)>,
     busy: f64,
     total: f64,
     /// Messages handled since the sample this one is compared with (set by the caller).
@@ -27,6 +29,8 @@ pub struct CpuSample {
 pub struct CpuUsage {
     /// % of one core per label.
     pub procs: Vec<(String, f64)>,
+    /// Of which in the kernel, % of one core per label.
+    pub sys: Vec<(String, f64)>,
     /// % of one core, all cores together.
     pub machine: f64,
     /// Messages per second in the window, for CPU time per message.
@@ -47,6 +51,13 @@ impl CpuUsage {
     pub fn us_per_message(&self, label: &str) -> Option<f64> {
         let pct = self.procs.iter().find(|(l, _)| l == label)?.1;
         (self.rate > 0.0).then(|| pct / 100.0 / self.rate * 1e6)
+    }
+
+    /// The share of `label`'s CPU time spent in the kernel (0 to 1), when known.
+    pub fn kernel_share(&self, label: &str) -> Option<f64> {
+        let total = self.procs.iter().find(|(l, _)| l == label)?.1;
+        let sys = self.sys.iter().find(|(l, _)| l == label)?.1;
+        (total > 0.0).then(|| sys / total)
     }
 
     /// Machine CPU µs per message.
@@ -102,8 +113,8 @@ impl CpuReader {
         CpuReader { ticks }
     }
 
-    /// (pid, ppid, utime + stime in seconds) from /proc/PID/stat.
-    fn stat(&self, path: &Path) -> Option<(u32, u32, f64)> {
+    /// (pid, ppid, utime + stime, stime) in seconds from /proc/PID/stat.
+    fn stat(&self, path: &Path) -> Option<(u32, u32, f64, f64)> {
         let text = std::fs::read_to_string(path).ok()?;
         let (head, rest) = text.rsplit_once(')')?;
         let pid = head.split(' ').next()?.parse().ok()?;
@@ -112,7 +123,7 @@ impl CpuReader {
         let ppid = fields.get(1)?.parse().ok()?;
         let utime: f64 = fields.get(11)?.parse().ok()?;
         let stime: f64 = fields.get(12)?.parse().ok()?;
-        Some((pid, ppid, (utime + stime) / self.ticks))
+        Some((pid, ppid, (utime + stime) / self.ticks, stime / self.ticks))
     }
 
     pub fn proc_secs(&self, pid: u32) -> Option<f64> {
@@ -129,7 +140,7 @@ impl CpuReader {
     }
 
     pub fn sample(&self, procs: &[Watched]) -> CpuSample {
-        let all: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+        let all: Vec<(u32, u32, f64, f64)> = std::fs::read_dir("/proc")
             .map(|d| {
                 d.flatten()
                     // Numeric entries only: /proc/self and /proc/thread-self would count
@@ -139,31 +150,30 @@ impl CpuReader {
                     .collect()
             })
             .unwrap_or_default();
-        let procs = procs
-            .iter()
-            .filter(|(_, pid, _)| *pid != 0)
-            .map(|(label, pid, children)| {
-                let secs: f64 = all.iter().filter(|p| p.0 == *pid || (*children && p.1 == *pid)).map(|p| p.2).sum();
-                (label.to_string(), secs)
-            })
-            .collect();
+        let (mut totals, mut sys) = (Vec::new(), Vec::new());
+        for (label, pid, children) in procs.iter().filter(|(_, pid, _)| *pid != 0) {
+            let mine = || all.iter().filter(|p| p.0 == *pid || (*children && p.1 == *pid));
+            totals.push((label.to_string(), mine().map(|p| p.2).sum()));
+            sys.push((label.to_string(), mine().map(|p| p.3).sum()));
+        }
         let (busy, total) = machine_ticks();
-        CpuSample { at: Instant::now(), procs, busy, total, messages: 0.0 }
+        CpuSample { at: Instant::now(), procs: totals, sys, busy, total, messages: 0.0 }
     }
 
     pub fn usage(&self, a: &CpuSample, b: &CpuSample) -> CpuUsage {
         let wall = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
-        let procs = b
-            .procs
-            .iter()
-            .filter_map(|(label, secs)| {
-                let before = a.procs.iter().find(|(l, _)| l == label)?.1;
-                Some((label.clone(), 100.0 * (secs - before) / wall))
-            })
-            .collect();
+        let pct = |a: &[(String, f64)], b: &[(String, f64)]| -> Vec<(String, f64)> {
+            b.iter()
+                .filter_map(|(label, secs)| {
+                    let before = a.iter().find(|(l, _)| l == label)?.1;
+                    Some((label.clone(), 100.0 * (secs - before) / wall))
+                })
+                .collect()
+        };
+        let (procs, sys) = (pct(&a.procs, &b.procs), pct(&a.sys, &b.sys));
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
         let machine = 100.0 * cores * (b.busy - a.busy) / (b.total - a.total).max(1.0);
-        CpuUsage { procs, machine, rate: b.messages / wall }
+        CpuUsage { procs, sys, machine, rate: b.messages / wall }
     }
 
     /// Wait (at most 30 s) until the broker process `pid` (`name` in messages) uses

@@ -58,7 +58,7 @@ use router_bench::http::{add, header_map, post, router_headers};
 use router_bench::kafka::{backlog_producer, client, consumer};
 use router_bench::latency::{Paced, Pacer, SENT_NS};
 use router_bench::opts::Common;
-use router_bench::router::config;
+use router_bench::router::{config, Target};
 use router_bench::wrk::body;
 use router_bench::{now_ns, short_id};
 
@@ -389,7 +389,7 @@ impl Broker for Kafka {
         self.uncommitted(s).await
     }
 
-    fn router_yaml(&self, admin: u16, s: &Topic, endpoint: &str) -> String {
+    fn router_yaml(&self, admin: u16, s: &Topic, target: &Target) -> String {
         let brokers: Vec<String> = self.brokers.split(',').map(|b| format!("\"{}\"", b.trim())).collect();
         let transport = format!(
             "{{ type: kafka, brokers: [{}], properties: {{ fetch.wait.max.ms: \"{}\" }} }}",
@@ -397,7 +397,7 @@ impl Broker for Kafka {
             self.fetch_wait_ms
         );
         let source = format!("topics: [{}]\ngroup: {}\nordering: key", s.name, s.group);
-        config(&self.opts, admin, ("kafka", &transport), endpoint, &source, "{ name: all, handler: php }")
+        config(&self.opts, admin, ("kafka", &transport), target, &source, "{ name: all, handler: php }")
     }
 
     async fn drain(&self, which: usize, s: &Topic, url: &str, meter: DrainMeter<'_>) -> Result<RefDrain> {

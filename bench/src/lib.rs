@@ -9,18 +9,24 @@
 //! - `redis-http` (`src/redis_http.rs`): Redis Streams;
 //! - `kafka-http` (`src/kafka_http.rs`): Kafka (tansu in development);
 //! - `kafka-core` (`src/kafka_core.rs`): Kafka → router-core in process → a no-op
-//!   target vs a raw rdkafka loop (the router's own cost, no HTTP, no PHP).
+//!   target vs a raw rdkafka loop (the router's own cost, no HTTP, no PHP);
+//! - `fastcgi-http` (`src/fastcgi_http.rs`): RabbitMQ → router → PHP-FPM over FastCGI
+//!   vs wrk → nginx → the same PHP-FPM, and vs the router → nginx → PHP-FPM (its own
+//!   phases, built from the same pieces).
 //!
 //! Modules:
 //!
 //! | module | what |
 //! | --- | --- |
 //! | [`opts`] | the command-line options every binary shares |
-//! | [`phases`] | the phases (A handler alone, B router, R references, C latency) and `main` |
+//! | [`phases`] | the phases (A handler alone, B router, R references, C latency) and `main`; the router phases any bench runs ([`phases::Bench`]) |
 //! | [`broker`] | what a broker gives the phases |
+//! | [`amqp`] | RabbitMQ's side (`amqp-http`, `fastcgi-http`) |
 //! | [`report`] | the markdown report |
 //! | [`proc`] | child processes in process groups of their own, killed on drop |
 //! | [`php`] | `php -S` serving a handler of `bench/handlers/` |
+//! | [`fpm`] | a PHP-FPM pool of the bench's own serving `bench/handlers/` |
+//! | [`nginx`] | nginx of the bench's own in front of that pool |
 //! | [`router`] | the `message-router` under test: start, `/metrics`, throughput, its log |
 //! | [`metrics`] | reading Prometheus text |
 //! | [`cpu`] | CPU accounting from `/proc` |
@@ -30,13 +36,16 @@
 //! | [`drain`] | timing a drain from first to N-th ack; reference consumers on a thread |
 //! | [`latency`] | open-loop pacing, the stamp log, percentiles |
 
+pub mod amqp;
 pub mod broker;
 pub mod cpu;
 pub mod drain;
+pub mod fpm;
 pub mod http;
 pub mod kafka;
 pub mod latency;
 pub mod metrics;
+pub mod nginx;
 pub mod opts;
 pub mod phases;
 pub mod php;

@@ -31,23 +31,24 @@
 //! error and on Ctrl-C.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::broker::Broker;
-use crate::cpu::{CpuReader, Watched};
+use crate::cpu::{CpuReader, CpuUsage, Watched};
 use crate::drain::DrainMeter;
 use crate::http::header_map;
-use crate::latency::{direct_http, take_stamps, Stats};
+use crate::latency::{direct_http, take_stamps, Paced, Stats};
 use crate::metrics::{sum_metric, HistogramSummary};
 use crate::opts::Common;
 use crate::php::Php;
 use crate::report::{report, LatencyReport, PhaseB};
-use crate::router::{measure_throughput, LogSummary, Router};
-use crate::wrk::{lua, wrk};
+use crate::router::{measure_throughput, LogSummary, Router, Target};
+use crate::wrk::{lua, wrk, Wrk};
 use crate::{interrupted, ms, root, target_dir, Scratch};
 
 /// Run the bench of `broker`, print the report and write it to `--out` (default
@@ -60,10 +61,23 @@ pub async fn main<B: Broker>(name: &str, opts: &Common, broker: B) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Dropping the bench future (error, Ctrl-C, SIGTERM) drops its process guards,
-    // which kill the children; the broker's queues or streams are deleted in every case.
+    let bench = run(opts, &broker, &scratch.0);
+    finish(name, opts, B::SLUG, &broker, bench).await
+}
+
+/// Run `bench` until it ends, or is dropped on Ctrl-C or SIGTERM (its process guards
+/// then kill the children); delete what it created in the broker in every case; print
+/// its report and write it to `--out` (default `bench/results/<slug>.md`). `name`
+/// prefixes error messages.
+pub async fn finish<B: Broker>(
+    name: &str,
+    opts: &Common,
+    slug: &str,
+    broker: &B,
+    bench: impl Future<Output = Result<String>>,
+) -> ExitCode {
     let outcome = tokio::select! {
-        r = run(opts, &broker, &scratch.0) => r,
+        r = bench => r,
         _ = interrupted() => Err(anyhow!("interrupted")),
     };
     broker.cleanup().await;
@@ -75,7 +89,7 @@ pub async fn main<B: Broker>(name: &str, opts: &Common, broker: B) -> ExitCode {
         }
     };
     println!("{report}");
-    let out = opts.out.clone().unwrap_or_else(|| root().join(format!("bench/results/{}.md", B::SLUG)));
+    let out = opts.out.clone().unwrap_or_else(|| root().join(format!("bench/results/{slug}.md")));
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -91,29 +105,199 @@ pub async fn main<B: Broker>(name: &str, opts: &Common, broker: B) -> ExitCode {
     }
 }
 
-async fn run<B: Broker>(o: &Common, b: &B, scratch: &Path) -> Result<String> {
-    let root = root();
-    let router_bin = o.router_bin.clone().unwrap_or_else(|| target_dir(&root).join("release/message-router"));
-    if !router_bin.exists() {
-        bail!("{} not found: run bench/run (it builds the release binaries first)", router_bin.display());
+/// What the phases of a run share: the options, the broker, the router binary, where
+/// results go, the client of the router's admin server, CPU accounting.
+pub struct Bench<'a, B: Broker> {
+    pub o: &'a Common,
+    pub b: &'a B,
+    pub scratch: &'a Path,
+    pub router_bin: PathBuf,
+    /// `bench/handlers`.
+    pub handlers: PathBuf,
+    pub http: reqwest::Client,
+    pub cpu: CpuReader,
+    results: PathBuf,
+    slug: &'a str,
+    broker_pid: Option<u32>,
+}
+
+/// One router run at a fixed rate (phase C): what was published, the latencies
+/// `stamp.php` logged, CPU over the run, the router's own histogram, its stop and log.
+pub struct RouterLatency {
+    pub via: Paced,
+    pub stats: Stats,
+    pub cpu: CpuUsage,
+    /// The router's own delivery → response histogram over the run.
+    pub handler: Option<HistogramSummary>,
+    pub stop: String,
+    pub log: LogSummary,
+    pub log_path: PathBuf,
+}
+
+impl<'a, B: Broker> Bench<'a, B> {
+    /// Files of the run are `bench/results/<slug>-…`.
+    pub fn new(o: &'a Common, b: &'a B, scratch: &'a Path, slug: &'a str) -> Result<Self> {
+        let root = root();
+        let router_bin = o.router_bin.clone().unwrap_or_else(|| target_dir(&root).join("release/message-router"));
+        if !router_bin.exists() {
+            bail!("{} not found: run bench/run (it builds the release binaries first)", router_bin.display());
+        }
+        let results = root.join("bench/results");
+        std::fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
+        let cpu = CpuReader::new();
+        let broker_pid = cpu.find_comm(B::PROCESS.1);
+        Ok(Bench {
+            o,
+            b,
+            scratch,
+            router_bin,
+            handlers: root.join("bench/handlers"),
+            http: reqwest::Client::new(),
+            cpu,
+            results,
+            slug,
+            broker_pid,
+        })
     }
-    let results = root.join("bench/results");
-    std::fs::create_dir_all(&results).with_context(|| format!("creating {}", results.display()))?;
-    let result = |name: String| results.join(format!("{}-{name}", B::SLUG));
-    let handlers = root.join("bench/handlers");
-    let http = reqwest::Client::new();
-    let cpu = CpuReader::new();
+
+    /// `bench/results/<slug>-<name>`.
+    pub fn result(&self, name: &str) -> PathBuf {
+        self.results.join(format!("{}-{name}", self.slug))
+    }
+
+    /// The broker's CPU accounting entry (with its children: RabbitMQ's helpers).
+    pub fn broker(&self) -> Watched {
+        (B::PROCESS.0, self.broker_pid.unwrap_or(0), true)
+    }
+
+    /// This bench process (the load generator, the publisher, the poller).
+    pub fn me(&self) -> Watched {
+        ("bench", std::process::id(), false)
+    }
+
+    /// Wait for the broker to go quiet before a measured window.
+    pub async fn quiet(&self) {
+        self.cpu.wait_quiet(B::NAME, self.broker_pid).await;
+    }
+
+    /// Phase B: write a backlog of N, then start the router delivering it to `target`
+    /// (its log `bench/results/<slug>-<log>`) and time it draining; CPU of `watched`
+    /// and the router.
+    pub async fn router_drain(&self, log: &str, target: &Target<'_>, watched: &[Watched]) -> Result<PhaseB> {
+        let (b, n) = (self.b, self.o.messages);
+        eprintln!("  writing {n} messages ({})", B::FILL);
+        let (source, publish_rps) = b.fill("bench-tput", n).await?;
+        eprintln!("  {publish_rps:.0} msg/s written");
+        self.quiet().await;
+        eprintln!("  starting the router");
+        let log_path = self.result(log);
+        let mut router = Router::start(&self.router_bin, self.scratch, &log_path, self.o, |admin| {
+            b.router_yaml(admin, &source, target)
+        })?;
+        let t = measure_throughput(n, &self.http, &mut router, &self.cpu, watched).await?;
+        let stop = router.stop(Duration::from_secs(20));
+        let left = b.left(&source).await?;
+        eprintln!("  {:.0} msg/s (first → last ack); {left} left unacked", t.rps);
+        Ok(PhaseB { publish_rps, t, left, stop, log: LogSummary::read(&log_path), log_path })
+    }
+
+    /// Phase C through the router: a fresh source, the router delivering it to `target`
+    /// (which runs `stamp.php`, logging to `stamps`), messages published at `rate` for
+    /// `--latency-duration` seconds; the latencies logged for them (kept in
+    /// `bench/results/<slug>-stamps-<tag>.txt`, the router's log in
+    /// `…-router-latency-<tag>.log`), CPU of `watched` and the router over the run.
+    pub async fn router_latency(
+        &self,
+        rate: f64,
+        tag: &str,
+        target: &Target<'_>,
+        stamps: &Path,
+        watched: &[Watched],
+    ) -> Result<RouterLatency> {
+        let (b, secs) = (self.b, self.o.latency_duration);
+        let source = b.create("bench-lat").await?;
+        let log_path = self.result(&format!("router-latency-{tag}.log"));
+        let mut router = Router::start(&self.router_bin, self.scratch, &log_path, self.o, |admin| {
+            b.router_yaml(admin, &source, target)
+        })?;
+        router.wait_ready(&self.http).await?;
+        self.quiet().await;
+        eprintln!("  {rate:.0} msg/s for {secs} s through {} and the router", B::NAME);
+        let watched: Vec<Watched> = watched.iter().copied().chain([router.watched()]).collect();
+        let before = self.cpu.sample(&watched);
+        let via = if self.o.trace {
+            let path = self.result(&format!("trace-{tag}.tsv"));
+            let (done, stopped) = tokio::sync::oneshot::channel::<()>();
+            let publish = async {
+                let r = b.publish_paced(&source, rate, secs).await;
+                let _ = done.send(());
+                r
+            };
+            let (via, traced) = tokio::join!(publish, trace(b, &self.http, &router, &source, stopped, &path));
+            traced?;
+            eprintln!("  timeline written to {}", path.display());
+            via?
+        } else {
+            b.publish_paced(&source, rate, secs).await?
+        };
+        router.wait_acked(&self.http, via.sent, Duration::from_secs(60)).await?;
+        let mut after = self.cpu.sample(&watched);
+        after.messages = via.sent as f64;
+        let handler =
+            router.metrics(&self.http).await.map(|text| HistogramSummary::of(&text, "router_handler_duration_seconds"));
+        let stop = router.stop(Duration::from_secs(20));
+        let stats = Stats::of(take_stamps(stamps, via.start_ns, &self.result(&format!("stamps-{tag}.txt")))?);
+        eprintln!("  p50 {:.3} ms, p99 {:.3} ms", ms(stats.p50), ms(stats.p99));
+        Ok(RouterLatency {
+            via,
+            stats,
+            cpu: self.cpu.usage(&before, &after),
+            handler,
+            stop,
+            log: LogSummary::read(&log_path),
+            log_path,
+        })
+    }
+
+    /// Phase C straight to the handler at `url` (which runs `stamp.php`, logging to
+    /// `stamps`): this program's own HTTP client, open loop, at most C in flight; the
+    /// latencies kept in `bench/results/<slug>-stamps-<tag>.txt`.
+    pub async fn direct_latency(&self, rate: f64, tag: &str, url: &str, stamps: &Path) -> Result<(Paced, Stats)> {
+        let secs = self.o.latency_duration;
+        self.quiet().await;
+        eprintln!("  {rate:.0} msg/s for {secs} s straight to the handler (bench HTTP client)");
+        let direct = direct_http(url, &header_map(&self.b.headers())?, rate, secs, self.o.concurrency).await?;
+        let stats = Stats::of(take_stamps(stamps, direct.start_ns, &self.result(&format!("stamps-{tag}.txt")))?);
+        eprintln!("  p50 {:.3} ms, p99 {:.3} ms", ms(stats.p50), ms(stats.p99));
+        Ok((direct, stats))
+    }
+
+    /// The rates of phase C: `--latency-rate`, else `--latency-fraction` of `rps`.
+    pub fn latency_rates(&self, rps: f64) -> Vec<f64> {
+        let o = self.o;
+        let rates = if o.latency_rate.is_empty() {
+            o.latency_fraction.iter().map(|f| rps * f).collect()
+        } else {
+            o.latency_rate.clone()
+        };
+        if o.skip_latency {
+            Vec::new()
+        } else {
+            rates.into_iter().map(|r| r.max(1.0)).collect()
+        }
+    }
+}
+
+async fn run<B: Broker>(o: &Common, b: &B, scratch: &Path) -> Result<String> {
+    let bench = Bench::new(o, b, scratch, B::SLUG)?;
+    let cpu = &bench.cpu;
     let c = o.concurrency;
     let n = o.messages;
-    let broker_pid = cpu.find_comm(B::PROCESS.1);
-    let broker: Watched = (B::PROCESS.0, broker_pid.unwrap_or(0), true);
-    let me: Watched = ("bench", std::process::id(), false);
-    let quiet = || cpu.wait_quiet(B::NAME, broker_pid);
+    let (broker, me) = (bench.broker(), bench.me());
     let headers = b.headers();
-    let base = header_map(&headers)?;
 
     // ---- Phase A: the handler alone, driven by wrk.
-    let script = handlers.join(format!("{}.php", o.handler));
+    let script = bench.handlers.join(format!("{}.php", o.handler));
     let busy_us = o.busy_us.to_string();
     let env: &[(&str, &str)] = if o.handler == "busy" { &[("BUSY_US", &busy_us)] } else { &[] };
     let noop = Php::start(&script, o.workers, None, env).await?;
@@ -122,44 +306,25 @@ async fn run<B: Broker>(o: &Common, b: &B, scratch: &Path) -> Result<String> {
     std::fs::write(&lua_path, lua(&headers)).context("writing the wrk script")?;
     if o.warmup > 0 {
         eprintln!("phase A: warming up the handler ({} s)", o.warmup);
-        wrk(&noop.url(), &lua_path, c, o.warmup, &cpu).await?;
+        wrk(&noop.url(), &lua_path, c, o.warmup, cpu).await?;
     }
     eprintln!("phase A: wrk -t1 -c{c} -d{}s against the handler alone", o.wrk_duration);
-    let before = cpu.sample(&watched[..2]);
-    let mut wrk_c = wrk(&noop.url(), &lua_path, c, o.wrk_duration, &cpu).await?;
-    let mut after = cpu.sample(&watched[..2]);
-    after.messages = wrk_c.requests as f64;
-    let mut cpu_a = cpu.usage(&before, &after);
-    cpu_a.procs.push(("wrk".into(), wrk_c.cpu_pct));
-    eprintln!("  {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms", wrk_c.rps, wrk_c.p50_ms, wrk_c.p99_ms);
+    let (mut wrk_c, cpu_a) = wrk_measured(&noop.url(), &lua_path, c, o.wrk_duration, cpu, &watched[..2]).await?;
     let unloaded_secs = o.wrk_duration.min(5);
     eprintln!("phase A: wrk -t1 -c1 -d{unloaded_secs}s (unloaded round trip)");
-    let wrk_1 = wrk(&noop.url(), &lua_path, 1, unloaded_secs, &cpu).await?;
+    let wrk_1 = wrk(&noop.url(), &lua_path, 1, unloaded_secs, cpu).await?;
     eprintln!("  {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms", wrk_1.rps, wrk_1.p50_ms, wrk_1.p99_ms);
 
     // ---- Phase B: router throughput from a full backlog.
-    eprintln!("phase B: writing {n} messages ({})", B::FILL);
-    let (source, publish_rps) = b.fill("bench-tput", n).await?;
-    eprintln!("  {publish_rps:.0} msg/s written");
-    quiet().await;
-    eprintln!("phase B: starting the router");
-    let log_b = result("router-throughput.log".into());
-    let mut router =
-        Router::start(&router_bin, scratch, &log_b, o, |admin| b.router_yaml(admin, &source, &noop.url()))?;
-    let tput = measure_throughput(n, &http, &mut router, &cpu, &watched).await?;
-    let stop_b = router.stop(Duration::from_secs(20));
-    let left = b.left(&source).await?;
-    eprintln!(
-        "  {:.0} msg/s (first → last ack), ratio {:.2} of wrk; {left} left unacked",
-        tput.rps,
-        tput.rps / wrk_c.rps
-    );
+    eprintln!("phase B: the router draining a backlog");
+    let phase_b = bench.router_drain("router-throughput.log", &Target::Http(&noop.url()), &watched).await?;
+    eprintln!("  ratio {:.2} of wrk", phase_b.t.rps / wrk_c.rps);
 
     // The handler alone once more: the box's speed drifts between runs, so the ratio
     // uses the mean of a run before and one after the router's.
-    quiet().await;
+    bench.quiet().await;
     eprintln!("phase A again: wrk -t1 -c{c} -d{}s against the handler alone", o.wrk_duration);
-    let again = wrk(&noop.url(), &lua_path, c, o.wrk_duration, &cpu).await?;
+    let again = wrk(&noop.url(), &lua_path, c, o.wrk_duration, cpu).await?;
     eprintln!("  {:.0} req/s", again.rps);
     wrk_c.add_run(again.rps);
 
@@ -168,9 +333,9 @@ async fn run<B: Broker>(o: &Common, b: &B, scratch: &Path) -> Result<String> {
     if !o.skip_reference {
         for (which, what) in B::REFERENCES.into_iter().enumerate() {
             let (source, _) = b.fill("bench-ref", n).await?;
-            quiet().await;
+            bench.quiet().await;
             eprintln!("phase R: draining with a {what}");
-            let r = b.drain(which, &source, &noop.url(), DrainMeter::new(&cpu, &watched, n)).await?;
+            let r = b.drain(which, &source, &noop.url(), DrainMeter::new(cpu, &watched, n)).await?;
             eprintln!("  {:.0} msg/s", r.rps);
             references.push((what, r));
         }
@@ -179,92 +344,62 @@ async fn run<B: Broker>(o: &Common, b: &B, scratch: &Path) -> Result<String> {
 
     // ---- Phase C: latency at fixed rates.
     let mut latency = Vec::new();
-    let rates: Vec<f64> = if o.latency_rate.is_empty() {
-        o.latency_fraction.iter().map(|f| tput.rps * f).collect()
-    } else {
-        o.latency_rate.clone()
-    };
-    if !o.skip_latency && !rates.is_empty() {
+    let rates = bench.latency_rates(phase_b.t.rps);
+    if !rates.is_empty() {
         let stamps = scratch.join("stamps.log");
-        let stamp = Php::start(&handlers.join("stamp.php"), o.workers, Some(&stamps), &[]).await?;
+        let stamp = Php::start(&bench.handlers.join("stamp.php"), o.workers, Some(&stamps), &[]).await?;
+        let watched = [("php", stamp.proc.pid(), true), broker, me];
         let secs = o.latency_duration;
-        for rate in rates.into_iter().map(|r| r.max(1.0)) {
+        for rate in rates {
             let tag = format!("{rate:.0}");
-            quiet().await;
-            eprintln!("phase C: {rate:.0} msg/s for {secs} s straight to the handler (bench HTTP client)");
-            let direct = direct_http(&stamp.url(), &base, rate, secs, c).await?;
-            let direct_stats =
-                Stats::of(take_stamps(&stamps, direct.start_ns, &result(format!("stamps-{tag}-direct.txt")))?);
-            eprintln!("  p50 {:.3} ms, p99 {:.3} ms", ms(direct_stats.p50), ms(direct_stats.p99));
-
-            let source = b.create("bench-lat").await?;
-            let log_c = result(format!("router-latency-{tag}.log"));
-            let mut router =
-                Router::start(&router_bin, scratch, &log_c, o, |admin| b.router_yaml(admin, &source, &stamp.url()))?;
-            router.wait_ready(&http).await?;
-            quiet().await;
-            eprintln!("phase C: {rate:.0} msg/s for {secs} s through {} and the router", B::NAME);
-            let watched = [("php", stamp.proc.pid(), true), broker, me, router.watched()];
-            let before = cpu.sample(&watched);
-            let via = if o.trace {
-                let path = result(format!("trace-{tag}.tsv"));
-                let (done, stopped) = tokio::sync::oneshot::channel::<()>();
-                let publish = async {
-                    let r = b.publish_paced(&source, rate, secs).await;
-                    let _ = done.send(());
-                    r
-                };
-                let (via, traced) = tokio::join!(publish, trace(b, &http, &router, &source, stopped, &path));
-                traced?;
-                eprintln!("  timeline written to {}", path.display());
-                via?
-            } else {
-                b.publish_paced(&source, rate, secs).await?
-            };
-            router.wait_acked(&http, via.sent, Duration::from_secs(60)).await?;
-            let mut after = cpu.sample(&watched);
-            after.messages = via.sent as f64;
-            let handler =
-                router.metrics(&http).await.map(|text| HistogramSummary::of(&text, "router_handler_duration_seconds"));
-            let stop = router.stop(Duration::from_secs(20));
-            let via_stats = Stats::of(take_stamps(&stamps, via.start_ns, &result(format!("stamps-{tag}-router.txt")))?);
-            eprintln!("  p50 {:.3} ms, p99 {:.3} ms", ms(via_stats.p50), ms(via_stats.p99));
+            eprintln!("phase C: {rate:.0} msg/s");
+            let (direct, direct_stats) =
+                bench.direct_latency(rate, &format!("{tag}-direct"), &stamp.url(), &stamps).await?;
+            let router = bench
+                .router_latency(rate, &format!("{tag}-router"), &Target::Http(&stamp.url()), &stamps, &watched)
+                .await?;
             let mut reference = None;
             if !o.skip_reference {
                 let source = b.create("bench-lat-ref").await?;
                 let mut consumer = b.reference(&source, &stamp.url());
                 consumer.wait_consuming(Duration::from_secs(10)).await?;
-                quiet().await;
+                bench.quiet().await;
                 eprintln!(
                     "phase C: {rate:.0} msg/s for {secs} s through {} and the minimal reference consumer",
                     B::NAME
                 );
                 let paced = b.publish_paced(&source, rate, secs).await?;
                 consumer.finish(paced.sent, Duration::from_secs(60)).await?;
-                let kept = result(format!("stamps-{tag}-reference.txt"));
+                let kept = bench.result(&format!("stamps-{tag}-reference.txt"));
                 let stats = Stats::of(take_stamps(&stamps, paced.start_ns, &kept)?);
                 eprintln!("  p50 {:.3} ms, p99 {:.3} ms", ms(stats.p50), ms(stats.p99));
                 reference = Some((paced, stats));
             }
-            latency.push(LatencyReport {
-                rate,
-                secs,
-                direct,
-                direct_stats,
-                via,
-                via_stats,
-                reference,
-                cpu: cpu.usage(&before, &after),
-                handler,
-                stop,
-                log: LogSummary::read(&log_c),
-                log_path: log_c,
-            });
+            latency.push(LatencyReport { rate, secs, direct, direct_stats, router, reference });
         }
     }
 
-    let phase_b = PhaseB { publish_rps, t: tput, left, stop: stop_b, log: LogSummary::read(&log_b), log_path: log_b };
     Ok(report::<B>(o, &wrk_c, &wrk_1, &cpu_a, &phase_b, &references, &latency))
+}
+
+/// `wrk -t1 -c<connections>` against `url` for `secs`, with the CPU of `watched` (and
+/// wrk's) per request over the run.
+pub async fn wrk_measured(
+    url: &str,
+    lua: &Path,
+    connections: u32,
+    secs: u64,
+    cpu: &CpuReader,
+    watched: &[Watched],
+) -> Result<(Wrk, CpuUsage)> {
+    let before = cpu.sample(watched);
+    let w = wrk(url, lua, connections, secs, cpu).await?;
+    let mut after = cpu.sample(watched);
+    after.messages = w.requests as f64;
+    let mut usage = cpu.usage(&before, &after);
+    usage.procs.push(("wrk".into(), w.cpu_pct));
+    eprintln!("  {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms", w.rps, w.p50_ms, w.p99_ms);
+    Ok((w, usage))
 }
 
 /// Every 10 ms until `stop`: ms since start, the broker's backlog of `source`, and the

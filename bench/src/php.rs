@@ -2,9 +2,9 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::free_port;
 use crate::proc::Proc;
@@ -33,16 +33,8 @@ impl Php {
         }
         cmd.envs(env.iter().copied());
         let mut proc = Proc::spawn(&mut cmd, "php -S")?;
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = proc.exited() {
-                bail!("php -S exited at start ({status})");
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("php -S did not listen on {port} within 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let listening = || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        proc.wait_until(&format!("listen on {port}"), Duration::from_secs(10), listening).await?;
         Ok(Php { proc, port })
     }
 

@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// A child in its own process group, killed with its whole group when dropped.
 pub struct Proc {
@@ -32,6 +32,22 @@ impl Proc {
             }
             _ => None,
         }
+    }
+
+    /// Wait until `ready()` (polled every 20 ms), at most `timeout`; an error if the
+    /// process exits first or `ready()` stays false. `what` completes "did not …".
+    pub async fn wait_until(&mut self, what: &str, timeout: Duration, ready: impl Fn() -> bool) -> Result<()> {
+        let t = Instant::now();
+        while !ready() {
+            if let Some(status) = self.exited() {
+                bail!("{} exited at start ({status})", self.name);
+            }
+            if t.elapsed() > timeout {
+                bail!("{} did not {what} within {timeout:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// SIGTERM, then wait up to `timeout` (SIGKILL after). Describes what happened.

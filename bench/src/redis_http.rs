@@ -39,7 +39,7 @@ use router_bench::drain::{DrainMeter, Flags, RefConsumer, RefDrain};
 use router_bench::http::{add, header_map, post, router_headers};
 use router_bench::latency::{Paced, Pacer, SENT_NS};
 use router_bench::opts::Common;
-use router_bench::router::config;
+use router_bench::router::{config, Target};
 use router_bench::wrk::body;
 use router_bench::{now_ns, short_id};
 
@@ -201,10 +201,10 @@ impl Broker for Redis {
         Ok(self.group(s).await?.lag.unwrap_or(0) as u64)
     }
 
-    fn router_yaml(&self, admin: u16, s: &Stream, endpoint: &str) -> String {
+    fn router_yaml(&self, admin: u16, s: &Stream, target: &Target) -> String {
         let transport = format!("{{ type: redis, url: \"{}\", consumer: {CONSUMER} }}", self.url);
         let source = format!("streams: [{}]\ngroup: {}\nclaim_idle: 60s", s.name, s.group);
-        config(&self.opts, admin, ("redis", &transport), endpoint, &source, "{ name: all, handler: php }")
+        config(&self.opts, admin, ("redis", &transport), target, &source, "{ name: all, handler: php }")
     }
 
     async fn drain(&self, which: usize, s: &Stream, url: &str, meter: DrainMeter<'_>) -> Result<RefDrain> {

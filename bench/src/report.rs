@@ -8,8 +8,8 @@ use crate::broker::Broker;
 use crate::cpu::CpuUsage;
 use crate::drain::RefDrain;
 use crate::latency::{Paced, Stats};
-use crate::metrics::HistogramSummary;
 use crate::opts::Common;
+use crate::phases::RouterLatency;
 use crate::router::{LogSummary, Throughput};
 use crate::wrk::Wrk;
 use crate::{file_name, git_commit, ms, utc_now};
@@ -19,16 +19,9 @@ pub struct LatencyReport {
     pub secs: u64,
     pub direct: Paced,
     pub direct_stats: Stats,
-    pub via: Paced,
-    pub via_stats: Stats,
+    pub router: RouterLatency,
     /// The same through the minimal reference consumer.
     pub reference: Option<(Paced, Stats)>,
-    pub cpu: CpuUsage,
-    /// The router's own delivery → response histogram over the run.
-    pub handler: Option<HistogramSummary>,
-    pub stop: String,
-    pub log: LogSummary,
-    pub log_path: PathBuf,
 }
 
 pub struct PhaseB {
@@ -40,12 +33,15 @@ pub struct PhaseB {
     pub log_path: PathBuf,
 }
 
-/// `bench/run amqp`, `bench/run redis`.
-pub fn command<B: Broker>() -> String {
-    format!("bench/run {}", B::SLUG.split('_').next().unwrap_or(B::SLUG))
+/// The command of this run: `bench/run amqp …` for the report `amqp_http` (the first
+/// word of its slug), with this run's arguments.
+pub fn command(slug: &str) -> String {
+    let bench = format!("bench/run {}", slug.split('_').next().unwrap_or(slug));
+    std::iter::once(bench).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ")
 }
 
-fn us(v: Option<f64>) -> String {
+/// "123 µs", or "–" when unknown.
+pub fn us(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.0} µs")).unwrap_or_else(|| "–".into())
 }
 
@@ -81,8 +77,7 @@ pub fn report<B: Broker>(
         o.rust_log,
         env.join(" ")
     );
-    let args: Vec<String> = std::iter::once(command::<B>()).chain(std::env::args().skip(1)).collect();
-    let _ = writeln!(s, "Command: `{}`\n", args.join(" "));
+    let _ = writeln!(s, "Command: `{}`\n", command(B::SLUG));
 
     let _ = writeln!(s, "## Summary\n");
     let _ = writeln!(s, "| figure | value |");
@@ -214,8 +209,8 @@ pub fn report<B: Broker>(
         row(format!("R: {what}"), &r.cpu, "–".into(), format!("{} (bench = the consumer)", r.cpu.get("bench")));
     }
     for l in latency {
-        let (window, router) = (format!("C: router at {:.0} msg/s", l.rate), l.cpu.get("router"));
-        row(window, &l.cpu, router, format!("{} (bench, publishing)", l.cpu.get("bench")));
+        let (window, cpu) = (format!("C: router at {:.0} msg/s", l.rate), &l.router.cpu);
+        row(window, cpu, cpu.get("router"), format!("{} (bench, publishing)", cpu.get("bench")));
     }
 
     for l in latency {
@@ -226,47 +221,32 @@ pub fn report<B: Broker>(
 
 fn latency_section<B: Broker>(s: &mut String, l: &LatencyReport, c: u32, wrk_1: &Wrk) {
     let d = &l.direct_stats;
-    let v = &l.via_stats;
+    let v = &l.router.stats;
     let _ = writeln!(s, "\n## Latency at a fixed {:.0} msg/s ({} s each, first second dropped)\n", l.rate, l.secs);
     let _ = writeln!(
         s,
         "Measured: wall-clock send time (`sent-ns`, unix ns, taken just before the request or the \
          publish) → the moment `stamp.php` starts running (PHP `microtime()`), same clock, same host.\n"
     );
-    let _ = writeln!(s, "| path | rate achieved | samples | p50 | p90 | p99 | p99.9 | max |");
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    let row = |name: &str, p: &Paced, st: &Stats| {
-        format!(
-            "| {name} | {:.0} | {} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms |",
-            p.rate,
-            st.n,
-            ms(st.p50),
-            ms(st.p90),
-            ms(st.p99),
-            ms(st.p999),
-            ms(st.max)
-        )
-    };
-    let _ =
-        writeln!(s, "{}", row(&format!("handler alone: bench HTTP client, open loop, ≤{c} in flight"), &l.direct, d));
-    let _ = writeln!(s, "{}", row(&format!("publish → {} → router → handler", B::NAME), &l.via, v));
+    let _ = writeln!(s, "{LATENCY_HEAD}");
+    let _ = writeln!(
+        s,
+        "{}",
+        latency_row(&format!("handler alone: bench HTTP client, open loop, ≤{c} in flight"), &l.direct, d)
+    );
+    let _ = writeln!(s, "{}", latency_row(&format!("publish → {} → router → handler", B::NAME), &l.router.via, v));
     if let Some((p, st)) = &l.reference {
-        let _ = writeln!(s, "{}", row(&format!("publish → {} → minimal reference consumer → handler", B::NAME), p, st));
+        let _ = writeln!(
+            s,
+            "{}",
+            latency_row(&format!("publish → {} → minimal reference consumer → handler", B::NAME), p, st)
+        );
     }
-    let diff = |name: &str, x: &Stats| {
-        format!(
-            "| {name} (difference) | | | {:+.3} ms | {:+.3} ms | {:+.3} ms | {:+.3} ms | |",
-            ms(x.p50 - d.p50),
-            ms(x.p90 - d.p90),
-            ms(x.p99 - d.p99),
-            ms(x.p999 - d.p999)
-        )
-    };
-    let _ = writeln!(s, "{}", diff("**added by broker + router**", v));
+    let _ = writeln!(s, "{}", latency_diff("**added by broker + router**", v, d));
     if let Some((_, r)) = &l.reference {
-        let _ = writeln!(s, "{}", diff("added by broker + minimal reference consumer", r));
+        let _ = writeln!(s, "{}", latency_diff("added by broker + minimal reference consumer", r, d));
     }
-    if let Some(h) = &l.handler {
+    if let Some(h) = &l.router.handler {
         let _ = writeln!(
             s,
             "\nThe router's `router_handler_duration_seconds` over this run (its HTTP round trip alone, \
@@ -284,8 +264,37 @@ fn latency_section<B: Broker>(s: &mut String, l: &LatencyReport, c: u32, wrk_1: 
         wrk_1.p99_ms,
         wrk_1.rps,
         l.direct.errors,
-        l.stop,
-        file_name(&l.log_path),
-        l.log.describe()
+        l.router.stop,
+        file_name(&l.router.log_path),
+        l.router.log.describe()
     );
+}
+
+/// The head of a latency table (rows: [`latency_row`], [`latency_diff`]).
+pub const LATENCY_HEAD: &str =
+    "| path | rate achieved | samples | p50 | p90 | p99 | p99.9 | max |\n|---|---:|---:|---:|---:|---:|---:|---:|";
+
+/// A row of a latency table: path `name`, sent as `p`, latencies `st`.
+pub fn latency_row(name: &str, p: &Paced, st: &Stats) -> String {
+    format!(
+        "| {name} | {:.0} | {} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms |",
+        p.rate,
+        st.n,
+        ms(st.p50),
+        ms(st.p90),
+        ms(st.p99),
+        ms(st.p999),
+        ms(st.max)
+    )
+}
+
+/// A row of a latency table: what path `name` (latencies `x`) adds to `base`.
+pub fn latency_diff(name: &str, x: &Stats, base: &Stats) -> String {
+    format!(
+        "| {name} (difference) | | | {:+.3} ms | {:+.3} ms | {:+.3} ms | {:+.3} ms | |",
+        ms(x.p50 - base.p50),
+        ms(x.p90 - base.p90),
+        ms(x.p99 - base.p99),
+        ms(x.p999 - base.p999)
+    )
 }

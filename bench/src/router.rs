@@ -92,12 +92,43 @@ impl Router {
     }
 }
 
+/// What the router's handler `php` delivers to.
+pub enum Target<'a> {
+    /// `type: http`, one endpoint URL.
+    Http(&'a str),
+    /// `type: fastcgi`, one PHP-FPM pool (`tcp://host:port` or `unix:///path`) running
+    /// `script` (an absolute path), keeping at most `max_connections` open to it (each
+    /// pins an FPM worker: at most the pool's `pm.max_children`).
+    Fastcgi { endpoint: &'a str, script: &'a Path, max_connections: u32 },
+}
+
+impl Target<'_> {
+    /// The handler's lines of its target (type, endpoint, its own keys), indented for
+    /// the handler section.
+    fn yaml(&self) -> String {
+        match self {
+            Target::Http(url) => format!("    endpoints: [\"{url}\"]\n"),
+            Target::Fastcgi { endpoint, script, max_connections } => format!(
+                "    type: fastcgi\n    endpoints: [\"{endpoint}\"]\n    script_filename: \"{}\"\n    max_connections: {max_connections}\n",
+                script.display()
+            ),
+        }
+    }
+}
+
 /// The router's config in the bench: the admin server on `admin`, the transport
-/// `transport` (its name and a YAML flow mapping), the handler `php` (`endpoint`,
+/// `transport` (its name and a YAML flow mapping), the handler `php` (`target`,
 /// `max_in_flight` C, the balance), the subscription `main` of that transport with
 /// the lines `source` (queue, or streams and group …), the prefetch and a short retry
 /// policy, and the one route `route` (a YAML flow mapping) to `php`.
-pub fn config(opts: &Common, admin: u16, transport: (&str, &str), endpoint: &str, source: &str, route: &str) -> String {
+pub fn config(
+    opts: &Common,
+    admin: u16,
+    transport: (&str, &str),
+    target: &Target,
+    source: &str,
+    route: &str,
+) -> String {
     let source: String = source.lines().map(|l| format!("    {l}\n")).collect();
     format!(
         r#"log: {{ level: info }}
@@ -107,8 +138,7 @@ transports:
   {name}: {kind}
 handlers:
   php:
-    endpoints: ["{endpoint}"]
-    balance: {balance}
+{target}    balance: {balance}
     timeout: 10s
     max_in_flight: {c}
 subscriptions:
@@ -121,6 +151,7 @@ routes:
 "#,
         name = transport.0,
         kind = transport.1,
+        target = target.yaml(),
         balance = opts.balance,
         c = opts.concurrency,
         prefetch = opts.prefetch,

@@ -218,6 +218,6 @@ mod tests {
         let mut d = letter("1", "r", None, "2026-12-01T10:00:00Z");
         d.message.body = Bytes::from_static(b"ok\x00\xff\x1b[31mred");
         assert_eq!(d.body_excerpt(64), "ok\\u{0}\\xff\\u{1b}[31mred");
-        assert_eq!(d.body_excerpt(2), "ok… (13 bytes in all)");
+        assert_eq!(d.body_excerpt(2), "ok… (12 bytes in all)");
     }
 }

@@ -37,6 +37,7 @@
 //! transport flush its acks and close.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -51,6 +52,7 @@ use tracing::{debug, error, info, trace, warn};
 use crate::backoff;
 use crate::breaker::{Breaker, CircuitState, Observer, Verdict};
 use crate::config::{Config, SubscriptionConfig};
+use crate::control::{ControlError, DepthsSeen, Mode, Snapshot, State};
 use crate::dedup::Dedup;
 use crate::health::{Problem, Readiness, SourceStatus};
 use crate::message::{Delivery, SettleError, Settlement};
@@ -80,6 +82,8 @@ const HEALTHY_RUN: Duration = Duration::from_secs(10);
 const SETTLE_WARN_EVERY: Duration = Duration::from_secs(60);
 /// Longest wait for the broker's backlog answer in a stall check.
 const BACKLOG_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the depths at the broker (backlog, retries waiting, dead letters) are read.
+const DEPTHS_EVERY: Duration = Duration::from_secs(5);
 
 /// A handler as the engine sees it: how to reach it, how many may be in flight, and
 /// its circuit.
@@ -109,6 +113,16 @@ struct Pipeline {
     settling: Mutex<(usize, String)>,
     /// When the consumer last handed over a delivery (or started): the watchdog's clock.
     last_received: Mutex<Instant>,
+    /// The name of its transport (for the admin API).
+    transport_name: String,
+    /// What the operator asked ([`crate::control`]).
+    mode: tokio::sync::watch::Sender<Mode>,
+    /// Drained: the consumer is stopped until resumed.
+    drained: AtomicBool,
+    /// Deliveries handed over and not settled (or handed back) yet.
+    in_flight: AtomicU64,
+    /// The depths last read at the broker.
+    depths: Mutex<DepthsSeen>,
 }
 
 /// The whole router: every subscription of a config, wired to its targets.
@@ -204,7 +218,13 @@ impl Router {
                 breakers,
                 settling: Mutex::new((0, String::new())),
                 last_received: Mutex::new(Instant::now()),
+                transport_name: s.transport.clone(),
+                mode: tokio::sync::watch::Sender::new(Mode::Running),
+                drained: AtomicBool::new(false),
+                in_flight: AtomicU64::new(0),
+                depths: Mutex::new(DepthsSeen::default()),
             }));
+            metrics.paused.with_label_values(&[name.as_str()]).set(0);
         }
         Ok(Router { pipelines, transports: transports.into_values().collect(), metrics })
     }
@@ -215,6 +235,12 @@ impl Router {
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// Handles on every subscription, for the admin API: what each is doing, and
+    /// pause, resume and drain.
+    pub fn subscriptions(&self) -> Subscriptions {
+        Subscriptions(self.pipelines.iter().map(|p| SubscriptionHandle(p.clone())).collect())
     }
 
     /// Run every subscription until `shutdown` is cancelled, then drain and return. A
@@ -285,6 +311,20 @@ impl Inbox for PipelineInbox {
                 return Err(d);
             }
         }
+        // Paused by an operator: wait here, unacked. Draining: give it back (the
+        // transport then stops consuming, and the broker redelivers it later).
+        let mut mode = self.pipeline.mode.subscribe();
+        loop {
+            match *mode.borrow_and_update() {
+                Mode::Running => break,
+                Mode::Draining => return Err(d),
+                Mode::Paused => {}
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(d),
+                changed = mode.changed() => if changed.is_err() { return Err(d) },
+            }
+        }
         let name = [self.pipeline.name.as_str()];
         self.pipeline.metrics.received.with_label_values(&name).inc();
         if d.redelivered {
@@ -301,10 +341,14 @@ impl Inbox for PipelineInbox {
     }
 
     async fn pause_changed(&self) {
-        let changes: Vec<_> = self.pipeline.breakers.iter().map(|b| Box::pin(b.changed())).collect();
-        if changes.is_empty() {
-            return std::future::pending().await;
-        }
+        let mut mode = self.pipeline.mode.subscribe();
+        let mut changes: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> =
+            self.pipeline.breakers.iter().map(|b| Box::pin(b.changed()) as _).collect();
+        changes.push(Box::pin(async move {
+            if mode.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }));
         futures::future::select_all(changes).await;
     }
 }
@@ -317,6 +361,8 @@ enum Ended {
     Stalled(String),
     /// It ended on its own.
     Returned(Result<Result<(), ConsumeError>, tokio::task::JoinError>),
+    /// An operator asked to drain the subscription.
+    Drain,
 }
 
 impl Pipeline {
@@ -339,6 +385,7 @@ impl Pipeline {
             abort: abort.clone(),
         });
         info!(subscription = %self.name, "subscription started");
+        let depths = tokio::spawn(self.clone().watch_depths(spec.clone(), shutdown.clone()));
         let labels = [self.name.as_str()];
         let mut backoff = backoff::reconnect(self.reconnect_max);
         let mut fatal = None;
@@ -357,10 +404,37 @@ impl Pipeline {
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => Ended::Shutdown,
                 reason = self.watch_stall(&inbox, &spec) => Ended::Stalled(reason),
-                res = &mut consumer => Ended::Returned(res),
+                () = self.drain_asked() => Ended::Drain,
+                res = &mut consumer => match res {
+                    // The inbox gave a delivery back because of a drain.
+                    Ok(Ok(())) if *self.mode.borrow() == Mode::Draining => Ended::Drain,
+                    res => Ended::Returned(res),
+                },
             };
             let reason = match ended {
                 Ended::Shutdown => break,
+                Ended::Drain => {
+                    info!(subscription = %self.name, in_flight = self.in_flight.load(Ordering::Relaxed), "draining: taking nothing new, finishing what is in flight");
+                    run.cancel();
+                    // The consumer returns once what it handed over is settled.
+                    if !consumer.is_finished() {
+                        let _ = (&mut consumer).await;
+                    }
+                    self.drained.store(true, Ordering::Relaxed);
+                    self.status.set_connected(false);
+                    info!(subscription = %self.name, "drained: the consumer is stopped until resumed");
+                    let mut mode = self.mode.subscribe();
+                    let resumed = tokio::select! {
+                        _ = shutdown.cancelled() => false,
+                        r = mode.wait_for(|m| *m != Mode::Draining) => r.is_ok(),
+                    };
+                    self.drained.store(false, Ordering::Relaxed);
+                    if !resumed {
+                        break;
+                    }
+                    info!(subscription = %self.name, "resumed after a drain: consuming again");
+                    continue;
+                }
                 Ended::Stalled(reason) => {
                     self.metrics.stalls.with_label_values(&labels).inc();
                     warn!(subscription = %self.name, reason = %reason, "consumer stalled; starting it again");
@@ -413,8 +487,71 @@ impl Pipeline {
             warn!(subscription = %self.name, "transport did not stop within 10s");
         }
         self.status.set_connected(false);
+        depths.abort();
         info!(subscription = %self.name, "subscription stopped");
         fatal.map_or(Ok(()), Err)
+    }
+
+    /// Completes when an operator asks to drain.
+    async fn drain_asked(&self) {
+        let mut mode = self.mode.subscribe();
+        if mode.wait_for(|m| *m == Mode::Draining).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Read the depths at the broker every [`DEPTHS_EVERY`] into the gauges and
+    /// [`Snapshot::depths`]. A failed reading keeps the last figures and says why.
+    async fn watch_depths(self: Arc<Self>, spec: ConsumeSpec, shutdown: CancellationToken) {
+        let labels = [self.name.as_str()];
+        let mut every = tokio::time::interval(DEPTHS_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let read = tokio::time::timeout(BACKLOG_TIMEOUT, self.transport.depths(&spec)).await;
+            let mut seen = self.depths.lock();
+            match read {
+                Ok(Ok(d)) => {
+                    for (gauge, value) in [
+                        (&self.metrics.backlog, d.backlog),
+                        (&self.metrics.retries_waiting, d.retries_waiting),
+                        (&self.metrics.dead_letters, d.dead_letters),
+                    ] {
+                        if let Some(v) = value {
+                            gauge.with_label_values(&labels).set(i64::try_from(v).unwrap_or(i64::MAX));
+                        }
+                    }
+                    *seen = DepthsSeen { depths: d, at: Some(SystemTime::now()), error: None };
+                }
+                Ok(Err(e)) => seen.error = Some(e.to_string()),
+                Err(_) => seen.error = Some(format!("the broker did not answer within {BACKLOG_TIMEOUT:?}")),
+            }
+        }
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        let before = self.mode.send_replace(mode);
+        if before != mode {
+            info!(subscription = %self.name, from = ?before, to = ?mode, "operator changed the subscription's mode");
+        }
+        self.metrics.paused.with_label_values(&[self.name.as_str()]).set(i64::from(mode != Mode::Running));
+    }
+
+    fn state(&self) -> State {
+        let mode = *self.mode.borrow();
+        match mode {
+            Mode::Paused => State::Paused,
+            Mode::Draining if self.drained.load(Ordering::Relaxed) => State::Drained,
+            Mode::Draining => State::Draining,
+            Mode::Running if self.breakers.iter().any(|b| b.is_open()) => State::BreakerOpen,
+            Mode::Running if !self.status.is_connected() || self.status.has(&Problem::Restarting) => {
+                State::Reconnecting
+            }
+            Mode::Running => State::Running,
+        }
     }
 
     /// Note that the consumer is alive and delivering (the watchdog's clock).
@@ -422,9 +559,10 @@ impl Pipeline {
         *self.last_received.lock() = Instant::now();
     }
 
-    /// Whether the subscription takes nothing new (a circuit it routes to is open).
+    /// Whether the subscription takes nothing new (an operator paused or drains it, or
+    /// a circuit it routes to is open).
     fn paused(&self) -> bool {
-        self.breakers.iter().any(|b| b.is_open())
+        *self.mode.borrow() != Mode::Running || self.breakers.iter().any(|b| b.is_open())
     }
 
     /// Complete with the reason when the consumer is stalled: the broker reports
@@ -513,6 +651,7 @@ impl Pipeline {
             },
         };
         let (shutdown, abort) = (inbox.shutdown.clone(), inbox.abort.clone());
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
         inbox.tasks.spawn(async move {
             let work = async {
                 match route {
@@ -547,6 +686,7 @@ impl Pipeline {
                 _ = abort.cancelled() => {}
                 _ = work => {}
             }
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(window_slot);
         });
     }
@@ -744,6 +884,71 @@ impl Pipeline {
                 format!("{} message(s) whose settlement the broker refuses, retrying; last: {}", s.0, s.1),
             );
         }
+    }
+}
+
+/// One running subscription, as the admin API sees and controls it.
+#[derive(Clone)]
+pub struct SubscriptionHandle(Arc<Pipeline>);
+
+impl SubscriptionHandle {
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Its transport, for reading and reworking its dead letters.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        self.0.transport.clone()
+    }
+
+    /// What its transport needs to read its source and dead letters.
+    pub fn spec(&self) -> ConsumeSpec {
+        ConsumeSpec { subscription: self.0.name.clone(), config: self.0.config.clone(), lag: None }
+    }
+
+    pub fn state(&self) -> State {
+        self.0.state()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            name: self.0.name.clone(),
+            transport: self.0.transport_name.clone(),
+            state: self.0.state(),
+            mode: *self.0.mode.borrow(),
+            problems: self.0.status.reasons().into_iter().filter(|r| r != "no live consumer").collect(),
+            in_flight: self.0.in_flight.load(Ordering::Relaxed),
+            depths: self.0.depths.lock().clone(),
+        }
+    }
+
+    /// Take nothing new; what is in flight finishes ([`crate::control`]).
+    pub fn pause(&self) {
+        self.0.set_mode(Mode::Paused);
+    }
+
+    /// Consume again after a pause or a drain.
+    pub fn resume(&self) {
+        self.0.set_mode(Mode::Running);
+    }
+
+    /// Take nothing new, finish what is in flight, stop the consumer until resumed.
+    pub fn drain(&self) {
+        self.0.set_mode(Mode::Draining);
+    }
+}
+
+/// Every subscription of a router ([`Router::subscriptions`]).
+#[derive(Clone, Default)]
+pub struct Subscriptions(Vec<SubscriptionHandle>);
+
+impl Subscriptions {
+    pub fn all(&self) -> &[SubscriptionHandle] {
+        &self.0
+    }
+
+    pub fn get(&self, name: &str) -> Result<&SubscriptionHandle, ControlError> {
+        self.0.iter().find(|s| s.name() == name).ok_or_else(|| ControlError::Unknown(name.to_string()))
     }
 }
 

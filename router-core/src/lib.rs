@@ -11,6 +11,8 @@
 //!   the single settle point (settlements the broker refuses are retried), the
 //!   supervisor and stall watchdog of each consumer, graceful drain. [`Router`] wires a
 //!   config to targets.
+//! - [`control`]: what an operator can do to a running subscription (pause, drain,
+//!   resume) and what the admin API shows of it ([`Subscriptions`]).
 //! - [`breaker`]: the circuit breaker of each handler.
 //! - [`health`]: what `/readyz` reports per subscription ([`Readiness`]).
 //! - [`backoff`]: the one exponential backoff (reconnects, restarts, settle retries).
@@ -29,6 +31,7 @@
 pub mod backoff;
 pub mod breaker;
 pub mod config;
+pub mod control;
 pub mod dedup;
 pub mod dlq;
 pub mod engine;
@@ -43,7 +46,7 @@ pub mod transport;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz_support;
 
-pub use engine::{BuildError, Router, RunError};
+pub use engine::{BuildError, Router, RunError, SubscriptionHandle, Subscriptions};
 pub use health::Readiness;
 pub use message::{Delivery, Failure, Message, Settlement};
 pub use metrics::Metrics;

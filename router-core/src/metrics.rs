@@ -38,6 +38,15 @@ pub struct Metrics {
     /// Failed attempts not counted against their message because the handler's
     /// circuit was open (the message waited and was tried again).
     pub attempts_held: IntCounterVec,
+    /// Messages waiting at the broker for the subscription (AMQP: ready in the queue;
+    /// Redis: the group's lag plus its pending entries; Kafka: the group's lag).
+    pub backlog: IntGaugeVec,
+    /// Messages in the subscription's dead-letter destination.
+    pub dead_letters: IntGaugeVec,
+    /// Retries written and not yet due (delay queues, the delayed set, the retry topic).
+    pub retries_waiting: IntGaugeVec,
+    /// 1 while an operator has paused or drained the subscription.
+    pub paused: IntGaugeVec,
 }
 
 impl Metrics {
@@ -126,6 +135,13 @@ impl Metrics {
             "Failed attempts not counted against their message because the handler's circuit was open",
             &["handler"],
         )?;
+        let backlog = gauge(
+            "router_backlog_messages",
+            "Messages waiting at the broker (AMQP: ready in the queue; Redis: group lag plus pending; Kafka: group lag)",
+        )?;
+        let dead_letters = gauge("router_dead_letters", "Messages in the subscription's dead-letter destination")?;
+        let retries_waiting = gauge("router_retries_waiting", "Retries written durably and waiting for their time")?;
+        let paused = gauge("router_subscription_paused", "1 while an operator has paused or drained the subscription")?;
         Ok(Metrics {
             registry,
             received,
@@ -146,6 +162,10 @@ impl Metrics {
             circuit_state,
             circuit_opened,
             attempts_held,
+            backlog,
+            dead_letters,
+            retries_waiting,
+            paused,
         })
     }
 

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{ConsumeError, ConsumeSpec, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
+use super::{ConsumeError, ConsumeSpec, Depths, Inbox, SourceConfig, SourceStatus, Transport, TransportError};
 use crate::message::{header, Delivery, Message, Settle, SettleError, Settlement};
 
 /// `transports.<name>` of `type: memory` takes no keys of its own; its subscriptions
@@ -183,6 +183,16 @@ impl Transport for Arc<MemoryBroker> {
     async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
         let source = spec.source("memory", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
         Ok(Some(self.len(&source.queue) as u64))
+    }
+
+    /// The queue's length and its dead-letter queue's (retries are put back at once).
+    async fn depths(&self, spec: &ConsumeSpec) -> Result<Depths, TransportError> {
+        let source = spec.source("memory", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
+        Ok(Depths {
+            backlog: Some(self.len(&source.queue) as u64),
+            retries_waiting: None,
+            dead_letters: Some(self.len(&source.dead_letter().routing_key) as u64),
+        })
     }
 }
 

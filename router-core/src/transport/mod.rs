@@ -95,6 +95,21 @@ impl Reworked {
     }
 }
 
+/// What waits at the broker for one subscription, as `router_backlog_messages`,
+/// `router_retries_waiting`, `router_dead_letters` and the admin API show it. `None`
+/// where the transport cannot tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Depths {
+    /// Messages not yet handled: AMQP ready messages of the queue; Redis the group's
+    /// lag plus its pending entries; Kafka the group's lag on the source topics.
+    pub backlog: Option<u64>,
+    /// Retries written durably and not yet back (AMQP delay queues, Redis delayed set
+    /// and retry stream, Kafka retry topic lag).
+    pub retries_waiting: Option<u64>,
+    /// Messages in the dead-letter destination.
+    pub dead_letters: Option<u64>,
+}
+
 /// Why a transport could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -167,6 +182,13 @@ pub trait Transport: Send + Sync {
     /// the stall watchdog; `None` when the transport cannot tell.
     async fn backlog(&self, _spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
         Ok(None)
+    }
+
+    /// What waits at the broker for the subscription in `spec` ([`Depths`]), asked
+    /// every few seconds for the gauges and the admin API. Cheap questions only
+    /// (counters the broker keeps), never a walk over messages.
+    async fn depths(&self, _spec: &ConsumeSpec) -> Result<Depths, TransportError> {
+        Ok(Depths::default())
     }
 
     /// Read the dead letters of the subscription in `spec`, oldest first, handing each

@@ -24,6 +24,7 @@
 //! bucket come back on time; only when more than that wait in one bucket can a later
 //! copy wait for earlier ones (at most the bucket's width).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -87,11 +88,21 @@ pub async fn declare_all(connection: &Connection, queue: &str) -> Result<(), Str
     Ok(())
 }
 
-/// Move due retries of `queue`'s delay queues back to `queue` until `stop`.
-pub async fn run_mover(connection: Arc<Connection>, publisher: Arc<Publisher>, queue: String, stop: CancellationToken) {
+/// Move due retries of `queue`'s delay queues back to `queue` until `stop`. `held`
+/// counts the copies this mover holds unacked (the broker counts them as neither
+/// ready nor gone), for `router_retries_waiting`.
+pub async fn run_mover(
+    connection: Arc<Connection>,
+    publisher: Arc<Publisher>,
+    queue: String,
+    held: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
     let mut backoff = backoff::reconnect(Duration::from_secs(30));
     while !stop.is_cancelled() {
-        match mover_session(&connection, &publisher, &queue, &stop).await {
+        let session = mover_session(&connection, &publisher, &queue, &held, &stop).await;
+        held.store(0, Ordering::Relaxed);
+        match session {
             Ok(()) => return,
             Err(e) => {
                 if !connection.status().connected() {
@@ -114,6 +125,7 @@ async fn mover_session(
     connection: &Connection,
     publisher: &Arc<Publisher>,
     queue: &str,
+    held: &AtomicU64,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     // Declared again here too: an operator may have deleted one (the broker then
@@ -130,6 +142,7 @@ async fn mover_session(
     let mut moving: JoinSet<()> = JoinSet::new();
     let mut check = tokio::time::interval(CHECK_EVERY);
     loop {
+        held.store((waiting.len() + moving.len()) as u64, Ordering::Relaxed);
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,

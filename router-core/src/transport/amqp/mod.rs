@@ -23,6 +23,7 @@ mod delay;
 mod publisher;
 mod settle;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +47,8 @@ use publisher::Publisher;
 use settle::{declare_owned_queue, run_acker, AckCmd, AmqpHandle, Session};
 
 use super::{
-    ConsumeError, ConsumeSpec, Decide, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
+    ConsumeError, ConsumeSpec, Decide, Depths, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport,
+    TransportError,
 };
 use crate::dlq::DeadLetter;
 use crate::message::{Delivery, Message};
@@ -66,6 +68,8 @@ pub struct AmqpTransport {
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// Publisher for [`Transport::publish`], made on first use (per connection).
     publisher: tokio::sync::Mutex<Option<Arc<Publisher>>>,
+    /// Per source queue: retries its mover holds unacked until they are due.
+    held: parking_lot::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,7 @@ impl AmqpTransport {
             heartbeat: config.heartbeat.unwrap_or(DEFAULT_HEARTBEAT),
             connection: tokio::sync::Mutex::new(None),
             publisher: tokio::sync::Mutex::new(None),
+            held: parking_lot::Mutex::default(),
         }
     }
 
@@ -219,8 +224,14 @@ impl AmqpTransport {
             dead_letter,
         });
         let mover_stop = stop.child_token();
-        let mover =
-            tokio::spawn(run_mover(connection.clone(), publisher.clone(), source.queue.clone(), mover_stop.clone()));
+        let held = self.held.lock().entry(source.queue.clone()).or_default().clone();
+        let mover = tokio::spawn(run_mover(
+            connection.clone(),
+            publisher.clone(),
+            source.queue.clone(),
+            held,
+            mover_stop.clone(),
+        ));
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(run_acker(channel.clone(), ack_rx));
         let origin = super::source_uri(&self.display, &source.queue);
@@ -335,6 +346,29 @@ impl Transport for AmqpTransport {
         Ok(Some(u64::from(queue.message_count())))
     }
 
+    /// Ready messages of the queue, of its delay queues (plus the copies this
+    /// router's mover holds until due) and of its dead-letter queue, by passive
+    /// declares on one channel (a queue not declared yet counts 0; the refusal closes
+    /// the channel, so the next question takes a new one).
+    async fn depths(&self, spec: &ConsumeSpec) -> Result<Depths, TransportError> {
+        let source = spec.source("amqp", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
+        let Some(conn) = self.live_connection().await else { return Ok(Depths::default()) };
+        let mut ch = conn.create_channel().await.map_err(|e| TransportError::Broker(e.to_string()))?;
+        let backlog = ready_count(&conn, &mut ch, &source.queue).await?;
+        let mut waiting = self.held.lock().get(&source.queue).map_or(0, |h| h.load(Ordering::Relaxed));
+        for q in delay_queues(&source.queue) {
+            waiting += ready_count(&conn, &mut ch, &q).await?;
+        }
+        let dl = source.dead_letter();
+        // Dead letters published to an exchange land in queues the router does not know.
+        let dead_letters =
+            if dl.exchange.is_empty() { Some(ready_count(&conn, &mut ch, &dl.routing_key).await?) } else { None };
+        if ch.status().connected() {
+            let _ = ch.close(200, "counted".into()).await;
+        }
+        Ok(Depths { backlog: Some(backlog), retries_waiting: Some(waiting), dead_letters })
+    }
+
     /// The dead-letter queue of `spec`, each message taken unacked and given back when
     /// the reading channel closes: the queue keeps every one it is not told to
     /// remove, in its order, whatever happens to this reader. At most the count at the
@@ -416,6 +450,21 @@ impl Transport for AmqpTransport {
             if c.status().connected() {
                 let _ = c.close(200, ShortString::from("message-router stopping")).await;
             }
+        }
+    }
+}
+
+/// Ready messages of `queue`, by a passive declare on `ch`. A queue not declared yet
+/// holds none; its refusal closed `ch`, which is replaced by a new channel.
+async fn ready_count(conn: &Connection, ch: &mut lapin::Channel, queue: &str) -> Result<u64, TransportError> {
+    let broker = |e: lapin::Error| TransportError::Broker(format!("queue {queue:?}: {e}"));
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    match ch.queue_declare(queue.into(), passive, FieldTable::default()).await {
+        Ok(q) => Ok(u64::from(q.message_count())),
+        Err(e) if !conn.status().connected() => Err(broker(e)),
+        Err(_) => {
+            *ch = conn.create_channel().await.map_err(broker)?;
+            Ok(0)
         }
     }
 }

@@ -78,12 +78,23 @@ pub async fn walk(
 
 /// The dead-letter topics of `source`: its `dead_letter.topic`, else `<topic>.dlq` of
 /// each source topic (with a `topic_pattern`: of each existing topic it matches).
-fn topics(consumer: &BaseConsumer, source: &KafkaSource) -> Result<Vec<String>, TransportError> {
-    if let Some(t) = &source.dead_letter.topic {
-        return Ok(vec![t.clone()]);
+pub(super) fn topics(consumer: &BaseConsumer, source: &KafkaSource) -> Result<Vec<String>, TransportError> {
+    match &source.dead_letter.topic {
+        Some(t) => Ok(vec![t.clone()]),
+        None => matching_topics(consumer, &source.topics, source.topic_pattern.as_deref(), ".dlq"),
     }
-    let Some(pattern) = &source.topic_pattern else {
-        return Ok(source.topics.iter().map(|t| format!("{t}.dlq")).collect());
+}
+
+/// `<topic><suffix>` of each of `topics`; with a `pattern`, the existing topics
+/// named `<match><suffix>` where `<match>` matches it (anchored, as the consumer does).
+pub(super) fn matching_topics(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    pattern: Option<&str>,
+    suffix: &str,
+) -> Result<Vec<String>, TransportError> {
+    let Some(pattern) = pattern else {
+        return Ok(topics.iter().map(|t| format!("{t}{suffix}")).collect());
     };
     let re = regex::Regex::new(&super::anchored(pattern))
         .map_err(|e| TransportError::Unsupported(format!("topic_pattern {pattern:?}: {e}")))?;
@@ -92,7 +103,7 @@ fn topics(consumer: &BaseConsumer, source: &KafkaSource) -> Result<Vec<String>, 
     Ok(metadata
         .topics()
         .iter()
-        .filter_map(|t| t.name().strip_suffix(".dlq").filter(|base| re.is_match(base)).map(|_| t.name().to_string()))
+        .filter_map(|t| t.name().strip_suffix(suffix).filter(|base| re.is_match(base)).map(|_| t.name().to_string()))
         .collect())
 }
 

@@ -14,6 +14,7 @@
 //! - `convert.rs`: records ↔ the router's message model, re-publish headers.
 //! - `config.rs`: the transport and subscription sections of the config.
 //! - `dlq.rs`: reading the dead-letter topics back (`message-router dlq`).
+//! - `depth.rs`: what waits for a subscription (group lag, retries, dead letters).
 //!
 //! Offsets are stored (and auto-committed every 200 ms) only up to the first message
 //! of a partition that is not settled, so a message in flight, waiting for a retry or
@@ -36,6 +37,7 @@
 pub mod config;
 mod consume;
 mod convert;
+mod depth;
 mod dlq;
 mod lanes;
 mod offsets;
@@ -63,7 +65,7 @@ use tracing::info;
 pub use convert::field;
 
 use super::{
-    ConsumeError, ConsumeSpec, Decide, Inbox, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
+    ConsumeError, ConsumeSpec, Decide, Depths, Inbox, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
 };
 use crate::message::Message;
 use config::{CreateTopics, KafkaConfig};
@@ -93,6 +95,9 @@ pub struct KafkaTransport {
     rebalance_timeout: Duration,
     /// Each subscription's group membership, across the consumers it has had.
     groups: Mutex<HashMap<String, Arc<rebalance::GroupWatch>>>,
+    /// Per consumer group: a client of the group that never joins it, reading its
+    /// committed offsets for [`Transport::depths`].
+    lag_readers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
 }
 
 /// A subscription's consumer while it runs (weak: the watchdog must not keep it alive).
@@ -125,6 +130,7 @@ impl KafkaTransport {
             probe: Mutex::new(None),
             rebalance_timeout,
             groups: Mutex::new(HashMap::new()),
+            lag_readers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -273,6 +279,11 @@ impl Transport for KafkaTransport {
     ) -> Result<Reworked, TransportError> {
         let source = spec.source("kafka", SourceConfig::kafka).map_err(TransportError::Unsupported)?;
         dlq::walk(self, source, decide, pace).await
+    }
+
+    async fn depths(&self, spec: &ConsumeSpec) -> Result<Depths, TransportError> {
+        let source = spec.source("kafka", SourceConfig::kafka).map_err(TransportError::Unsupported)?;
+        depth::depths(self, source).await
     }
 
     /// Records waiting in the source partitions assigned to this consumer that are

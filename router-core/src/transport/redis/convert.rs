@@ -157,10 +157,20 @@ pub fn items(v: &Value) -> Option<&[Value]> {
     }
 }
 
-/// What `XINFO GROUPS` says of `group`: `(lag, last-delivered-id)`; lag is `None`
-/// when Redis cannot tell it (after deletions in the stream). `None` when the group
-/// is not there.
-pub fn group_info(v: &Value, group: &str) -> Option<(Option<u64>, String)> {
+/// What `XINFO GROUPS` says of one group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Entries not yet delivered to the group; `None` when Redis cannot tell (after
+    /// deletions in the stream).
+    pub lag: Option<u64>,
+    /// The id of the last entry delivered to the group.
+    pub last: String,
+    /// Entries delivered to the group and not acked yet.
+    pub pending: u64,
+}
+
+/// What `XINFO GROUPS` says of `group`; `None` when the group is not there.
+pub fn group_info(v: &Value, group: &str) -> Option<GroupInfo> {
     for g in items(v)? {
         let fields: Vec<&Value> = items(g).map(|f| f.iter().collect()).unwrap_or_default();
         let get = |name: &str| {
@@ -172,9 +182,9 @@ pub fn group_info(v: &Value, group: &str) -> Option<(Option<u64>, String)> {
         if get("name").and_then(|n| text(n)).as_deref() != Some(group) {
             continue;
         }
-        let lag = get("lag").and_then(|l| text(l)).and_then(|l| l.parse().ok());
+        let number = |name: &str| get(name).and_then(|l| text(l)).and_then(|l| l.parse().ok());
         let last = get("last-delivered-id").and_then(|l| text(l)).unwrap_or_default();
-        return Some((lag, last));
+        return Some(GroupInfo { lag: number("lag"), last, pending: number("pending").unwrap_or(0) });
     }
     None
 }
@@ -315,6 +325,28 @@ mod tests {
         assert!(parse_entries(&bulk("x")).is_err());
         assert_eq!(id_order("10-0", "9-5"), std::cmp::Ordering::Greater);
         assert_eq!(id_order("9-10", "9-9"), std::cmp::Ordering::Greater);
+    }
+
+    #[test]
+    fn group_info_reads_lag_pending_and_last() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let group = |name: &str, lag: Value| {
+            Value::Array(vec![
+                bulk("name"),
+                bulk(name),
+                bulk("pending"),
+                Value::Int(3),
+                bulk("last-delivered-id"),
+                bulk("7-0"),
+                bulk("lag"),
+                lag,
+            ])
+        };
+        let reply = Value::Array(vec![group("other", Value::Int(9)), group("g", Value::Int(4))]);
+        assert_eq!(group_info(&reply, "g"), Some(GroupInfo { lag: Some(4), last: "7-0".into(), pending: 3 }));
+        let unknown = Value::Array(vec![group("g", Value::Nil)]);
+        assert_eq!(group_info(&unknown, "g").and_then(|g| g.lag), None);
+        assert_eq!(group_info(&reply, "missing"), None);
     }
 }
 

@@ -51,7 +51,8 @@ pub use settle::trim_acked;
 use settle::{run_acker, run_mover, Done, Finished, ReadKey, RedisHandle, Shared, StreamKeys};
 
 use super::{
-    ConsumeError, ConsumeSpec, Decide, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport, TransportError,
+    ConsumeError, ConsumeSpec, Decide, Depths, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport,
+    TransportError,
 };
 use crate::dlq::DeadLetter;
 use crate::message::{header, Delivery, Message};
@@ -452,45 +453,44 @@ impl Transport for RedisTransport {
     async fn backlog(&self, spec: &ConsumeSpec) -> Result<Option<u64>, TransportError> {
         let mut conn = self.commands().map_err(TransportError::Broker)?;
         let source = spec.source("redis", SourceConfig::redis).map_err(TransportError::Unsupported)?;
-        let group = &source.group;
         let mut waiting = 0u64;
-        let failed = |what: &str, e: redis::RedisError| TransportError::Broker(format!("{what}: {e}"));
         for stream in &source.streams {
-            let retry = StreamKeys::new(stream, group, None).retry;
+            let retry = StreamKeys::new(stream, &source.group, None).retry;
             for key in [stream.as_str(), retry.as_str()] {
-                let kind: String =
-                    redis::cmd("TYPE").arg(key).query_async(&mut conn).await.map_err(|e| failed("TYPE", e))?;
-                if kind != "stream" {
-                    continue; // not there (yet): nothing waits in it
-                }
-                let groups: Value = redis::cmd("XINFO")
-                    .arg("GROUPS")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| failed("XINFO", e))?;
-                match convert::group_info(&groups, group) {
-                    Some((Some(lag), _)) => waiting += lag,
-                    // Redis cannot count (entries were deleted): is anything after
-                    // what the group was last given?
-                    Some((None, last)) => {
-                        let after: Value = redis::cmd("XRANGE")
-                            .arg(key)
-                            .arg(format!("({last}"))
-                            .arg("+")
-                            .arg("COUNT")
-                            .arg(1)
-                            .query_async(&mut conn)
-                            .await
-                            .map_err(|e| failed("XRANGE", e))?;
-                        waiting += convert::items(&after).map_or(0, |a| a.len() as u64);
-                    }
-                    // No group: the consumer's own reconnect loop reports that.
-                    None => {}
-                }
+                // Only whether anything waits matters here: count at most one.
+                waiting += group_depth(&mut conn, key, &source.group, 1).await?.map_or(0, |(lag, _)| lag);
             }
         }
         Ok(Some(waiting))
+    }
+
+    /// Backlog: the group's lag plus pending on the source streams; retries waiting:
+    /// the delayed set plus lag and pending of the retry streams; dead letters: the
+    /// length of each dead-letter stream (counted once when streams share one).
+    async fn depths(&self, spec: &ConsumeSpec) -> Result<Depths, TransportError> {
+        let mut conn = self.commands().map_err(TransportError::Broker)?;
+        let source = spec.source("redis", SourceConfig::redis).map_err(TransportError::Unsupported)?;
+        let failed = |what: &str, e: redis::RedisError| TransportError::Broker(format!("{what}: {e}"));
+        let (mut backlog, mut retries, mut dead) = (0u64, 0u64, 0u64);
+        let mut dead_keys: Vec<String> = Vec::new();
+        for stream in &source.streams {
+            let keys = StreamKeys::new(stream, &source.group, source.dead_letter.stream.as_deref());
+            let depth = |d: Option<(u64, u64)>| d.map_or(0, |(lag, pending)| lag + pending);
+            backlog += depth(group_depth(&mut conn, stream, &source.group, DEPTH_CAP).await?);
+            retries += depth(group_depth(&mut conn, &keys.retry, &source.group, DEPTH_CAP).await?);
+            let delayed: u64 =
+                redis::cmd("ZCARD").arg(&keys.delayed).query_async(&mut conn).await.map_err(|e| failed("ZCARD", e))?;
+            retries += delayed;
+            if !dead_keys.contains(&keys.dead_letter) {
+                dead += redis::cmd("XLEN")
+                    .arg(&keys.dead_letter)
+                    .query_async::<u64>(&mut conn)
+                    .await
+                    .map_err(|e| failed("XLEN", e))?;
+                dead_keys.push(keys.dead_letter);
+            }
+        }
+        Ok(Depths { backlog: Some(backlog), retries_waiting: Some(retries), dead_letters: Some(dead) })
     }
 
     /// Each dead-letter stream of `spec` (each once: they may share one), read with
@@ -602,4 +602,44 @@ fn host_name() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "message-router".into())
+}
+
+/// Most entries counted one by one when Redis cannot tell a group's lag.
+const DEPTH_CAP: usize = 10_000;
+
+/// `(lag, pending)` of `group` on the stream `key`: what it was not given yet and what
+/// it was given and has not acked. When Redis cannot tell the lag (entries were
+/// deleted), the entries after the last one delivered are counted, at most `cap`.
+/// `None` when the stream or the group is not there (yet): nothing waits in it.
+async fn group_depth(
+    conn: &mut ConnectionManager,
+    key: &str,
+    group: &str,
+    cap: usize,
+) -> Result<Option<(u64, u64)>, TransportError> {
+    let failed = |what: &str, e: redis::RedisError| TransportError::Broker(format!("{what} {key}: {e}"));
+    let kind: String = redis::cmd("TYPE").arg(key).query_async(conn).await.map_err(|e| failed("TYPE", e))?;
+    if kind != "stream" {
+        return Ok(None);
+    }
+    let groups: Value =
+        redis::cmd("XINFO").arg("GROUPS").arg(key).query_async(conn).await.map_err(|e| failed("XINFO", e))?;
+    // No group: the consumer's own reconnect loop reports that.
+    let Some(info) = convert::group_info(&groups, group) else { return Ok(None) };
+    let lag = match info.lag {
+        Some(lag) => lag,
+        None => {
+            let after: Value = redis::cmd("XRANGE")
+                .arg(key)
+                .arg(format!("({}", info.last))
+                .arg("+")
+                .arg("COUNT")
+                .arg(cap)
+                .query_async(conn)
+                .await
+                .map_err(|e| failed("XRANGE", e))?;
+            convert::items(&after).map_or(0, |a| a.len() as u64)
+        }
+    };
+    Ok(Some((lag, info.pending)))
 }

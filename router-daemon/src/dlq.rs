@@ -12,6 +12,21 @@ use router_core::config::Config;
 use router_core::dlq::{DeadLetter, Filter, Stats};
 use router_core::transport::{self, ConsumeSpec, Rework, Reworked, Transport};
 
+/// A `--reason` / `reason` filter: a regular expression (plain text matches itself).
+pub fn parse_regex(s: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(s).map_err(|e| format!("not a regular expression: {e}"))
+}
+
+/// A `--since` / `--until` bound: an RFC 3339 time, or a span ago (`2h`, `3d`).
+pub fn parse_time(s: &str) -> Result<SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    let ago = humantime::parse_duration(s)
+        .map_err(|_| format!("{s:?} is neither a time like 2026-12-05T10:00:00Z nor a span ago like 2h or 3d"))?;
+    SystemTime::now().checked_sub(ago).ok_or_else(|| format!("{s:?} reaches before the epoch"))
+}
+
 /// The subscriptions a command is about: the one named, or every one.
 fn selected<'a>(config: &'a Config, subscription: Option<&'a str>) -> anyhow::Result<Vec<&'a str>> {
     match subscription {
@@ -40,18 +55,49 @@ fn open(
     (t, ConsumeSpec { subscription: subscription.to_string(), config: s.clone(), lag: None })
 }
 
-/// Read the dead letters of `subscription` that pass `filter`, handing each to `visit`
-/// until it returns `false`.
+/// Read the dead letters of the subscription in `spec` that pass `filter`, handing
+/// each to `visit` until it returns `false`.
 async fn read(
-    config: &Config,
-    transports: &mut Transports,
-    subscription: &str,
+    t: &dyn Transport,
+    spec: &ConsumeSpec,
     filter: &Filter,
     visit: &mut (dyn FnMut(&DeadLetter) -> bool + Send),
 ) -> anyhow::Result<()> {
-    let (t, spec) = open(config, transports, subscription);
     let mut pass = |d: &DeadLetter| if filter.matches(d) { visit(d) } else { true };
-    t.dead_letters(&spec, &mut pass).await.with_context(|| format!("reading the dead letters of {subscription:?}"))
+    t.dead_letters(spec, &mut pass)
+        .await
+        .with_context(|| format!("reading the dead letters of {:?}", spec.subscription))
+}
+
+/// The dead letters that pass `filter`, at most `limit`, and whether there are more.
+pub async fn collect(
+    t: &dyn Transport,
+    spec: &ConsumeSpec,
+    filter: &Filter,
+    limit: usize,
+) -> anyhow::Result<(Vec<DeadLetter>, bool)> {
+    let (mut found, mut more) = (Vec::new(), false);
+    read(t, spec, filter, &mut |d| {
+        if found.len() == limit {
+            more = true;
+            return false;
+        }
+        found.push(d.clone());
+        true
+    })
+    .await?;
+    Ok((found, more))
+}
+
+/// Counts by reason and route, oldest and newest, of those that pass `filter`.
+pub async fn stats_of(t: &dyn Transport, spec: &ConsumeSpec, filter: &Filter) -> anyhow::Result<Stats> {
+    let mut stats = Stats::default();
+    read(t, spec, filter, &mut |d| {
+        stats.add(d);
+        true
+    })
+    .await?;
+    Ok(stats)
 }
 
 /// What `dlq replay` and `dlq purge` are asked to do.
@@ -65,6 +111,56 @@ pub struct ReworkJob {
     pub progress: bool,
 }
 
+impl ReworkJob {
+    pub fn verb(&self) -> &'static str {
+        if self.act == Rework::Replay {
+            "replayed"
+        } else {
+            "purged"
+        }
+    }
+}
+
+/// Replay or purge the dead letters of one subscription that pass `filter`, at most
+/// `job.limit`: how many were (a dry run: would be). An error says how far it got.
+pub async fn rework_one(
+    t: &dyn Transport,
+    spec: &ConsumeSpec,
+    filter: &Filter,
+    job: &ReworkJob,
+) -> anyhow::Result<u64> {
+    let name = spec.subscription.as_str();
+    if job.dry_run {
+        let mut n = 0usize;
+        read(t, spec, filter, &mut |_| {
+            n += 1;
+            n < job.limit
+        })
+        .await?;
+        return Ok(n as u64);
+    }
+    let (mut chosen, mut said) = (0usize, std::time::Instant::now());
+    let mut decide = |d: &DeadLetter| {
+        if chosen == job.limit {
+            return Rework::Stop;
+        }
+        if !filter.matches(d) {
+            return Rework::Keep;
+        }
+        chosen += 1;
+        if job.progress && said.elapsed() >= std::time::Duration::from_secs(1) {
+            eprintln!("{name}: {chosen} {} so far ...", job.verb());
+            said = std::time::Instant::now();
+        }
+        job.act
+    };
+    let done: Reworked = t
+        .rework_dead_letters(spec, &mut decide, job.pace)
+        .await
+        .with_context(|| format!("{name}: stopped after {chosen} chosen (those before the error are done)"))?;
+    Ok(if job.act == Rework::Replay { done.replayed } else { done.purged })
+}
+
 /// `dlq replay` / `dlq purge`: the dead letters of the selected subscriptions that
 /// pass `filter`, at most `limit` per subscription. A dry run only counts them.
 pub async fn rework(
@@ -73,42 +169,16 @@ pub async fn rework(
     filter: &Filter,
     job: &ReworkJob,
 ) -> anyhow::Result<String> {
-    let verb = if job.act == Rework::Replay { "replayed" } else { "purged" };
     let mut transports = Transports::new();
     let mut out = String::new();
     for name in selected(config, subscription)? {
-        if job.dry_run {
-            let mut n = 0usize;
-            read(config, &mut transports, name, filter, &mut |_| {
-                n += 1;
-                n < job.limit
-            })
-            .await?;
-            let _ = writeln!(out, "{name}: {n} would be {verb} (dry run: nothing changed)");
-            continue;
-        }
         let (t, spec) = open(config, &mut transports, name);
-        let (mut chosen, mut said) = (0usize, std::time::Instant::now());
-        let mut decide = |d: &DeadLetter| {
-            if chosen == job.limit {
-                return Rework::Stop;
-            }
-            if !filter.matches(d) {
-                return Rework::Keep;
-            }
-            chosen += 1;
-            if job.progress && said.elapsed() >= std::time::Duration::from_secs(1) {
-                eprintln!("{name}: {chosen} {verb} so far ...");
-                said = std::time::Instant::now();
-            }
-            job.act
-        };
-        let done: Reworked = t
-            .rework_dead_letters(&spec, &mut decide, job.pace)
-            .await
-            .with_context(|| format!("{name}: stopped after {chosen} chosen (those before the error are done)"))?;
-        let n = if job.act == Rework::Replay { done.replayed } else { done.purged };
-        let _ = writeln!(out, "{name}: {n} {verb}");
+        let n = rework_one(t.as_ref(), &spec, filter, job).await?;
+        if job.dry_run {
+            let _ = writeln!(out, "{name}: {n} would be {} (dry run: nothing changed)", job.verb());
+        } else {
+            let _ = writeln!(out, "{name}: {n} {}", job.verb());
+        }
     }
     close(transports).await;
     Ok(out)
@@ -125,12 +195,8 @@ pub async fn stats(config: &Config, subscription: Option<&str>, filter: &Filter)
     let mut transports = Transports::new();
     let mut out = String::new();
     for name in selected(config, subscription)? {
-        let mut stats = Stats::default();
-        read(config, &mut transports, name, filter, &mut |d| {
-            stats.add(d);
-            true
-        })
-        .await?;
+        let (t, spec) = open(config, &mut transports, name);
+        let stats = stats_of(t.as_ref(), &spec, filter).await?;
         let _ = writeln!(out, "{name}: {} dead letter(s)", stats.count);
         if stats.count == 0 {
             continue;
@@ -161,51 +227,44 @@ pub async fn list(
     let mut transports = Transports::new();
     let mut out = String::new();
     for name in selected(config, subscription)? {
-        let mut shown = 0usize;
-        let mut more = false;
-        let mut lines = String::new();
-        read(config, &mut transports, name, filter, &mut |d| {
-            if shown == limit {
-                more = true;
-                return false;
-            }
-            shown += 1;
+        let (t, spec) = open(config, &mut transports, name);
+        let (found, more) = collect(t.as_ref(), &spec, filter, limit).await?;
+        let _ = writeln!(
+            out,
+            "{name}: {} shown{}",
+            found.len(),
+            if more { format!(" (more; raise --limit {limit})") } else { String::new() }
+        );
+        for d in &found {
             let when = d.when().map_or_else(|| "-".to_string(), stamp);
             let _ = writeln!(
-                lines,
+                out,
                 "  {}  {when}  {}  route {}  {}",
                 d.id,
                 d.reason(),
                 d.route().unwrap_or("-"),
                 d.body_excerpt(60).replace('\n', " ")
             );
-            true
-        })
-        .await?;
-        let _ = writeln!(
-            out,
-            "{name}: {shown} shown{}",
-            if more { format!(" (more; raise --limit {limit})") } else { String::new() }
-        );
-        out.push_str(&lines);
+        }
     }
     close(transports).await;
     Ok(out)
+}
+
+/// One dead letter by id.
+pub async fn find(t: &dyn Transport, spec: &ConsumeSpec, id: &str) -> anyhow::Result<Option<DeadLetter>> {
+    let filter = Filter { ids: vec![id.to_string()], ..Filter::default() };
+    Ok(collect(t, spec, &filter, 1).await?.0.pop())
 }
 
 /// `dlq show ID`: one dead letter whole: its headers, origin and body.
 pub async fn show(config: &Config, subscription: &str, id: &str) -> anyhow::Result<String> {
     let mut transports = Transports::new();
     selected(config, Some(subscription))?;
-    let filter = Filter { ids: vec![id.to_string()], ..Filter::default() };
-    let mut found = None;
-    read(config, &mut transports, subscription, &filter, &mut |d| {
-        found = Some(d.clone());
-        false
-    })
-    .await?;
+    let (t, spec) = open(config, &mut transports, subscription);
+    let found = find(t.as_ref(), &spec, id).await;
     close(transports).await;
-    let Some(d) = found else {
+    let Some(d) = found? else {
         bail!("no dead letter {id:?} in subscription {subscription:?} (`message-router dlq list` shows the ids)")
     };
     let mut out = String::new();
@@ -235,7 +294,7 @@ pub async fn show(config: &Config, subscription: &str, id: &str) -> anyhow::Resu
     Ok(out)
 }
 
-fn by_count(counts: &BTreeMap<String, u64>) -> Vec<(&String, &u64)> {
+pub fn by_count(counts: &BTreeMap<String, u64>) -> Vec<(&String, &u64)> {
     let mut v: Vec<_> = counts.iter().collect();
     v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     v

@@ -147,16 +147,16 @@ struct Select {
     #[arg(long)]
     subscription: Option<String>,
     /// The reason contains this text, or matches this regular expression.
-    #[arg(long, value_parser = parse_regex)]
+    #[arg(long, value_parser = router_daemon::dlq::parse_regex)]
     reason: Option<regex::Regex>,
     /// Only dead letters of this route.
     #[arg(long)]
     route: Option<String>,
     /// Dead-lettered at or after: an RFC 3339 time or a span ago (`2h`, `3d`).
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = router_daemon::dlq::parse_time)]
     since: Option<SystemTime>,
     /// Dead-lettered before: an RFC 3339 time or a span ago.
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = router_daemon::dlq::parse_time)]
     until: Option<SystemTime>,
 }
 
@@ -235,19 +235,6 @@ fn confirm(plan: &str) -> anyhow::Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
-fn parse_regex(s: &str) -> Result<regex::Regex, String> {
-    regex::Regex::new(s).map_err(|e| format!("not a regular expression: {e}"))
-}
-
-fn parse_time(s: &str) -> Result<SystemTime, String> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-        return Ok(t);
-    }
-    let ago = humantime::parse_duration(s)
-        .map_err(|_| format!("{s:?} is neither a time like 2026-12-05T10:00:00Z nor a span ago like 2h or 3d"))?;
-    SystemTime::now().checked_sub(ago).ok_or_else(|| format!("{s:?} reaches before the epoch"))
-}
-
 fn parse_header(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
 }
@@ -293,7 +280,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { .. } => router_daemon::run(config).await,
+            Command::Run { .. } => router_daemon::run(config, config_hash(&config_path)).await,
             Command::Publish {
                 transport: name, exchange, routing_key, body, headers, content_type, id, count, ..
             } => {
@@ -335,4 +322,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `sha256:<hex>` of the config file as it is on disk now (the one just loaded).
+fn config_hash(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    std::fs::read(path)
+        .map_or_else(|_| "unknown".into(), |b| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b))))
 }

@@ -38,6 +38,17 @@ pub fn check_endpoints(
     issues
 }
 
+/// An endpoint as metric labels, logs and the admin API show it: without the
+/// credentials a URL may carry (`http://user:secret@host/` shows as `http://host/`).
+pub fn endpoint_label(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+            router_core::transport::display_url(endpoint, endpoint)
+        }
+        _ => endpoint.to_string(),
+    }
+}
+
 /// `handlers.<name>.balance`: how a target picks among its endpoints.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -50,6 +61,8 @@ pub enum Balance {
 
 pub struct Endpoint {
     pub url: reqwest::Url,
+    /// The URL without credentials, for logs and errors ([`endpoint_label`]).
+    pub label: String,
     outstanding: AtomicUsize,
     health: Mutex<Health>,
     pub up_gauge: prometheus::IntGauge,
@@ -73,7 +86,13 @@ impl Drop for InFlight<'_> {
 impl Endpoint {
     pub fn new(url: reqwest::Url, up_gauge: prometheus::IntGauge) -> Self {
         up_gauge.set(1);
-        Endpoint { url, outstanding: AtomicUsize::new(0), health: Mutex::new(Health::default()), up_gauge }
+        Endpoint {
+            label: endpoint_label(url.as_str()),
+            url,
+            outstanding: AtomicUsize::new(0),
+            health: Mutex::new(Health::default()),
+            up_gauge,
+        }
     }
 
     pub fn start(&self) -> InFlight<'_> {
@@ -97,8 +116,8 @@ impl Endpoint {
     /// down, log it, and return the error to report if no endpoint answers.
     pub fn unreachable(&self, handler: &str, what: &str, error: &dyn std::fmt::Display) -> String {
         self.mark_down();
-        tracing::warn!(handler, endpoint = %self.url, error = %error, "{what} unreachable; trying another");
-        format!("{}: cannot connect: {error}", self.url)
+        tracing::warn!(handler, endpoint = %self.label, error = %error, "{what} unreachable; trying another");
+        format!("{}: cannot connect: {error}", self.label)
     }
 
     pub fn mark_up(&self) {

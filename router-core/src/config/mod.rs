@@ -53,18 +53,37 @@ pub struct Config<T = TransportConfig, S = SubscriptionConfig> {
     pub routes: Vec<RouteConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Serve `/healthz`, `/readyz` and `/metrics`.
+    /// Serve `/healthz`, `/readyz`, `/metrics`, the admin API and the status page.
     pub enabled: bool,
-    /// Address to bind; loopback by default so metrics are not exposed by accident.
+    /// Address to bind; loopback by default so nothing is exposed by accident. Any
+    /// other address needs `token`.
     pub listen: String,
+    /// Bearer token every `/api/` call must carry (`Authorization: Bearer ...`),
+    /// usually `${ROUTER_ADMIN_TOKEN}`. Without one, the admin listener must be
+    /// loopback and answers only loopback peers.
+    pub token: Option<String>,
 }
+
+/// Smallest admin token accepted: a guessable one protects nothing.
+pub const ADMIN_TOKEN_MIN: usize = 16;
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { enabled: true, listen: "127.0.0.1:9090".into() }
+        AdminConfig { enabled: true, listen: "127.0.0.1:9090".into(), token: None }
+    }
+}
+
+// The token never reaches a log line, even through `{:?}` of the whole config.
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 

@@ -15,8 +15,29 @@ impl Config {
     pub fn validate(&self) -> Vec<ConfigIssue> {
         let mut issues = Issues::default();
 
-        if self.admin.enabled && self.admin.listen.parse::<SocketAddr>().is_err() {
-            issues.add("admin.listen", format!("{:?} is not an address like 127.0.0.1:9090", self.admin.listen));
+        if self.admin.enabled {
+            match (self.admin.listen.parse::<SocketAddr>(), &self.admin.token) {
+                (Err(_), _) => issues
+                    .add("admin.listen", format!("{:?} is not an address like 127.0.0.1:9090", self.admin.listen)),
+                (Ok(addr), None) if !addr.ip().is_loopback() => issues.add(
+                    "admin.listen",
+                    format!(
+                        "{addr} is reachable from other machines: set admin.token (for example `token: ${{ROUTER_ADMIN_TOKEN}}`) or listen on 127.0.0.1"
+                    ),
+                ),
+                _ => {}
+            }
+            if let Some(token) = &self.admin.token {
+                if token.chars().count() < super::ADMIN_TOKEN_MIN || token.chars().any(char::is_whitespace) {
+                    issues.add(
+                        "admin.token",
+                        format!(
+                            "must be at least {} characters without spaces (for example `openssl rand -hex 24`)",
+                            super::ADMIN_TOKEN_MIN
+                        ),
+                    );
+                }
+            }
         }
         if self.shutdown.grace_period.is_zero() {
             issues.add("shutdown.grace_period", "must be greater than 0");
@@ -186,6 +207,20 @@ routes:
             Ok(_) => panic!("config should be rejected:\n{text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn the_admin_listener_beyond_loopback_needs_a_strong_token_that_no_debug_output_shows() {
+        let with = |admin: &str| format!("{GOOD}admin: {admin}\n");
+        assert!(errors(&with("{ listen: \"0.0.0.0:9090\" }"))
+            .contains("router.yaml: admin.listen: 0.0.0.0:9090 is reachable from other machines: set admin.token"));
+        assert!(errors(&with("{ listen: \"127.0.0.1:9090\", token: short }"))
+            .contains("admin.token: must be at least 16 characters"));
+        let c = parse(&with("{ listen: \"0.0.0.0:9090\", token: \"${PASS}-and-some-more\" }"), "router.yaml", &env)
+            .expect("a token allows any address");
+        assert_eq!(c.admin.token.as_deref(), Some("s3cret-and-some-more"));
+        assert!(!format!("{c:?}").contains("s3cret-and-some-more"), "the token is redacted from Debug output");
+        parse(&with("{ listen: \"[::1]:9090\" }"), "router.yaml", &env).expect("loopback needs no token");
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl FastcgiTarget {
         for e in &config.endpoints {
             let address = Address::parse(e).map_err(|err| format!("handlers.{name}.endpoints: {e:?}: {err}"))?;
             let url = reqwest::Url::parse(e).map_err(|err| format!("handlers.{name}.endpoints: {e:?}: {err}"))?;
-            endpoints.push(Endpoint::new(url, up.with_label_values(&[name, e.as_str()])));
+            endpoints.push(Endpoint::new(url, up.with_label_values(&[name, crate::pool::endpoint_label(e).as_str()])));
             sockets.push(Socket {
                 address,
                 slots: tokio::sync::Semaphore::new(max_connections),
@@ -200,12 +200,15 @@ impl Target for FastcgiTarget {
                     Err(_) => {
                         return Outcome::Retry {
                             after: None,
-                            error: format!("{}: no answer within {:?}", endpoint.url, self.timeout),
+                            error: format!("{}: no answer within {:?}", endpoint.label, self.timeout),
                         }
                     }
                     Ok(Err(proto::ReadError::Closed { received: 0, .. })) if reused => continue,
                     Ok(Err(e)) => {
-                        return Outcome::Retry { after: None, error: format!("{}: request failed: {e}", endpoint.url) }
+                        return Outcome::Retry {
+                            after: None,
+                            error: format!("{}: request failed: {e}", endpoint.label),
+                        }
                     }
                     Ok(Ok(response)) => break Ok((conn, response)),
                 }
@@ -220,7 +223,7 @@ impl Target for FastcgiTarget {
             endpoint.mark_up();
             for text in &response.stderr {
                 let text: String = text.chars().take(STDERR_LOGGED).collect();
-                warn!(handler = %self.name, endpoint = %endpoint.url, id = %d.message.id, stderr = %text.trim_end(), "PHP-FPM wrote to stderr");
+                warn!(handler = %self.name, endpoint = %endpoint.label, id = %d.message.id, stderr = %text.trim_end(), "PHP-FPM wrote to stderr");
             }
             if response.protocol_status != 0 {
                 // Overloaded, or a request it cannot take: nothing ran.
@@ -244,7 +247,7 @@ impl Target for FastcgiTarget {
                     let excerpt = &cgi.body[..cgi.body.len().min(contract::EXCERPT_BYTES)];
                     contract::outcome(status, retry_after.as_ref(), excerpt, SystemTime::now())
                 }
-                Err(e) => Outcome::Retry { after: None, error: format!("{}: {e}", endpoint.url) },
+                Err(e) => Outcome::Retry { after: None, error: format!("{}: {e}", endpoint.label) },
             };
         }
         Outcome::Retry {

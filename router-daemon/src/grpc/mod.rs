@@ -67,7 +67,7 @@ impl GrpcTarget {
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
                 .connect_lazy();
-            endpoints.push(Endpoint::new(url, up.with_label_values(&[name, e.as_str()])));
+            endpoints.push(Endpoint::new(url, up.with_label_values(&[name, crate::pool::endpoint_label(e).as_str()])));
             channels.push(channel);
         }
         Ok(GrpcTarget {
@@ -173,12 +173,12 @@ impl Target for GrpcTarget {
                 // Our deadline (tonic reports it as Cancelled, "Timeout expired").
                 Err(None) => Outcome::Retry {
                     after: None,
-                    error: format!("{}: no answer within {:?}", endpoint.url, self.timeout),
+                    error: format!("{}: no answer within {:?}", endpoint.label, self.timeout),
                 },
                 Err(Some(s)) if s.code() == Code::Cancelled && s.message().contains("Timeout expired") => {
                     Outcome::Retry {
                         after: None,
-                        error: format!("{}: no answer within {:?}", endpoint.url, self.timeout),
+                        error: format!("{}: no answer within {:?}", endpoint.label, self.timeout),
                     }
                 }
                 Err(Some(s)) => {

@@ -44,7 +44,7 @@ impl HttpTarget {
         let mut endpoints = Vec::new();
         for e in &config.endpoints {
             let url = reqwest::Url::parse(e).map_err(|err| format!("handlers.{name}.endpoints: {e:?}: {err}"))?;
-            endpoints.push(Endpoint::new(url, up.with_label_values(&[name, e.as_str()])));
+            endpoints.push(Endpoint::new(url, up.with_label_values(&[name, crate::pool::endpoint_label(e).as_str()])));
         }
         Ok(HttpTarget {
             name: name.to_string(),
@@ -86,11 +86,14 @@ impl Target for HttpTarget {
                 Err(e) if e.is_timeout() => {
                     return Outcome::Retry {
                         after: None,
-                        error: format!("{}: no answer within {:?}", endpoint.url, self.timeout),
+                        error: format!("{}: no answer within {:?}", endpoint.label, self.timeout),
                     };
                 }
                 Err(e) => {
-                    return Outcome::Retry { after: None, error: format!("{}: request failed: {e}", endpoint.url) }
+                    return Outcome::Retry {
+                        after: None,
+                        error: format!("{}: request failed: {}", endpoint.label, e.without_url()),
+                    }
                 }
             };
             endpoint.mark_up();

@@ -12,8 +12,9 @@ use Symfony\Component\HttpKernel\Bundle\Bundle;
 
 /**
  * Registers handler classes marked #[AsRouteHandler('route')], the console worker
- * `message-router:consume` (in process, needs the extension) and the controller that
- * serves daemon deliveries over HTTP. Configuration:
+ * `message-router:consume` (in process, needs the extension), the controller that
+ * serves daemon deliveries over HTTP, and `message-router:failed:show|retry|remove`
+ * (dead letters, through the daemon's admin API). Configuration:
  *
  *     message_router:
  *         config: '%kernel.project_dir%/config/router.yaml'   # the daemon's file
@@ -21,6 +22,8 @@ use Symfony\Component\HttpKernel\Bundle\Bundle;
  *                                                             # list: [new, old] (README)
  *         unavailable_retry_after: 5                          # Retry-After of the 503s: no
  *                                                             # handler here, no secret matches
+ *         admin_url: 'http://127.0.0.1:9090'                  # the daemon's admin.listen
+ *         admin_token: '%env(ROUTER_ADMIN_TOKEN)%'            # optional: its admin.token
  */
 final class MessageRouterBundle extends Bundle
 {

@@ -2,8 +2,12 @@
 
 namespace MessageRouter\Symfony\DependencyInjection;
 
+use MessageRouter\Admin\AdminClient;
 use MessageRouter\Http\Dispatcher;
 use MessageRouter\Symfony\Command\ConsumeCommand;
+use MessageRouter\Symfony\Command\FailedRemoveCommand;
+use MessageRouter\Symfony\Command\FailedRetryCommand;
+use MessageRouter\Symfony\Command\FailedShowCommand;
 use MessageRouter\Symfony\Controller\DeliveryController;
 use MessageRouter\Symfony\HandlerLocator;
 use Symfony\Component\Config\Definition\Builder\TreeBuilder;
@@ -43,6 +47,16 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
                     ->defaultValue(Dispatcher::RETRY_AFTER)
                     ->min(1)
                 ->end()
+                ->scalarNode('admin_url')
+                    ->info('The daemon\'s admin listener (its admin.listen), for the message-router:failed:* commands')
+                    ->defaultValue(AdminClient::DEFAULT_URL)
+                    ->cannotBeEmpty()
+                ->end()
+                ->scalarNode('admin_token')
+                    ->info('The daemon\'s admin.token, when it has one: sent as Authorization: Bearer, never shown')
+                    ->example('%env(ROUTER_ADMIN_TOKEN)%')
+                    ->defaultNull()
+                ->end()
             ->end();
         return $tree;
     }
@@ -65,6 +79,14 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
         $container->register(ConsumeCommand::class, ConsumeCommand::class)
             ->setArguments([new Reference(HandlerLocator::class), '%message_router.config%'])
             ->addTag('console.command', ['command' => ConsumeCommand::NAME]);
+        // The token only as this service's argument: no container parameter to list it.
+        $container->register(AdminClient::class, AdminClient::class)
+            ->setArguments([$config['admin_url'], $config['admin_token']]);
+        foreach ([FailedShowCommand::class, FailedRetryCommand::class, FailedRemoveCommand::class] as $command) {
+            $container->register($command, $command)
+                ->setArguments([new Reference(AdminClient::class)])
+                ->addTag('console.command', ['command' => $command::NAME]);
+        }
         $container->register(DeliveryController::class, DeliveryController::class)
             ->setArguments([
                 new Reference(HandlerLocator::class),

@@ -22,6 +22,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 
+pub mod admin;
 pub mod brokers;
 pub mod fpm;
 pub mod grpc;
@@ -558,6 +559,11 @@ impl Rabbit {
     }
 
     /// Delete the queues this test declared (and their dead-letter queues).
+    /// Delete `queue` now (a destination that no longer exists).
+    pub async fn delete_queue(&self, queue: &str) {
+        self.channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await.expect("queue.delete");
+    }
+
     pub async fn cleanup(self) {
         for q in &self.queues {
             let _ = self.channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 use router_core::dlq::{DeadLetter, Filter};
-use router_core::transport::Rework;
+use router_core::transport::{Rework, TransportError};
 use router_core::SubscriptionHandle;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -160,8 +160,12 @@ impl Select {
     }
 }
 
+/// 409 when the broker cannot do this at all (a purge on a Kafka log), else 502.
 fn broker_error(e: anyhow::Error) -> Response {
-    error(StatusCode::BAD_GATEWAY, format!("{e:#}"))
+    let unsupported =
+        e.chain().any(|c| matches!(c.downcast_ref::<TransportError>(), Some(TransportError::Unsupported(_))));
+    let status = if unsupported { StatusCode::CONFLICT } else { StatusCode::BAD_GATEWAY };
+    error(status, format!("{e:#}"))
 }
 
 fn letter(d: &DeadLetter, body: usize) -> Value {

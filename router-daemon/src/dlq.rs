@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use anyhow::{bail, Context as _};
 use router_core::config::Config;
 use router_core::dlq::{DeadLetter, Filter, Stats};
-use router_core::transport::{self, ConsumeSpec, Rework, Reworked, Transport};
+use router_core::transport::{self, ConsumeSpec, Rework, Reworked, Transport, TransportError};
 
 /// A `--reason` / `reason` filter: a regular expression (plain text matches itself).
 pub fn parse_regex(s: &str) -> Result<regex::Regex, String> {
@@ -130,6 +130,11 @@ pub async fn rework_one(
     job: &ReworkJob,
 ) -> anyhow::Result<u64> {
     let name = spec.subscription.as_str();
+    if job.act == Rework::Purge && spec.config.source.kafka().is_some() {
+        // Refused before counting: a dry run must not promise what cannot be done.
+        return Err(anyhow::Error::new(TransportError::Unsupported(transport::kafka::PURGE_REFUSED.into()))
+            .context(format!("{name}: nothing purged")));
+    }
     if job.dry_run {
         let mut n = 0usize;
         read(t, spec, filter, &mut |_| {

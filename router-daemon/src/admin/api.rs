@@ -38,13 +38,23 @@ pub fn routes() -> axum::Router<AdminState> {
         .route("/handlers", get(handlers))
 }
 
-pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+/// A refusal: its status and what to say, answered as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
 }
 
-type Answer = Result<Json<Value>, Response>;
+pub fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, message.into())
+}
 
-fn find<'a>(s: &'a AdminState, name: &str) -> Result<&'a SubscriptionHandle, Response> {
+type Answer = Result<Json<Value>, ApiError>;
+
+fn find<'a>(s: &'a AdminState, name: &str) -> Result<&'a SubscriptionHandle, ApiError> {
     s.subscriptions.get(name).map_err(|_| {
         let known: Vec<&str> = s.subscriptions.all().iter().map(SubscriptionHandle::name).collect();
         error(StatusCode::NOT_FOUND, format!("no subscription {name:?} (there are: {})", known.join(", ")))
@@ -132,7 +142,7 @@ pub struct Select {
 }
 
 impl Select {
-    fn filter(&self) -> Result<Filter, Response> {
+    fn filter(&self) -> Result<Filter, ApiError> {
         let bad = |what: &str, e: String| error(StatusCode::BAD_REQUEST, format!("{what}: {e}"));
         let mut ids = self.ids.clone();
         ids.extend(self.id.clone());
@@ -161,7 +171,7 @@ impl Select {
 }
 
 /// 409 when the broker cannot do this at all (a purge on a Kafka log), else 502.
-fn broker_error(e: anyhow::Error) -> Response {
+fn broker_error(e: anyhow::Error) -> ApiError {
     let unsupported =
         e.chain().any(|c| matches!(c.downcast_ref::<TransportError>(), Some(TransportError::Unsupported(_))));
     let status = if unsupported { StatusCode::CONFLICT } else { StatusCode::BAD_GATEWAY };
@@ -248,24 +258,26 @@ async fn dead_letter_stats(
     })))
 }
 
-async fn replay(state: State<AdminState>, name: Path<String>, select: Option<Json<Select>>) -> Answer {
-    rework(state, name, select, Rework::Replay).await
+async fn replay(state: State<AdminState>, name: Path<String>, body: axum::body::Bytes) -> Answer {
+    rework(state, name, body, Rework::Replay).await
 }
 
-async fn purge(state: State<AdminState>, name: Path<String>, select: Option<Json<Select>>) -> Answer {
-    rework(state, name, select, Rework::Purge).await
+async fn purge(state: State<AdminState>, name: Path<String>, body: axum::body::Bytes) -> Answer {
+    rework(state, name, body, Rework::Purge).await
 }
 
 /// Replay or purge what the body selects. Nothing selected (no filter and not
 /// `all: true`), or a selection that matches nothing, is an error that changed nothing.
-async fn rework(
-    State(s): State<AdminState>,
-    Path(name): Path<String>,
-    select: Option<Json<Select>>,
-    act: Rework,
-) -> Answer {
+async fn rework(State(s): State<AdminState>, Path(name): Path<String>, body: axum::body::Bytes, act: Rework) -> Answer {
     let sub = find(&s, &name)?;
-    let select = select.map(|Json(s)| s).unwrap_or_default();
+    // Read here rather than by axum's extractor, so a malformed body gets the same
+    // JSON error as every other refusal, whatever its Content-Type.
+    let select: Select = if body.iter().all(u8::is_ascii_whitespace) {
+        Select::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body must be a JSON selection: {e}")))?
+    };
     let verb = if act == Rework::Replay { "replay" } else { "purge" };
     if select.is_unfiltered() && !select.all {
         return Err(error(

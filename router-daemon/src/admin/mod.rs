@@ -88,7 +88,7 @@ pub async fn start(
         api::routes().route_layer(axum::middleware::from_fn_with_state(state.clone(), guard)).fallback(|| async {
             api::error(
                 StatusCode::NOT_FOUND,
-                "no such API path (GET /api/status lists none; see the README: Status page and admin API)",
+                "no such API path (the README section \"Status page and admin API\" lists them)",
             )
         });
     let app = axum::Router::new()
@@ -133,7 +133,8 @@ async fn guard(
                 let mut refused = api::error(
                     StatusCode::UNAUTHORIZED,
                     "this call needs the admin token: send `Authorization: Bearer <admin.token>`",
-                );
+                )
+                .into_response();
                 refused.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
                 return refused;
             }
@@ -142,7 +143,8 @@ async fn guard(
             return api::error(
                 StatusCode::FORBIDDEN,
                 "the admin API answers loopback callers only unless admin.token is set",
-            );
+            )
+            .into_response();
         }
         None => {}
     }
@@ -150,7 +152,8 @@ async fn guard(
         return api::error(
             StatusCode::FORBIDDEN,
             "a change asked by a page of another origin is refused (call the API from the status page, curl or a script)",
-        );
+        )
+        .into_response();
     }
     next.run(request).await
 }

@@ -68,6 +68,10 @@ pub struct AmqpTransport {
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// Publisher for [`Transport::publish`], made on first use (per connection).
     publisher: tokio::sync::Mutex<Option<Arc<Publisher>>>,
+    /// One dead-letter walk at a time: a walk holds what it read unacked until it
+    /// ends, so a second walk beside it (the status page's list beside its stats)
+    /// would not see those.
+    dead_letter_walk: tokio::sync::Mutex<()>,
     /// Per source queue: retries its mover holds unacked until they are due.
     held: parking_lot::Mutex<std::collections::HashMap<String, Arc<AtomicU64>>>,
 }
@@ -94,6 +98,7 @@ impl AmqpTransport {
             connection: tokio::sync::Mutex::new(None),
             publisher: tokio::sync::Mutex::new(None),
             held: parking_lot::Mutex::default(),
+            dead_letter_walk: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -389,6 +394,7 @@ impl Transport for AmqpTransport {
             )));
         }
         let broker = |e: lapin::Error| TransportError::Broker(e.to_string());
+        let _walking = self.dead_letter_walk.lock().await;
         let conn = self.connection().await.map_err(|e| TransportError::Broker(e.to_string()))?;
         let ch = conn.create_channel().await.map_err(broker)?;
         let queue = dl.routing_key.as_str();

@@ -18,6 +18,11 @@ use crate::dlq::DeadLetter;
 use crate::message::header;
 use crate::transport::{Decide, Rework, Reworked, TransportError};
 
+/// Why a Kafka dead letter cannot be purged, and what to do instead.
+pub const PURGE_REFUSED: &str = "a Kafka topic is a log: its records leave it only by the topic's retention \
+     (retention.ms), never one by one; `dlq replay` copies dead letters back and they stay in the dead-letter \
+     topic (select them by --since/--until or --id to replay each once)";
+
 /// How long the broker may stay silent while records are still expected.
 const SILENCE: Duration = Duration::from_secs(30);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,12 +52,7 @@ pub async fn walk(
             Rework::Keep => continue,
             Rework::Stop => break,
             Rework::Purge => {
-                result = Err(TransportError::Unsupported(
-                    "a Kafka topic is a log: its records leave it only by the topic's retention (retention.ms), \
-                     never one by one; `dlq replay` copies dead letters back and they stay in the dead-letter \
-                     topic (select them by --since/--until or --id to replay each once)"
-                        .into(),
-                ));
+                result = Err(TransportError::Unsupported(PURGE_REFUSED.into()));
                 break;
             }
             Rework::Replay => {

@@ -63,6 +63,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use convert::field;
+pub use dlq::PURGE_REFUSED;
 
 use super::{
     ConsumeError, ConsumeSpec, Decide, Depths, Inbox, Reworked, SourceConfig, SourceStatus, Transport, TransportError,

@@ -35,14 +35,6 @@ final class BridgeHttpTest extends WorkerTestCase
         parent::tearDown();
     }
 
-    private static function freePort(): int
-    {
-        $s = stream_socket_server('tcp://127.0.0.1:0');
-        $port = (int) substr(strrchr(stream_socket_get_name($s, false), ':'), 1);
-        fclose($s);
-        return $port;
-    }
-
     /**
      * `php -n -S` serving front.php with the test handlers (handlers/routes.php) on
      * `$port` (a free one when null); `$env` adds to or overrides its environment (a

@@ -48,14 +48,6 @@ final class FailedCommandsTest extends WorkerTestCase
         parent::tearDown();
     }
 
-    private static function freePort(): int
-    {
-        $s = stream_socket_server('tcp://127.0.0.1:0');
-        $port = (int) substr(strrchr(stream_socket_get_name($s, false), ':'), 1);
-        fclose($s);
-        return $port;
-    }
-
     /** A queue for the daemon to consume, and everything it makes beside it (deleted in tearDown). */
     private function queue(string $prefix): string
     {

@@ -266,6 +266,15 @@ abstract class WorkerTestCase extends TestCase
     {
         return ['max_attempts' => 3, 'initial_delay' => '200ms', 'multiplier' => 2, 'max_delay' => '2s', 'jitter' => 0];
     }
+
+    /** A TCP port free on 127.0.0.1 now (for php -S and the daemon's admin listener). */
+    protected static function freePort(): int
+    {
+        $s = stream_socket_server('tcp://127.0.0.1:0');
+        $port = (int) substr(strrchr(stream_socket_get_name($s, false), ':'), 1);
+        fclose($s);
+        return $port;
+    }
 }
 
 /** A worker process and what it wrote. */

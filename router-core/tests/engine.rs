@@ -398,33 +398,33 @@ async fn an_outage_of_the_handler_opens_its_circuit_instead_of_burning_the_backl
     task.await.expect("router task").expect("router ran");
 }
 
-/// Starts a router and keeps its subscription handles.
-fn start_with_handles(
-    cfg: &router_core::config::Config,
-    target: Arc<Scripted>,
-) -> (CancellationToken, RunTask, router_core::Subscriptions) {
-    let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let targets: HashMap<String, Arc<dyn Target>> = HashMap::from([("h".to_string(), target as Arc<dyn Target>)]);
-    let router = Router::new(cfg, targets, metrics).expect("router");
-    let subs = router.subscriptions();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(router.run(stop.clone()));
-    (stop, task, subs)
-}
-
-#[tokio::test]
-async fn pause_lets_in_flight_finish_takes_nothing_new_and_resume_goes_on() {
-    use router_core::control::State;
+/// Twenty messages for a handler that takes 200 ms each, a router started on them with
+/// its subscription handles kept, and the handler busy with its four slots.
+async fn twenty_for_a_slow_handler(
+) -> (Arc<MemoryBroker>, Arc<Scripted>, CancellationToken, RunTask, router_core::Subscriptions) {
     let name = format!("mem-{}", uuid::Uuid::new_v4());
     let broker = MemoryBroker::named(&name);
     let target = Arc::new(Scripted { delay: Some(Duration::from_millis(200)), ..Scripted::default() });
     for i in 0..20 {
         broker.push("q", msg(&format!("m{i}"), "order.a"));
     }
-    let (stop, task, subs) = start_with_handles(&config(&name, ""), target.clone());
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let targets: HashMap<String, Arc<dyn Target>> =
+        HashMap::from([("h".to_string(), target.clone() as Arc<dyn Target>)]);
+    let router = Router::new(&config(&name, ""), targets, metrics).expect("router");
+    let subs = router.subscriptions();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(router.run(stop.clone()));
+    wait_until("handler busy", || target.running.load(Ordering::SeqCst) == 4).await;
+    (broker, target, stop, task, subs)
+}
+
+#[tokio::test]
+async fn pause_lets_in_flight_finish_takes_nothing_new_and_resume_goes_on() {
+    use router_core::control::State;
+    let (broker, target, stop, task, subs) = twenty_for_a_slow_handler().await;
     let s = subs.get("s").expect("subscription s").clone();
     assert!(subs.get("nope").is_err(), "an unknown subscription is refused");
-    wait_until("handler busy", || target.running.load(Ordering::SeqCst) == 4).await;
     s.pause();
     assert_eq!(s.state(), State::Paused);
     // What was in flight finishes and is acked; nothing new reaches the handler.
@@ -447,15 +447,8 @@ async fn pause_lets_in_flight_finish_takes_nothing_new_and_resume_goes_on() {
 #[tokio::test]
 async fn drain_finishes_in_flight_hands_the_rest_back_and_stops_until_resumed() {
     use router_core::control::State;
-    let name = format!("mem-{}", uuid::Uuid::new_v4());
-    let broker = MemoryBroker::named(&name);
-    let target = Arc::new(Scripted { delay: Some(Duration::from_millis(200)), ..Scripted::default() });
-    for i in 0..20 {
-        broker.push("q", msg(&format!("m{i}"), "order.a"));
-    }
-    let (stop, task, subs) = start_with_handles(&config(&name, ""), target.clone());
+    let (broker, target, stop, task, subs) = twenty_for_a_slow_handler().await;
     let s = subs.get("s").expect("subscription s").clone();
-    wait_until("handler busy", || target.running.load(Ordering::SeqCst) == 4).await;
     s.drain();
     wait_until("drained", || s.state() == State::Drained).await;
     let handled = target.seen.lock().len();

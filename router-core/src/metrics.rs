@@ -47,20 +47,29 @@ pub struct Metrics {
     pub retries_waiting: IntGaugeVec,
     /// 1 while an operator has paused or drained the subscription.
     pub paused: IntGaugeVec,
+    /// The name of every metric family registered (an empty vector family is missing
+    /// from `/metrics` until its first series): for the dashboard and alert checks.
+    names: parking_lot::Mutex<Vec<String>>,
 }
 
 impl Metrics {
     /// A fresh registry with every core metric registered.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        let names = std::cell::RefCell::new(Vec::<String>::new());
+        let record = |c: &dyn prometheus::core::Collector| {
+            names.borrow_mut().extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        };
         let route_labels = &["subscription", "route", "handler"];
         let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
             let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            record(&c);
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
         let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
             let g = IntGaugeVec::new(Opts::new(name, help), &["subscription"])?;
+            record(&g);
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
@@ -101,6 +110,7 @@ impl Metrics {
                 ]),
             &["handler"],
         )?;
+        record(&handler_seconds);
         registry.register(Box::new(handler_seconds.clone()))?;
         let in_flight = gauge("router_in_flight", "Messages taken from the broker and not yet settled")?;
         let connected = gauge("router_subscription_connected", "1 while the subscription is consuming")?;
@@ -108,6 +118,7 @@ impl Metrics {
             Opts::new("router_consumer_lag", "Messages of a partition after the group's committed offset (Kafka)"),
             &["subscription", "topic", "partition"],
         )?;
+        record(&consumer_lag);
         registry.register(Box::new(consumer_lag.clone()))?;
         let settling = gauge(
             "router_settling",
@@ -127,6 +138,7 @@ impl Metrics {
             Opts::new("router_circuit_state", "Circuit of a handler: 0 closed, 1 open, 2 half-open"),
             &["handler"],
         )?;
+        record(&circuit_state);
         registry.register(Box::new(circuit_state.clone()))?;
         let circuit_opened =
             counter("router_circuit_opened_total", "Times the circuit of a handler opened", &["handler"])?;
@@ -166,7 +178,21 @@ impl Metrics {
             dead_letters,
             retries_waiting,
             paused,
+            names: parking_lot::Mutex::new(names.into_inner()),
         })
+    }
+
+    /// Register a metric family of a component beyond the core (a target's).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> Result<(), prometheus::Error> {
+        let names: Vec<String> = c.desc().iter().map(|d| d.fq_name.clone()).collect();
+        self.registry.register(c)?;
+        self.names.lock().extend(names);
+        Ok(())
+    }
+
+    /// Every metric family registered, by name, in registration order.
+    pub fn names(&self) -> Vec<String> {
+        self.names.lock().clone()
     }
 
     /// The text exposition format, for `/metrics`.

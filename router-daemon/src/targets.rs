@@ -52,7 +52,7 @@ impl Shared {
             prometheus::Opts::new("router_endpoint_up", "1 while a handler endpoint accepts connections"),
             &["handler", "endpoint"],
         )?;
-        metrics.registry.register(Box::new(up.clone()))?;
+        metrics.register(Box::new(up.clone()))?;
         self.up = Some(up.clone());
         Ok(up)
     }

@@ -422,6 +422,10 @@ impl Pipeline {
                     }
                     self.drained.store(true, Ordering::Relaxed);
                     self.status.set_connected(false);
+                    self.status.report(
+                        Problem::Drained,
+                        format!("by an operator; POST /api/subscriptions/{}/resume consumes again", self.name),
+                    );
                     info!(subscription = %self.name, "drained: the consumer is stopped until resumed");
                     let mut mode = self.mode.subscribe();
                     let resumed = tokio::select! {
@@ -429,6 +433,7 @@ impl Pipeline {
                         r = mode.wait_for(|m| *m != Mode::Draining) => r.is_ok(),
                     };
                     self.drained.store(false, Ordering::Relaxed);
+                    self.status.clear(&Problem::Drained);
                     if !resumed {
                         break;
                     }

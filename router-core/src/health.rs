@@ -29,6 +29,8 @@ pub enum Problem {
     Group,
     /// The circuit of this handler is open: the subscription takes nothing new.
     CircuitOpen(String),
+    /// An operator drained the subscription: it has no consumer until resumed.
+    Drained,
 }
 
 impl Problem {
@@ -40,6 +42,7 @@ impl Problem {
             Problem::Settling => "settling".into(),
             Problem::Group => "group".into(),
             Problem::CircuitOpen(handler) => format!("circuit of handler {handler:?} open"),
+            Problem::Drained => "drained".into(),
         }
     }
 }
@@ -95,7 +98,10 @@ impl SourceStatus {
     pub fn reasons(&self) -> Vec<String> {
         let problems = self.problems.lock();
         let mut out = Vec::new();
-        if !self.is_connected() && !problems.contains_key(&Problem::Unreachable) {
+        if !self.is_connected()
+            && !problems.contains_key(&Problem::Unreachable)
+            && !problems.contains_key(&Problem::Drained)
+        {
             out.push("no live consumer".to_string());
         }
         out.extend(problems.iter().map(|(p, reason)| format!("{}: {reason}", p.label())));

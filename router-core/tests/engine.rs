@@ -451,6 +451,11 @@ async fn drain_finishes_in_flight_hands_the_rest_back_and_stops_until_resumed() 
     let s = subs.get("s").expect("subscription s").clone();
     s.drain();
     wait_until("drained", || s.state() == State::Drained).await;
+    assert_eq!(
+        s.snapshot().problems,
+        ["drained: by an operator; POST /api/subscriptions/s/resume consumes again"],
+        "readiness says why there is no consumer"
+    );
     let handled = target.seen.lock().len();
     assert_eq!(s.snapshot().in_flight, 0);
     assert_eq!(broker.len("q") + handled, 20, "everything not handled is back at the broker, nothing acked unhandled");

@@ -37,7 +37,7 @@
 //! transport flush its acks and close.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -117,8 +117,6 @@ struct Pipeline {
     transport_name: String,
     /// What the operator asked ([`crate::control`]).
     mode: tokio::sync::watch::Sender<Mode>,
-    /// Drained: the consumer is stopped until resumed.
-    drained: AtomicBool,
     /// Deliveries handed over and not settled (or handed back) yet.
     in_flight: AtomicU64,
     /// The depths last read at the broker.
@@ -220,7 +218,6 @@ impl Router {
                 last_received: Mutex::new(Instant::now()),
                 transport_name: s.transport.clone(),
                 mode: tokio::sync::watch::Sender::new(Mode::Running),
-                drained: AtomicBool::new(false),
                 in_flight: AtomicU64::new(0),
                 depths: Mutex::new(DepthsSeen::default()),
             }));
@@ -420,7 +417,6 @@ impl Pipeline {
                     if !consumer.is_finished() {
                         let _ = (&mut consumer).await;
                     }
-                    self.drained.store(true, Ordering::Relaxed);
                     self.status.set_connected(false);
                     self.status.report(
                         Problem::Drained,
@@ -432,7 +428,6 @@ impl Pipeline {
                         _ = shutdown.cancelled() => false,
                         r = mode.wait_for(|m| *m != Mode::Draining) => r.is_ok(),
                     };
-                    self.drained.store(false, Ordering::Relaxed);
                     self.status.clear(&Problem::Drained);
                     if !resumed {
                         break;
@@ -549,7 +544,7 @@ impl Pipeline {
         let mode = *self.mode.borrow();
         match mode {
             Mode::Paused => State::Paused,
-            Mode::Draining if self.drained.load(Ordering::Relaxed) => State::Drained,
+            Mode::Draining if self.status.has(&Problem::Drained) => State::Drained,
             Mode::Draining => State::Draining,
             Mode::Running if self.breakers.iter().any(|b| b.is_open()) => State::BreakerOpen,
             Mode::Running if !self.status.is_connected() || self.status.has(&Problem::Restarting) => {

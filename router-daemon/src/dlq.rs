@@ -89,12 +89,13 @@ pub async fn collect(
     Ok((found, more))
 }
 
-/// Counts by reason and route, oldest and newest, of those that pass `filter`.
-pub async fn stats_of(t: &dyn Transport, spec: &ConsumeSpec, filter: &Filter) -> anyhow::Result<Stats> {
+/// Counts by reason and route, oldest and newest, of those that pass `filter`; of the
+/// first `limit` of them when there are more.
+pub async fn stats_of(t: &dyn Transport, spec: &ConsumeSpec, filter: &Filter, limit: usize) -> anyhow::Result<Stats> {
     let mut stats = Stats::default();
     read(t, spec, filter, &mut |d| {
         stats.add(d);
-        true
+        (stats.count as usize) < limit
     })
     .await?;
     Ok(stats)
@@ -201,7 +202,7 @@ pub async fn stats(config: &Config, subscription: Option<&str>, filter: &Filter)
     let mut out = String::new();
     for name in selected(config, subscription)? {
         let (t, spec) = open(config, &mut transports, name);
-        let stats = stats_of(t.as_ref(), &spec, filter).await?;
+        let stats = stats_of(t.as_ref(), &spec, filter, usize::MAX).await?;
         let _ = writeln!(out, "{name}: {} dead letter(s)", stats.count);
         if stats.count == 0 {
             continue;

@@ -232,18 +232,9 @@ async fn dead_letter_stats(
     Query(select): Query<Select>,
 ) -> Answer {
     let sub = find(&s, &name)?;
-    let mut filter = select.filter()?;
+    let filter = select.filter()?;
     let limit = select.limit.unwrap_or(usize::MAX);
-    let (transport, spec) = (sub.transport(), sub.spec());
-    let stats = if limit == usize::MAX {
-        dlq::stats_of(transport.as_ref(), &spec, &filter).await.map_err(broker_error)?
-    } else {
-        let (found, _) =
-            dlq::collect(transport.as_ref(), &spec, &std::mem::take(&mut filter), limit).await.map_err(broker_error)?;
-        let mut stats = router_core::dlq::Stats::default();
-        found.iter().for_each(|d| stats.add(d));
-        stats
-    };
+    let stats = dlq::stats_of(sub.transport().as_ref(), &sub.spec(), &filter, limit).await.map_err(broker_error)?;
     let ranked = |counts: &std::collections::BTreeMap<String, u64>| -> Vec<Value> {
         dlq::by_count(counts).into_iter().map(|(k, n)| json!({ "name": k, "count": n })).collect()
     };
@@ -298,19 +289,15 @@ async fn rework(State(s): State<AdminState>, Path(name): Path<String>, body: axu
     let filter = select.filter()?;
     let job =
         ReworkJob { act, limit: select.limit.unwrap_or(usize::MAX), pace, dry_run: select.dry_run, progress: false };
-    let (transport, spec) = (sub.transport(), sub.spec());
-    // Counted first: a selection that matches nothing is refused before anything runs.
-    let dry = ReworkJob { dry_run: true, ..job };
-    let matching = dlq::rework_one(transport.as_ref(), &spec, &filter, &dry).await.map_err(broker_error)?;
-    if matching == 0 {
+    // One walk: a selection that matches nothing changes nothing, and says so.
+    let done = dlq::rework_one(sub.transport().as_ref(), &sub.spec(), &filter, &job).await.map_err(broker_error)?;
+    if done == 0 {
         return Err(error(StatusCode::NOT_FOUND, format!("no dead letter of {name:?} matches; nothing changed")));
     }
     if select.dry_run {
-        return Ok(Json(json!({ "subscription": name, "dry_run": true, "matching": matching })));
+        return Ok(Json(json!({ "subscription": name, "dry_run": true, "matching": done })));
     }
-    let job = ReworkJob { dry_run: false, ..dry };
-    tracing::info!(subscription = %name, action = verb, matching, "admin API: dead letters");
-    let done = dlq::rework_one(transport.as_ref(), &spec, &filter, &job).await.map_err(broker_error)?;
+    tracing::info!(subscription = %name, action = verb, done, "admin API: dead letters");
     let key = if act == Rework::Replay { "replayed" } else { "purged" };
     Ok(Json(json!({ "subscription": name, key: done })))
 }

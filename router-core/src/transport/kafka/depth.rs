@@ -77,13 +77,19 @@ fn lag(consumer: &BaseConsumer, topics: &[String]) -> Result<u64, TransportError
     let mut waiting = 0u64;
     for e in committed.elements() {
         let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), TIMEOUT).map_err(broker)?;
-        let from = match e.offset() {
-            Offset::Offset(o) if (low..=high).contains(&o) => o,
-            _ => low,
-        };
-        waiting += u64::try_from(high - from).unwrap_or(0);
+        waiting += waiting_after(e.offset(), low, high);
     }
     Ok(waiting)
+}
+
+/// Records of a partition holding `low..high` after the group's `committed` offset;
+/// all of them when it committed none there (or one the partition no longer holds).
+pub(super) fn waiting_after(committed: Offset, low: i64, high: i64) -> u64 {
+    let from = match committed {
+        Offset::Offset(o) if (low..=high).contains(&o) => o,
+        _ => low,
+    };
+    u64::try_from(high - from).unwrap_or(0)
 }
 
 /// Records the partitions of `topics` hold now.

@@ -371,11 +371,7 @@ impl Transport for KafkaTransport {
                     waiting += u64::try_from(high - low).unwrap_or(0).max(1);
                     continue;
                 }
-                let from = match e.offset() {
-                    Offset::Offset(o) if (low..=high).contains(&o) => o,
-                    _ => low,
-                };
-                waiting += u64::try_from(high - from).unwrap_or(0);
+                waiting += depth::waiting_after(e.offset(), low, high);
             }
             drop(committed);
             Ok(Some(waiting))

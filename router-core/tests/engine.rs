@@ -281,7 +281,10 @@ async fn a_refused_dead_letter_is_retried_not_the_handler_and_lands_when_the_des
     assert!(broker.refusals() - before < 8, "backed off: {} tries in 10 s", broker.refusals() - before);
 
     broker.refuse("q.dlq", false);
-    wait_until("the dead letter lands", || broker.len("q.dlq") == 1).await;
+    // The next try comes one backoff step later, and after 13 s of refusals that step
+    // may be 12.8 s with up to as much again of jitter (`backoff::settle`, never more
+    // than 2 × 30 s): wait out the longest one (paused time: this costs nothing).
+    wait_up_to(Duration::from_secs(65), "the dead letter lands", || broker.len("q.dlq") == 1).await;
     assert_eq!(target.seen.lock().iter().filter(|s| s.0 == "poison").count(), 1, "still called once");
     wait_until("settling cleared", || metrics.settling.with_label_values(&["s"]).get() == 0).await;
     assert!(readiness.report().is_empty(), "{:?}", readiness.report());

@@ -310,16 +310,19 @@ impl Inbox for PipelineInbox {
         }
         // Paused by an operator: wait here, unacked. Draining: give it back (the
         // transport then stops consuming, and the broker redelivers it later).
-        let mut mode = self.pipeline.mode.subscribe();
-        loop {
-            match *mode.borrow_and_update() {
-                Mode::Running => break,
-                Mode::Draining => return Err(d),
-                Mode::Paused => {}
-            }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Err(d),
-                changed = mode.changed() => if changed.is_err() { return Err(d) },
+        // Running (nearly always): one read of the mode, no receiver made.
+        if *self.pipeline.mode.borrow() != Mode::Running {
+            let mut mode = self.pipeline.mode.subscribe();
+            loop {
+                match *mode.borrow_and_update() {
+                    Mode::Running => break,
+                    Mode::Draining => return Err(d),
+                    Mode::Paused => {}
+                }
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Err(d),
+                    changed = mode.changed() => if changed.is_err() { return Err(d) },
+                }
             }
         }
         let name = [self.pipeline.name.as_str()];

@@ -36,14 +36,14 @@
 //! period, drop (= hand back to the broker) whatever is still running, then let the
 //! transport flush its acks and close.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,7 +51,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::backoff;
 use crate::breaker::{Breaker, CircuitState, Observer, Verdict};
-use crate::config::{Config, SubscriptionConfig};
+use crate::config::{Config, ConfigDiff, SubscriptionConfig};
 use crate::control::{ControlError, DepthsSeen, Mode, Snapshot, State};
 use crate::dedup::Dedup;
 use crate::health::{Problem, Readiness, SourceStatus};
@@ -94,21 +94,42 @@ struct Handler {
     breaker: Arc<Breaker>,
 }
 
+/// Routes and handlers as of the last (re)load. A reload swaps the whole of it, so a
+/// message is routed by the old table or by the new one, never by a mix; work already
+/// under way keeps the handler it started with.
+struct Wiring {
+    routes: RoutingTable,
+    handlers: HashMap<String, Handler>,
+    grace: Duration,
+}
+
+/// The router's current wiring, read once per message.
+type Wire = Arc<RwLock<Arc<Wiring>>>;
+
+/// A circuit a subscription watches: while it is open the subscription takes nothing
+/// new. `on` is cleared when a reload detaches it, so a circuit left to in-flight work
+/// no longer speaks for the subscription.
+struct Attached {
+    handler: String,
+    breaker: Arc<Breaker>,
+    on: Arc<AtomicBool>,
+}
+
 /// Everything one subscription pipeline needs, shared by its tasks.
 struct Pipeline {
     name: String,
     config: SubscriptionConfig,
     transport: Arc<dyn Transport>,
-    routes: Arc<RoutingTable>,
-    handlers: Arc<HashMap<String, Handler>>,
+    wiring: Wire,
+    /// Bumped by every reload that rewires: a consumer paused for a circuit looks again.
+    rewired: Arc<tokio::sync::watch::Sender<u64>>,
     metrics: Arc<Metrics>,
     status: Arc<SourceStatus>,
-    grace: Duration,
     reconnect_max: Duration,
     dedup: Option<Dedup>,
     /// Circuits of the handlers this subscription can reach: while one is open, the
     /// subscription takes nothing new from the broker.
-    breakers: Vec<Arc<Breaker>>,
+    breakers: RwLock<Arc<Vec<Attached>>>,
     /// Messages whose settlement is being retried, and the last refusal.
     settling: Mutex<(usize, String)>,
     /// When the consumer last handed over a delivery (or started): the watchdog's clock.
@@ -123,11 +144,20 @@ struct Pipeline {
     depths: Mutex<DepthsSeen>,
 }
 
+/// The subscriptions running now, by name; what the admin API and `/readyz` see. A
+/// subscription a reload removed or replaced leaves it at once (it drains unseen).
+type Registry = Arc<RwLock<BTreeMap<String, Arc<Pipeline>>>>;
+
 /// The whole router: every subscription of a config, wired to its targets.
 pub struct Router {
-    pipelines: Vec<Arc<Pipeline>>,
-    transports: Vec<Arc<dyn Transport>>,
+    config: Config,
     metrics: Arc<Metrics>,
+    wiring: Wire,
+    rewired: Arc<tokio::sync::watch::Sender<u64>>,
+    transports: HashMap<String, Arc<dyn Transport>>,
+    registry: Registry,
+    reloads: mpsc::Receiver<Reload>,
+    reloader: mpsc::Sender<Reload>,
 }
 
 /// Keeps `router_circuit_state` and `router_circuit_opened_total` in step with a circuit.
@@ -143,17 +173,68 @@ impl Observer for CircuitMetrics {
 }
 
 /// Shows an open circuit on the health of a subscription routed to its handler.
-struct CircuitHealth(Arc<SourceStatus>);
+struct CircuitHealth {
+    status: Arc<SourceStatus>,
+    on: Arc<AtomicBool>,
+}
 
 impl Observer for CircuitHealth {
     fn changed(&self, handler: &str, state: CircuitState, reason: &str) {
+        if !self.on.load(Ordering::Acquire) {
+            return;
+        }
         let problem = Problem::CircuitOpen(handler.to_string());
         match state {
-            CircuitState::Closed => self.0.clear(&problem),
-            CircuitState::Open => self.0.report(problem, format!("{reason}; taking nothing new")),
-            CircuitState::HalfOpen => self.0.report(problem, "half-open: probing the handler"),
+            CircuitState::Closed => self.status.clear(&problem),
+            CircuitState::Open => self.status.report(problem, format!("{reason}; taking nothing new")),
+            CircuitState::HalfOpen => self.status.report(problem, "half-open: probing the handler"),
         }
     }
+}
+
+/// Builds the targets of the handlers a reload adds or changes (the [`ConfigDiff`]
+/// says which); the others keep theirs. An error refuses the whole reload.
+pub type BuildTargets =
+    Box<dyn FnOnce(&Config, &ConfigDiff) -> Result<HashMap<String, Arc<dyn Target>>, String> + Send>;
+
+/// Why a reload was refused; the running config stays as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Build(String),
+    #[error(transparent)]
+    Wiring(#[from] BuildError),
+    #[error("the router is stopping")]
+    Stopping,
+}
+
+struct Reload {
+    config: Config,
+    build: BuildTargets,
+    reply: oneshot::Sender<Result<ConfigDiff, ReloadError>>,
+}
+
+/// Hands a new config to a running router ([`Router::reloader`]).
+#[derive(Clone)]
+pub struct Reloader(mpsc::Sender<Reload>);
+
+impl Reloader {
+    /// Apply `config` as a diff against the running one: what did not change keeps
+    /// running untouched; removed subscriptions drain and stop; changed ones drain and
+    /// start again with their new settings; routes and handlers swap at once for new
+    /// messages; a changed transport reconnects its subscriptions. Returns what changed.
+    pub async fn reload(&self, config: Config, build: BuildTargets) -> Result<ConfigDiff, ReloadError> {
+        let (reply, answer) = oneshot::channel();
+        self.0.send(Reload { config, build, reply }).await.map_err(|_| ReloadError::Stopping)?;
+        answer.await.map_err(|_| ReloadError::Stopping)?
+    }
+}
+
+/// A subscription pipeline that runs: how to stop it, and a token cancelled once it
+/// has stopped (a replacement waits for it).
+struct Running {
+    stop: CancellationToken,
+    finished: CancellationToken,
 }
 
 impl Router {
@@ -163,8 +244,47 @@ impl Router {
         targets: HashMap<String, Arc<dyn Target>>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
+        let handlers = Self::handlers(config, &targets, None, &ConfigDiff::default(), &metrics)?;
+        let wiring = Arc::new(RwLock::new(Arc::new(Wiring {
+            routes: RoutingTable::from_config(config),
+            handlers,
+            grace: config.shutdown.grace_period,
+        })));
+        let (reloader, reloads) = mpsc::channel(4);
+        let router = Router {
+            config: config.clone(),
+            metrics,
+            wiring,
+            rewired: Arc::new(tokio::sync::watch::Sender::new(0)),
+            transports: config.transports.iter().map(|(n, t)| (n.clone(), transport::build(n, t))).collect(),
+            registry: Registry::default(),
+            reloads,
+            reloader,
+        };
+        for (name, s) in &config.subscriptions {
+            if let Some(p) = router.pipeline(name, s, Mode::Running) {
+                router.registry.write().insert(name.clone(), p);
+            }
+        }
+        Ok(router)
+    }
+
+    /// The handlers of `config`: those `keep` has and the diff leaves alone are kept
+    /// (same target, slots and circuit); the others get the target `targets` holds.
+    fn handlers(
+        config: &Config,
+        targets: &HashMap<String, Arc<dyn Target>>,
+        keep: Option<&Wiring>,
+        diff: &ConfigDiff,
+        metrics: &Arc<Metrics>,
+    ) -> Result<HashMap<String, Handler>, BuildError> {
         let mut handlers = HashMap::new();
         for (name, h) in &config.handlers {
+            if let Some(kept) = keep.filter(|_| !diff.handlers.needs_building(name)).and_then(|w| w.handlers.get(name))
+            {
+                handlers.insert(name.clone(), kept.clone());
+                continue;
+            }
             let used = config.routes.iter().any(|r| &r.handler == name)
                 || config.subscriptions.values().any(|s| s.default_handler.as_deref() == Some(name));
             match targets.get(name) {
@@ -181,53 +301,65 @@ impl Router {
                 None => {}
             }
         }
-        let handlers = Arc::new(handlers);
-        let routes = Arc::new(RoutingTable::from_config(config));
-        let transports: HashMap<&String, Arc<dyn Transport>> =
-            config.transports.iter().map(|(name, t)| (name, transport::build(name, t))).collect();
-        let mut pipelines = Vec::new();
-        for (name, s) in &config.subscriptions {
-            let Some(transport) = transports.get(&s.transport) else {
-                continue;
-            };
-            let gauge = metrics.connected.with_label_values(&[name.as_str()]);
-            let status = Arc::new(SourceStatus::new(Some(gauge)));
-            let breakers: Vec<Arc<Breaker>> = config
-                .reachable_handlers(name)
-                .filter_map(|(h, _)| handlers.get(h))
-                .map(|h| h.breaker.clone())
-                .collect();
-            for b in &breakers {
-                b.observe(Arc::new(CircuitHealth(status.clone())));
+        Ok(handlers)
+    }
+
+    /// A new pipeline for subscription `name` of the current config, in `mode`.
+    fn pipeline(&self, name: &str, s: &SubscriptionConfig, mode: Mode) -> Option<Arc<Pipeline>> {
+        let transport = self.transports.get(&s.transport)?;
+        let gauge = self.metrics.connected.with_label_values(&[name]);
+        let reconnect_max =
+            self.config.transports.get(&s.transport).map_or(Duration::from_secs(30), |t| t.reconnect_max_delay);
+        let p = Arc::new(Pipeline {
+            name: name.to_string(),
+            config: s.clone(),
+            transport: transport.clone(),
+            wiring: self.wiring.clone(),
+            rewired: self.rewired.clone(),
+            metrics: self.metrics.clone(),
+            status: Arc::new(SourceStatus::new(Some(gauge))),
+            reconnect_max,
+            dedup: s.dedup.as_ref().map(|d| Dedup::new(name, d)),
+            breakers: RwLock::new(Arc::new(Vec::new())),
+            settling: Mutex::new((0, String::new())),
+            last_received: Mutex::new(Instant::now()),
+            transport_name: s.transport.clone(),
+            mode: tokio::sync::watch::Sender::new(mode),
+            in_flight: AtomicU64::new(0),
+            depths: Mutex::new(DepthsSeen::default()),
+        });
+        self.attach(&p);
+        self.metrics.paused.with_label_values(&[name]).set(i64::from(mode != Mode::Running));
+        Some(p)
+    }
+
+    /// Point `p` at the circuits of the handlers it reaches in the current wiring; the
+    /// circuits it no longer reaches stop speaking for its health.
+    fn attach(&self, p: &Pipeline) {
+        let wiring = self.wiring.read().clone();
+        let old = p.breakers.read().clone();
+        let mut now = Vec::new();
+        for (h, _) in self.config.reachable_handlers(&p.name) {
+            let Some(handler) = wiring.handlers.get(h) else { continue };
+            match old.iter().find(|a| Arc::ptr_eq(&a.breaker, &handler.breaker)) {
+                Some(a) => now.push(Attached { handler: h.clone(), breaker: a.breaker.clone(), on: a.on.clone() }),
+                None => {
+                    let on = Arc::new(AtomicBool::new(true));
+                    handler.breaker.observe(Arc::new(CircuitHealth { status: p.status.clone(), on: on.clone() }));
+                    now.push(Attached { handler: h.clone(), breaker: handler.breaker.clone(), on });
+                }
             }
-            let reconnect_max =
-                config.transports.get(&s.transport).map_or(Duration::from_secs(30), |t| t.reconnect_max_delay);
-            pipelines.push(Arc::new(Pipeline {
-                name: name.clone(),
-                config: s.clone(),
-                transport: transport.clone(),
-                routes: routes.clone(),
-                handlers: handlers.clone(),
-                metrics: metrics.clone(),
-                status,
-                grace: config.shutdown.grace_period,
-                reconnect_max,
-                dedup: s.dedup.as_ref().map(|d| Dedup::new(name, d)),
-                breakers,
-                settling: Mutex::new((0, String::new())),
-                last_received: Mutex::new(Instant::now()),
-                transport_name: s.transport.clone(),
-                mode: tokio::sync::watch::Sender::new(Mode::Running),
-                in_flight: AtomicU64::new(0),
-                depths: Mutex::new(DepthsSeen::default()),
-            }));
-            metrics.paused.with_label_values(&[name.as_str()]).set(0);
         }
-        Ok(Router { pipelines, transports: transports.into_values().collect(), metrics })
+        for a in old.iter().filter(|a| !now.iter().any(|n| Arc::ptr_eq(&n.breaker, &a.breaker))) {
+            a.on.store(false, Ordering::Release);
+            p.status.clear(&Problem::CircuitOpen(a.handler.clone()));
+        }
+        *p.breakers.write() = Arc::new(now);
     }
 
     pub fn readiness(&self) -> Readiness {
-        Readiness(self.pipelines.iter().map(|p| (p.name.clone(), p.status.clone())).collect())
+        let registry = self.registry.clone();
+        Readiness::new(Arc::new(move || registry.read().values().map(|p| (p.name.clone(), p.status.clone())).collect()))
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -235,15 +367,20 @@ impl Router {
     }
 
     /// Handles on every subscription, for the admin API: what each is doing, and
-    /// pause, resume and drain.
+    /// pause, resume and drain. Live: a reload's additions and removals show.
     pub fn subscriptions(&self) -> Subscriptions {
-        Subscriptions(self.pipelines.iter().map(|p| SubscriptionHandle(p.clone())).collect())
+        Subscriptions(self.registry.clone())
+    }
+
+    /// Hands new configs to this router while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.reloader.clone())
     }
 
     /// Run every subscription until `shutdown` is cancelled, then drain and return. A
     /// subscription that can never run (a fatal consumer error) stops the others too,
-    /// and the error is returned.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
+    /// and the error is returned. Reloads ([`Router::reloader`]) are applied meanwhile.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), RunError> {
         let stop = CancellationToken::new();
         let link = {
             let (outer, inner) = (shutdown.clone(), stop.clone());
@@ -253,34 +390,148 @@ impl Router {
             })
         };
         let mut all = tokio::task::JoinSet::new();
-        for p in &self.pipelines {
-            let (p, stop) = (p.clone(), stop.clone());
-            all.spawn(async move {
-                let result = p.clone().run(stop.clone()).await;
-                if result.is_err() {
-                    stop.cancel();
-                }
-                result.map_err(|reason| RunError::Fatal { subscription: p.name.clone(), reason })
-            });
+        let mut running = HashMap::new();
+        let first: Vec<Arc<Pipeline>> = self.registry.read().values().cloned().collect();
+        for p in first {
+            running.insert(p.name.clone(), start(&mut all, p, &stop, None));
         }
         let mut failure = None;
-        while let Some(res) = all.join_next().await {
-            match res {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    error!(error = %e, "stopping the router");
-                    failure.get_or_insert(e);
+        loop {
+            tokio::select! {
+                Some(res) = all.join_next() => match res {
+                    Ok((_, Ok(()))) => {}
+                    Ok((subscription, Err(reason))) => {
+                        let e = RunError::Fatal { subscription, reason };
+                        error!(error = %e, "stopping the router");
+                        stop.cancel();
+                        failure.get_or_insert(e);
+                    }
+                    Err(e) => error!(error = %e, "a subscription pipeline failed"),
+                },
+                Some(reload) = self.reloads.recv() => {
+                    let result = if stop.is_cancelled() {
+                        Err(ReloadError::Stopping)
+                    } else {
+                        self.apply(reload.config, reload.build, &mut all, &mut running, &stop)
+                    };
+                    let _ = reload.reply.send(result);
                 }
-                Err(e) => error!(error = %e, "a subscription pipeline failed"),
+                _ = stop.cancelled(), if all.is_empty() => break,
             }
         }
         link.abort();
-        for t in &self.transports {
+        for t in self.transports.values() {
             t.close().await;
         }
         info!("router stopped");
         failure.map_or(Ok(()), Err)
     }
+
+    /// Apply a new config as a diff ([`Reloader::reload`]). Everything that can fail
+    /// (building targets, wiring handlers) happens before anything changes.
+    fn apply(
+        &mut self,
+        config: Config,
+        build: BuildTargets,
+        all: &mut tokio::task::JoinSet<(String, Result<(), String>)>,
+        running: &mut HashMap<String, Running>,
+        stop: &CancellationToken,
+    ) -> Result<ConfigDiff, ReloadError> {
+        let diff = ConfigDiff::between(&self.config, &config);
+        let targets = build(&config, &diff).map_err(ReloadError::Build)?;
+        let old_wiring = self.wiring.read().clone();
+        let handlers = Self::handlers(&config, &targets, Some(&old_wiring), &diff, &self.metrics)?;
+
+        // Nothing can fail from here on.
+        let mut retired = Vec::new();
+        for name in diff.transports.removed.iter().chain(&diff.transports.changed) {
+            retired.extend(self.transports.remove(name));
+        }
+        for name in diff.transports.added.iter().chain(&diff.transports.changed) {
+            if let Some(t) = config.transports.get(name) {
+                self.transports.insert(name.clone(), transport::build(name, t));
+            }
+        }
+        self.config = config;
+        if diff.rewires() {
+            *self.wiring.write() = Arc::new(Wiring {
+                routes: RoutingTable::from_config(&self.config),
+                handlers,
+                grace: self.config.shutdown.grace_period,
+            });
+            self.rewired.send_modify(|n| *n += 1);
+        }
+        let mut stopping = Vec::new();
+        for name in &diff.subscriptions.removed {
+            self.registry.write().remove(name);
+            if let Some(r) = running.remove(name) {
+                info!(subscription = %name, "reload: removed; draining it");
+                r.stop.cancel();
+                stopping.push(r.finished);
+            }
+        }
+        for name in diff.subscriptions.changed.iter().chain(&diff.subscriptions.added) {
+            let Some(s) = self.config.subscriptions.get(name).cloned() else { continue };
+            let old = self.registry.read().get(name).cloned();
+            let mode = old.as_ref().map_or(Mode::Running, |p| *p.mode.borrow());
+            let Some(p) = self.pipeline(name, &s, mode) else { continue };
+            self.registry.write().insert(name.clone(), p.clone());
+            let after = running.remove(name).map(|r| {
+                info!(subscription = %name, "reload: changed; draining it, then starting it with the new settings");
+                r.stop.cancel();
+                stopping.push(r.finished.clone());
+                r.finished
+            });
+            if after.is_none() {
+                info!(subscription = %name, "reload: added");
+            }
+            running.insert(name.clone(), start(all, p, stop, after));
+        }
+        if diff.rewires() {
+            let kept: Vec<Arc<Pipeline>> = self
+                .registry
+                .read()
+                .iter()
+                .filter(|(n, _)| !diff.subscriptions.needs_building(n))
+                .map(|(_, p)| p.clone())
+                .collect();
+            for p in kept {
+                self.attach(&p);
+            }
+        }
+        // A retired transport closes once the pipelines that read from it stopped.
+        if !retired.is_empty() {
+            tokio::spawn(async move {
+                for f in stopping {
+                    f.cancelled().await;
+                }
+                for t in retired {
+                    t.close().await;
+                }
+            });
+        }
+        Ok(diff)
+    }
+}
+
+/// Start `p` (once `after` is cancelled: the pipeline it replaces has stopped).
+fn start(
+    all: &mut tokio::task::JoinSet<(String, Result<(), String>)>,
+    p: Arc<Pipeline>,
+    router_stop: &CancellationToken,
+    after: Option<CancellationToken>,
+) -> Running {
+    let (stop, finished) = (router_stop.child_token(), CancellationToken::new());
+    let (run_stop, done) = (stop.clone(), finished.clone());
+    all.spawn(async move {
+        if let Some(after) = after {
+            after.cancelled().await;
+        }
+        let result = p.clone().run(run_stop).await;
+        done.cancel();
+        (p.name.clone(), result)
+    });
+    Running { stop, finished }
 }
 
 /// The pipeline's side of the hand-over from its transport (see [`Inbox`]).
@@ -303,8 +554,8 @@ impl Inbox for PipelineInbox {
         }
         // A handler this subscription routes to is failing: take nothing new. This one
         // waits here, unacked; the rest stays at the broker.
-        for b in &self.pipeline.breakers {
-            if !b.wait_not_open(&self.shutdown).await {
+        for a in self.pipeline.breakers().iter() {
+            if !a.breaker.wait_not_open(&self.shutdown).await {
                 return Err(d);
             }
         }
@@ -341,11 +592,18 @@ impl Inbox for PipelineInbox {
     }
 
     async fn pause_changed(&self) {
-        let mut mode = self.pipeline.mode.subscribe();
+        let (mut mode, mut rewired) = (self.pipeline.mode.subscribe(), self.pipeline.rewired.subscribe());
+        let breakers = self.pipeline.breakers();
         let mut changes: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> =
-            self.pipeline.breakers.iter().map(|b| Box::pin(b.changed()) as _).collect();
+            breakers.iter().map(|a| Box::pin(a.breaker.changed()) as _).collect();
         changes.push(Box::pin(async move {
             if mode.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }));
+        // A reload may have swapped the circuits this subscription watches.
+        changes.push(Box::pin(async move {
+            if rewired.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
         }));
@@ -445,7 +703,7 @@ impl Pipeline {
                     run.cancel();
                     // Its in-flight messages settle through the old consumer first;
                     // one that takes longer than the grace period finishes beside the new one.
-                    if tokio::time::timeout(self.grace, &mut consumer).await.is_err() {
+                    if tokio::time::timeout(self.grace(), &mut consumer).await.is_err() {
                         warn!(subscription = %self.name, "the stalled consumer is still finishing its messages; starting a new one beside it");
                     }
                     self.metrics.consumer_restarts.with_label_values(&labels).inc();
@@ -477,10 +735,11 @@ impl Pipeline {
         // Stop taking deliveries (fatal: the others are told to stop by `run`); let
         // in-flight work finish within the grace period.
         tasks.close();
+        let grace = self.grace();
         if !tasks.is_empty() {
-            info!(subscription = %self.name, in_flight = tasks.len(), grace = ?self.grace, "draining in-flight messages");
+            info!(subscription = %self.name, in_flight = tasks.len(), grace = ?grace, "draining in-flight messages");
         }
-        if tokio::time::timeout(self.grace, tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             warn!(subscription = %self.name, left = tasks.len(), "grace period over: handing unfinished messages back to the broker");
             abort.cancel();
             tasks.wait().await;
@@ -549,7 +808,7 @@ impl Pipeline {
             Mode::Paused => State::Paused,
             Mode::Draining if self.status.has(&Problem::Drained) => State::Drained,
             Mode::Draining => State::Draining,
-            Mode::Running if self.breakers.iter().any(|b| b.is_open()) => State::BreakerOpen,
+            Mode::Running if self.breakers().iter().any(|a| a.breaker.is_open()) => State::BreakerOpen,
             Mode::Running if !self.status.is_connected() || self.status.has(&Problem::Restarting) => {
                 State::Reconnecting
             }
@@ -565,7 +824,17 @@ impl Pipeline {
     /// Whether the subscription takes nothing new (an operator paused or drains it, or
     /// a circuit it routes to is open).
     fn paused(&self) -> bool {
-        *self.mode.borrow() != Mode::Running || self.breakers.iter().any(|b| b.is_open())
+        *self.mode.borrow() != Mode::Running || self.breakers().iter().any(|a| a.breaker.is_open())
+    }
+
+    /// The circuits it watches now (a reload may swap them).
+    fn breakers(&self) -> Arc<Vec<Attached>> {
+        self.breakers.read().clone()
+    }
+
+    /// How long in-flight work may take to finish when it stops (the current config's).
+    fn grace(&self) -> Duration {
+        self.wiring.read().grace
     }
 
     /// Complete with the reason when the consumer is stalled: the broker reports
@@ -637,11 +906,13 @@ impl Pipeline {
         } else {
             None
         };
+        // One read of the wiring per message: routed and handled by one table.
+        let wiring = self.wiring.read().clone();
         let route = match problem {
             Some(reason) => Err(reason),
-            None => match self.routes.route(&self.name, &d.message) {
+            None => match wiring.routes.route(&self.name, &d.message) {
                 None => Err(format!("no route matched (routing key {:?})", d.message.key.as_deref().unwrap_or(""))),
-                Some(r) => match self.handlers.get(r.handler) {
+                Some(r) => match wiring.handlers.get(r.handler) {
                     Some(h) => Ok((
                         r.route.to_string(),
                         r.handler.to_string(),
@@ -899,6 +1170,12 @@ impl SubscriptionHandle {
         &self.0.name
     }
 
+    /// Whether both handles point at the same running pipeline (a reload that leaves
+    /// a subscription alone keeps it; one that changes it starts a new one).
+    pub fn same_as(&self, other: &SubscriptionHandle) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Its transport, for reading and reworking its dead letters.
     pub fn transport(&self) -> Arc<dyn Transport> {
         self.0.transport.clone()
@@ -941,17 +1218,21 @@ impl SubscriptionHandle {
     }
 }
 
-/// Every subscription of a router ([`Router::subscriptions`]).
+/// Every subscription of a router ([`Router::subscriptions`]), as it runs now.
 #[derive(Clone, Default)]
-pub struct Subscriptions(Vec<SubscriptionHandle>);
+pub struct Subscriptions(Registry);
 
 impl Subscriptions {
-    pub fn all(&self) -> &[SubscriptionHandle] {
-        &self.0
+    pub fn all(&self) -> Vec<SubscriptionHandle> {
+        self.0.read().values().map(|p| SubscriptionHandle(p.clone())).collect()
     }
 
-    pub fn get(&self, name: &str) -> Result<&SubscriptionHandle, ControlError> {
-        self.0.iter().find(|s| s.name() == name).ok_or_else(|| ControlError::Unknown(name.to_string()))
+    pub fn get(&self, name: &str) -> Result<SubscriptionHandle, ControlError> {
+        self.0
+            .read()
+            .get(name)
+            .map(|p| SubscriptionHandle(p.clone()))
+            .ok_or_else(|| ControlError::Unknown(name.to_string()))
     }
 }
 

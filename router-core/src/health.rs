@@ -109,19 +109,32 @@ impl SourceStatus {
     }
 }
 
+/// The subscriptions running now, each with its health (a reload adds and removes some).
+type Sources = Arc<dyn Fn() -> Vec<(String, Arc<SourceStatus>)> + Send + Sync>;
+
 /// Live health of every subscription, for `/readyz`.
-#[derive(Clone, Default)]
-pub struct Readiness(pub(crate) Vec<(String, Arc<SourceStatus>)>);
+#[derive(Clone)]
+pub struct Readiness(Sources);
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness(Arc::new(Vec::new))
+    }
+}
 
 impl Readiness {
+    pub(crate) fn new(sources: Sources) -> Self {
+        Readiness(sources)
+    }
+
     /// Names of subscriptions that are not ready.
     pub fn not_ready(&self) -> Vec<String> {
-        self.0.iter().filter(|(_, s)| !s.is_ready()).map(|(n, _)| n.clone()).collect()
+        (self.0)().into_iter().filter(|(_, s)| !s.is_ready()).map(|(n, _)| n).collect()
     }
 
     /// Every subscription that is not ready, with its reasons.
     pub fn report(&self) -> Vec<(String, Vec<String>)> {
-        self.0.iter().filter(|(_, s)| !s.is_ready()).map(|(n, s)| (n.clone(), s.reasons())).collect()
+        (self.0)().into_iter().filter(|(_, s)| !s.is_ready()).map(|(n, s)| (n, s.reasons())).collect()
     }
 }
 

@@ -46,7 +46,9 @@ pub mod transport;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz_support;
 
-pub use engine::{BuildError, Router, RunError, SubscriptionHandle, Subscriptions};
+pub use engine::{
+    BuildError, BuildTargets, ReloadError, Reloader, Router, RunError, SubscriptionHandle, Subscriptions,
+};
 pub use health::Readiness;
 pub use message::{Delivery, Failure, Message, Settlement};
 pub use metrics::Metrics;

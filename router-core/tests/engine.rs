@@ -470,3 +470,95 @@ async fn drain_finishes_in_flight_hands_the_rest_back_and_stops_until_resumed() 
     stop.cancel();
     task.await.expect("router task").expect("router ran");
 }
+
+/// A config over one memory broker for the reload tests: `subs` and `routes` as YAML
+/// lines, handlers h1 and h2.
+fn reload_config(broker: &str, subs: &str, routes: &str) -> router_core::config::Config {
+    let yaml = format!(
+        "shutdown: {{ grace_period: 2s }}\ntransports: {{ {broker}: {{ type: memory }} }}\nhandlers: {{ h1: {{}}, h2: {{}} }}\nsubscriptions:\n{subs}\nroutes:\n{routes}\n"
+    );
+    parse(&yaml, "test.yaml", &|_| None).expect("valid config")
+}
+
+#[tokio::test]
+async fn a_reload_applies_only_what_changed() {
+    let name = format!("mem-{}", uuid::Uuid::new_v4());
+    let broker = MemoryBroker::named(&name);
+    let (h1, h2) = (Arc::new(Scripted::default()), Arc::new(Scripted::default()));
+    let targets = |h1: &Arc<Scripted>, h2: &Arc<Scripted>| -> HashMap<String, Arc<dyn Target>> {
+        HashMap::from([("h1".to_string(), h1.clone() as Arc<dyn Target>), ("h2".to_string(), h2.clone() as _)])
+    };
+    let s = format!("  s: {{ transport: {name}, queue: q }}");
+    let first = reload_config(&name, &s, "  - { name: all, handler: h1 }");
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let router = Router::new(&first, targets(&h1, &h2), metrics.clone()).expect("router");
+    let (subs, reloader, readiness) = (router.subscriptions(), router.reloader(), router.readiness());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(router.run(stop.clone()));
+    for i in 0..5 {
+        broker.push("q", msg(&format!("a{i}"), "k"));
+    }
+    wait_until("first five handled by h1", || h1.seen.lock().len() == 5).await;
+    let before = subs.get("s").expect("s");
+
+    // The route now goes to h2, and a second subscription comes: s keeps running.
+    let second = reload_config(
+        &name,
+        &format!("{s}\n  t: {{ transport: {name}, queue: q2 }}"),
+        "  - { name: all, handler: h2 }",
+    );
+    let built = Arc::new(Mutex::new(Vec::new()));
+    let record = built.clone();
+    let diff = reloader
+        .reload(
+            second,
+            Box::new(move |_, d| {
+                record.lock().extend(d.handlers.added.iter().chain(&d.handlers.changed).cloned());
+                Ok(HashMap::new())
+            }),
+        )
+        .await
+        .expect("reload applied");
+    assert_eq!(diff.subscriptions.added, ["t"]);
+    assert_eq!(diff.routes.changed, ["all"]);
+    assert!(built.lock().is_empty(), "no handler changed, none is built again");
+    let after = subs.get("s").expect("s");
+    assert!(after.same_as(&before), "an unchanged subscription keeps its pipeline");
+    for i in 0..5 {
+        broker.push("q", msg(&format!("b{i}"), "k"));
+        broker.push("q2", msg(&format!("c{i}"), "k"));
+    }
+    wait_until("new messages reach h2", || h2.seen.lock().len() == 10).await;
+    assert_eq!(h1.seen.lock().len(), 5, "the old handler takes nothing new");
+    wait_until("t ready", || readiness.not_ready().is_empty()).await;
+    assert_eq!(metrics.consumer_restarts.with_label_values(&["s"]).get(), 0);
+
+    // A reload whose targets cannot be built changes nothing.
+    let third = reload_config(&name, &s, "  - { name: all, handler: h1 }");
+    let refused = reloader.reload(third.clone(), Box::new(|_, _| Err("endpoint is not a URL".into()))).await;
+    assert_eq!(refused.expect_err("refused").to_string(), "endpoint is not a URL");
+    assert!(subs.get("t").is_ok(), "a refused reload keeps what runs");
+
+    // t removed, s changed (prefetch), the route back to h1: h1 itself did not change.
+    let third =
+        reload_config(&name, &s.replace("queue: q }", "queue: q, prefetch: 3 }"), "  - { name: all, handler: h1 }");
+    let h1b = Arc::new(Scripted::default());
+    let fresh = h1b.clone();
+    let diff = reloader
+        .reload(third, Box::new(move |_, _| Ok(HashMap::from([("h1".to_string(), fresh as Arc<dyn Target>)]))))
+        .await
+        .expect("reload applied");
+    assert_eq!(diff.subscriptions.removed, ["t"]);
+    assert_eq!(diff.subscriptions.changed, ["s"]);
+    assert!(subs.get("t").is_err(), "a removed subscription is gone");
+    assert!(!subs.get("s").expect("s").same_as(&before), "a changed subscription runs a new pipeline");
+    broker.push("q2", msg("orphan", "k"));
+    broker.push("q", msg("d0", "k"));
+    wait_until("s handles again after its restart", || h1.seen.lock().len() == 6).await;
+    assert_eq!(h1b.seen.lock().len(), 0, "h1 itself did not change: it kept its target");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(broker.len("q2"), 1, "nothing consumes a removed subscription's queue");
+    assert!(broker.is_empty("q.dlq") && broker.is_empty("q2.dlq"));
+    stop.cancel();
+    task.await.expect("router task").expect("router ran");
+}

@@ -10,10 +10,12 @@
 //!
 //! - `load.rs`: file → YAML → `${VAR}` → typed config → checks.
 //! - `validate.rs`: what crosses sections (references, routes) and the common keys.
+//! - `diff.rs`: what changed between two configs, per component (hot reload).
 //! - `section.rs`: parsing a component's section with key paths; [`section::Issues`].
 //!
 //! Field doc comments are the user reference (README "Configuration").
 
+mod diff;
 mod load;
 pub mod section;
 mod validate;
@@ -26,6 +28,7 @@ use serde::Deserialize;
 use crate::retry::RetryPolicy;
 pub use crate::transport::config::{BrokerConfig, SourceConfig, TransportKind};
 
+pub use diff::{Changes, ConfigDiff};
 pub use load::{interpolate, load, load_with, parse, parse_with, ConfigError, ConfigIssue};
 /// The helpers of the config tests, for the brokers' tests of their own sections.
 #[cfg(test)]
@@ -33,7 +36,7 @@ pub(crate) use validate::tests;
 
 /// The whole file. The loader reads it first with each transport and subscription as
 /// a plain mapping (`Config<Mapping, Mapping>`), then each of those by its kind.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config<T = TransportConfig, S = SubscriptionConfig> {
     #[serde(default)]
@@ -53,7 +56,7 @@ pub struct Config<T = TransportConfig, S = SubscriptionConfig> {
     pub routes: Vec<RouteConfig>,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Serve `/healthz`, `/readyz`, `/metrics`, the admin API and the status page.
@@ -95,7 +98,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -109,7 +112,7 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// On SIGTERM/SIGINT, how long in-flight messages may take to finish. What is
@@ -153,7 +156,7 @@ fn default_reconnect_max() -> Duration {
 /// plus the section of its delivery target (`type`), which the target defines and
 /// checks (the daemon's `http`, `fastcgi`, `grpc`; the PHP extension reaches every
 /// handler in process and ignores it).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct HandlerConfig {
     /// The delivery target: `http` (the default), or another the front knows.
     #[serde(rename = "type", default = "default_target")]
@@ -241,7 +244,7 @@ fn default_max_in_flight() -> usize {
 /// reads and how, as the kind of its transport defines it
 /// (`crate::transport::<kind>::config`). The loader reads the common keys as
 /// `SubscriptionConfig<()>` and the rest by the kind of `transport`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionConfig<S = SourceConfig> {
     /// Name of an entry under `transports`.
@@ -382,7 +385,7 @@ pub struct DedupConfig {
     pub ttl: Duration,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
@@ -394,7 +397,7 @@ pub struct RouteConfig {
     pub retry: Option<RetryPolicy>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MatchConfig {
     /// Only messages from this subscription.

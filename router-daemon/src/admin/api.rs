@@ -54,9 +54,10 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
 
 type Answer = Result<Json<Value>, ApiError>;
 
-fn find<'a>(s: &'a AdminState, name: &str) -> Result<&'a SubscriptionHandle, ApiError> {
+fn find(s: &AdminState, name: &str) -> Result<SubscriptionHandle, ApiError> {
     s.subscriptions.get(name).map_err(|_| {
-        let known: Vec<&str> = s.subscriptions.all().iter().map(SubscriptionHandle::name).collect();
+        let all = s.subscriptions.all();
+        let known: Vec<&str> = all.iter().map(SubscriptionHandle::name).collect();
         error(StatusCode::NOT_FOUND, format!("no subscription {name:?} (there are: {})", known.join(", ")))
     })
 }
@@ -96,7 +97,7 @@ async fn subscriptions(State(s): State<AdminState>) -> Json<Value> {
 
 async fn subscription(State(s): State<AdminState>, Path(name): Path<String>) -> Answer {
     let sub = find(&s, &name)?;
-    Ok(Json(view(&s, sub)))
+    Ok(Json(view(&s, &sub)))
 }
 
 /// `pause`, `resume`, `drain`: the new state at once (a drain goes on in the
@@ -115,7 +116,7 @@ async fn control(State(s): State<AdminState>, Path((name, action)): Path<(String
         }
     }
     tracing::info!(subscription = %name, action, "admin API");
-    Ok(Json(view(&s, sub)))
+    Ok(Json(view(&s, &sub)))
 }
 
 /// The filters of the dead-letter calls, as query parameters or a JSON body.

@@ -19,9 +19,11 @@
 //!   (`admin/api.rs`: status, subscriptions with pause/resume/drain, dead letters,
 //!   handlers), the status page (`admin/status.html`, compiled in) and who may call
 //!   what.
+//! - [`reload`]: hot reload: SIGHUP, a watched config file, `POST /api/reload`; the
+//!   file checked, then applied by the engine as a diff.
 //! - [`telemetry`]: tracing set-up (text or JSON).
 //! - this file: loading a config for the daemon (core validation plus what only the
-//!   daemon needs), running it until SIGTERM/SIGINT, and publishing test messages.
+//!   daemon needs) and running it until SIGTERM/SIGINT.
 //!
 //! Everything broker-side (transports, routing, retry, dead-letter, settlement) lives
 //! in `router-core`.
@@ -32,12 +34,14 @@ pub mod fastcgi;
 pub mod grpc;
 pub mod http;
 pub mod pool;
+pub mod reload;
 pub mod targets;
 pub mod telemetry;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use router_core::config::{Config, ConfigError, ConfigIssue, TransportKind};
 use router_core::{Metrics, Router};
 use tokio_util::sync::CancellationToken;
@@ -69,24 +73,37 @@ pub fn daemon_issues(config: &Config) -> Vec<ConfigIssue> {
 
 /// Run until SIGTERM or SIGINT, then drain within the grace period and return. `Err`
 /// when a subscription cannot run as configured (the router stopped everything).
-/// `config_hash` identifies the config file (`sha256:<hex>`) in the admin API.
-pub async fn run(config: Config, config_hash: String) -> anyhow::Result<()> {
-    let started = std::time::SystemTime::now();
+/// `path` is the file `config` was read from: SIGHUP, a change of the file and
+/// `POST /api/reload` read it again ([`reload`]).
+pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
-    let targets = targets::build(&config, &metrics)?;
+    let builder = Arc::new(targets::Builder::default());
+    let targets = builder.build(&config, config.handlers.keys(), &metrics)?;
     let router = Router::new(&config, targets, metrics.clone())?;
     let shutdown = CancellationToken::new();
+    let info = Arc::new(RwLock::new(admin::Info {
+        config_hash: reload::file_hash(&path),
+        started: std::time::SystemTime::now(),
+        handlers: config.handlers.iter().map(|(n, h)| (n.clone(), h.kind.clone())).collect(),
+        last_reload: None,
+    }));
+    let reloads = reload::start(
+        reload::Reloading {
+            path,
+            reloader: router.reloader(),
+            targets: builder,
+            metrics: metrics.clone(),
+            info: info.clone(),
+        },
+        shutdown.clone(),
+    )?;
     let admin = if config.admin.enabled {
-        let info = admin::Info {
-            config_hash,
-            started,
-            handlers: config.handlers.iter().map(|(n, h)| (n.clone(), h.kind.clone())).collect(),
-        };
         let served = admin::Admin {
             metrics,
             readiness: router.readiness(),
             subscriptions: router.subscriptions(),
             info,
+            reloads,
             token: config.admin.token.clone(),
         };
         let (addr, task) = admin::start(&config.admin.listen, served, shutdown.clone()).await?;

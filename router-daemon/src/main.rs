@@ -280,7 +280,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { .. } => router_daemon::run(config, config_hash(&config_path)).await,
+            Command::Run { .. } => router_daemon::run(config, config_path.clone()).await,
             Command::Publish {
                 transport: name, exchange, routing_key, body, headers, content_type, id, count, ..
             } => {
@@ -322,11 +322,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `sha256:<hex>` of the config file as it is on disk now (the one just loaded).
-fn config_hash(path: &std::path::Path) -> String {
-    use sha2::Digest;
-    std::fs::read(path)
-        .map_or_else(|_| "unknown".into(), |b| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b))))
 }

@@ -1,6 +1,6 @@
 //! Which delivery target reaches each handler (`handlers.<name>.type`). The one place
 //! that lists the targets: a new one is a folder beside `http/` (its config, checked,
-//! and its `Target`) and an arm in [`check`] and in [`build`]. router-core does not
+//! and its `Target`) and an arm in [`check`] and in `one`. router-core does not
 //! change: it keeps a handler's target section for the target to read.
 
 use std::collections::HashMap;
@@ -73,12 +73,60 @@ impl Shared {
 
 /// The target of every handler of a config that [`check`] accepted.
 pub fn build(config: &Config, metrics: &Metrics) -> anyhow::Result<HashMap<String, Arc<dyn Target>>> {
-    let mut shared = Shared::default();
-    let mut targets = HashMap::new();
-    for (name, handler) in &config.handlers {
-        targets.insert(name.clone(), one(name, handler, metrics, &mut shared)?);
+    Builder::default().build(config, config.handlers.keys(), metrics)
+}
+
+/// Builds targets and keeps what they share (one HTTP client, the endpoint gauge)
+/// from start-up through every reload.
+#[derive(Default)]
+pub struct Builder(parking_lot::Mutex<Shared>);
+
+impl Builder {
+    /// The targets of the handlers `names` of `config`.
+    pub fn build<'a>(
+        &self,
+        config: &Config,
+        names: impl IntoIterator<Item = &'a String>,
+        metrics: &Metrics,
+    ) -> anyhow::Result<HashMap<String, Arc<dyn Target>>> {
+        let mut shared = self.0.lock();
+        let mut targets = HashMap::new();
+        for name in names {
+            if let Some(handler) = config.handlers.get(name) {
+                targets.insert(name.clone(), one(name, handler, metrics, &mut shared)?);
+            }
+        }
+        Ok(targets)
     }
-    Ok(targets)
+
+    /// Drop the endpoint gauges of a handler a reload removes or rebuilds, so
+    /// `/metrics` and `/api/handlers` show only the endpoints configured now. Returns
+    /// them for [`Builder::restore`].
+    pub fn forget(&self, handler: &str) -> Vec<(String, i64)> {
+        let Some(up) = self.0.lock().up.clone() else { return Vec::new() };
+        use prometheus::core::Collector;
+        let mut gone = Vec::new();
+        for family in up.collect() {
+            for m in family.get_metric() {
+                let label = |n: &str| m.get_label().iter().find(|l| l.name() == n).map(|l| l.value().to_string());
+                if label("handler").as_deref() == Some(handler) {
+                    let endpoint = label("endpoint").unwrap_or_default();
+                    if up.remove_label_values(&[handler, &endpoint]).is_ok() {
+                        gone.push((endpoint, m.get_gauge().get_value() as i64));
+                    }
+                }
+            }
+        }
+        gone
+    }
+
+    /// Put back what [`Builder::forget`] took (the reload was refused).
+    pub fn restore(&self, handler: &str, endpoints: Vec<(String, i64)>) {
+        let Some(up) = self.0.lock().up.clone() else { return };
+        for (endpoint, value) in endpoints {
+            up.with_label_values(&[handler, endpoint.as_str()]).set(value);
+        }
+    }
 }
 
 fn one(name: &str, handler: &HandlerConfig, metrics: &Metrics, shared: &mut Shared) -> anyhow::Result<Arc<dyn Target>> {

@@ -66,9 +66,7 @@ pub struct ConfigDiff {
     pub routes_reordered: bool,
     /// `shutdown.grace_period` changed (applies to every drain from now on).
     pub grace_period: bool,
-    /// `log.level` changed (the daemon applies it in place).
-    pub log_level: bool,
-    /// Keys whose new value takes effect only after a restart (`admin`, `log.format`).
+    /// Keys whose new value takes effect only after a restart (`admin`, `log`).
     pub restart_needed: Vec<String>,
 }
 
@@ -91,6 +89,9 @@ impl ConfigDiff {
         if old.admin != new.admin {
             restart_needed.push("admin".to_string());
         }
+        if old.log.level != new.log.level {
+            restart_needed.push("log.level".to_string());
+        }
         if old.log.format != new.log.format {
             restart_needed.push("log.format".to_string());
         }
@@ -101,7 +102,6 @@ impl ConfigDiff {
             routes,
             routes_reordered,
             grace_period: old.shutdown != new.shutdown,
-            log_level: old.log.level != new.log.level,
             restart_needed,
         }
     }
@@ -114,7 +114,6 @@ impl ConfigDiff {
             && self.routes.is_empty()
             && !self.routes_reordered
             && !self.grace_period
-            && !self.log_level
             && self.restart_needed.is_empty()
     }
 
@@ -135,9 +134,6 @@ impl ConfigDiff {
         }
         if self.grace_period {
             out.push("shutdown.grace_period".into());
-        }
-        if self.log_level {
-            out.push("log.level".into());
         }
         if !self.restart_needed.is_empty() {
             out.push(format!("needs a restart: {}", self.restart_needed.join(", ")));
@@ -240,11 +236,10 @@ routes:
     }
 
     #[test]
-    fn admin_and_log_format_need_a_restart() {
+    fn admin_and_log_need_a_restart() {
         let new = format!("admin: {{ listen: \"127.0.0.1:9999\" }}\nlog: {{ format: json, level: debug }}\n{BASE}");
         let d = ConfigDiff::between(&config(BASE), &config(&new));
-        assert_eq!(d.restart_needed, ["admin", "log.format"]);
-        assert!(d.log_level);
+        assert_eq!(d.restart_needed, ["admin", "log.level", "log.format"]);
         assert!(!d.is_empty());
     }
 }

@@ -36,6 +36,23 @@ pub fn routes() -> axum::Router<AdminState> {
         .route("/subscriptions/{name}/dead-letters/purge", post(purge))
         .route("/subscriptions/{name}/dead-letters/{id}", get(dead_letter))
         .route("/handlers", get(handlers))
+        .route("/reload", post(reload))
+}
+
+/// Read the config file again and apply it as a diff (README "Reload"). 200 with what
+/// changed (or `unchanged`); 422 with every problem when the file is invalid or a
+/// target cannot be built (nothing changed then).
+async fn reload(State(s): State<AdminState>) -> Response {
+    match s.reloads.request().await {
+        Some(outcome) => {
+            let status = match outcome.result {
+                "applied" | "unchanged" => StatusCode::OK,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            (status, Json(outcome)).into_response()
+        }
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "the router is stopping").into_response(),
+    }
 }
 
 /// A refusal: its status and what to say, answered as `{"error": "..."}`.
@@ -67,11 +84,13 @@ fn stamp(t: SystemTime) -> String {
 }
 
 async fn status(State(s): State<AdminState>) -> Json<Value> {
-    let uptime = s.info.started.elapsed().unwrap_or_default();
+    let info = s.info.read();
+    let uptime = info.started.elapsed().unwrap_or_default();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "config_hash": s.info.config_hash,
-        "started_at": stamp(s.info.started),
+        "config_hash": info.config_hash,
+        "last_reload": info.last_reload,
+        "started_at": stamp(info.started),
         "uptime_seconds": uptime.as_secs(),
         "ready": s.readiness.not_ready().is_empty(),
         "subscriptions": s.subscriptions.all().len(),
@@ -335,6 +354,7 @@ async fn handlers(State(s): State<AdminState>) -> Json<Value> {
     }
     let all: Vec<Value> = s
         .info
+        .read()
         .handlers
         .iter()
         .map(|(name, kind)| {

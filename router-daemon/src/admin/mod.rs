@@ -28,11 +28,14 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use parking_lot::RwLock;
 use router_core::{Metrics, Readiness, Subscriptions};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 pub use rates::Rates;
+
+use crate::reload::Reloads;
 
 /// What the admin API says about the running process.
 pub struct Info {
@@ -41,6 +44,8 @@ pub struct Info {
     pub started: SystemTime,
     /// Handler names with their target type, in config order.
     pub handlers: Vec<(String, String)>,
+    /// How the last reload attempt ended.
+    pub last_reload: Option<crate::reload::Outcome>,
 }
 
 #[derive(Clone)]
@@ -49,7 +54,9 @@ struct AdminState {
     readiness: Readiness,
     subscriptions: Subscriptions,
     rates: Arc<Rates>,
-    info: Arc<Info>,
+    /// Changed by every applied reload.
+    info: Arc<RwLock<Info>>,
+    reloads: Reloads,
     /// SHA-256 of `admin.token`: compared digest to digest, so the time a comparison
     /// takes says nothing about the token.
     token: Option<[u8; 32]>,
@@ -60,7 +67,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,
     pub subscriptions: Subscriptions,
-    pub info: Info,
+    pub info: Arc<RwLock<Info>>,
+    pub reloads: Reloads,
     pub token: Option<String>,
 }
 
@@ -81,7 +89,8 @@ pub async fn start(
         readiness: admin.readiness,
         subscriptions: admin.subscriptions,
         rates,
-        info: Arc::new(admin.info),
+        info: admin.info,
+        reloads: admin.reloads,
         token: admin.token.as_deref().map(digest),
     };
     let api =

@@ -133,6 +133,58 @@ final class InProcessAmqpTest extends WorkerTestCase
         $this->deleteQueues($queue, "$queue.dlq");
     }
 
+    public function testSighupReloadsTheConfigFileBetweenBatches(): void
+    {
+        [$first, $second] = [self::unique('php-reload'), self::unique('php-reload2')];
+        $this->declareQueue($first);
+        $this->declareQueue($second);
+        $config = $this->config($first, ['retry' => ['max_attempts' => 1, 'initial_delay' => '100ms', 'jitter' => 0]]);
+        // Read from its file (so SIGHUP can read it again), logging what reloads do.
+        $log = getenv('MESSAGE_ROUTER_LOG');
+        putenv('WORKER_CONFIG_FROM_FILE=1');
+        putenv('MESSAGE_ROUTER_LOG=info');
+        $w = $this->startWorker($config, [], 'reload');
+        putenv('WORKER_CONFIG_FROM_FILE');
+        putenv($log === false ? 'MESSAGE_ROUTER_LOG' : "MESSAGE_ROUTER_LOG=$log");
+        $this->publishAmqp($first, array_map(fn ($i) => ["a-$i", 'x', []], range(1, 20)));
+        $this->publishAmqp($first, [['flaky-a', 'x', ['behave' => 'fail-until:2']]]);
+        $this->waitFor('the first batch handled, the flaky one dead-lettered after one attempt', 30, function () use ($w, $first) {
+            return count($w->done()) >= 20 && $this->countAmqp("$first.dlq") === 1;
+        });
+
+        // More attempts on the first queue and a second subscription: SIGHUP reads the file.
+        $config['subscriptions']['main']['retry']['max_attempts'] = 3;
+        $config['subscriptions']['second'] = ['transport' => 'rabbit', 'queue' => $second, 'prefetch' => 8];
+        file_put_contents("$this->dir/reload.json", json_encode($config));
+        $w->signal(SIGHUP);
+        $this->waitFor('the reload logged', 15, fn () => str_contains($w->stderr(), 'configuration reloaded'));
+        $this->assertStringContainsString('subscriptions +second ~main', $w->stderr());
+        $this->publishAmqp($first, array_map(fn ($i) => ["b-$i", 'x', []], range(1, 10)));
+        $this->publishAmqp($first, [['flaky-b', 'x', ['behave' => 'fail-until:2']]]);
+        $this->publishAmqp($second, array_map(fn ($i) => ["c-$i", 'x', []], range(1, 10)));
+        $this->waitFor('both queues handled on the new config', 30, function () use ($w) {
+            $done = $w->done();
+            return isset($done['flaky-b'], $done['b-10'], $done['c-10']) && count($done) >= 41;
+        });
+        $this->assertSame(1, $this->countAmqp("$first.dlq"), 'the new policy retried flaky-b instead of dead-lettering it');
+
+        // A broken file is refused with its key path; the worker goes on with the running config.
+        file_put_contents("$this->dir/reload.json", json_encode(['transports' => $config['transports'], 'handlers' => ['php' => ['max_in_flight' => 0]], 'subscriptions' => $config['subscriptions'], 'routes' => $config['routes']]));
+        $w->signal(SIGHUP);
+        $this->waitFor('the refusal logged', 15, fn () => str_contains($w->stderr(), 'reload refused'));
+        $this->assertStringContainsString('handlers.php.max_in_flight', $w->stderr());
+        $this->publishAmqp($second, [['d-1', 'x', []]]);
+        $this->waitFor('still consuming', 30, fn () => isset($w->done()['d-1']));
+
+        $w->signal(SIGTERM);
+        $this->assertSame(0, $w->wait(20), $w->stderr());
+        foreach ($w->done() as $id => $calls) {
+            $this->assertCount(1, $calls, "$id handled once");
+        }
+        $this->assertSame(0, $this->countAmqp($first) + $this->countAmqp($second), 'nothing left behind');
+        $this->deleteQueues($first, "$first.dlq", $second, "$second.dlq");
+    }
+
     public static function crashes(): array
     {
         return ['exit()' => ['exit', 'exit()'], 'a fatal error' => ['fatal', 'a fatal error']];

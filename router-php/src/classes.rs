@@ -225,7 +225,11 @@ impl Reject {
 #[php_class]
 #[php(name = "MessageRouter\\Router")]
 pub struct Router {
-    config: Config,
+    config: RefCell<Config>,
+    /// The file the config came from: SIGHUP and `reload()` read it again.
+    source: Option<std::path::PathBuf>,
+    /// A config `reload()` asked for during `run()`, applied between batches.
+    pending: RefCell<Option<Config>>,
     /// Route or handler name → the callable to call (an object's `handle` is turned
     /// into `[$object, 'handle']` when it is registered).
     handlers: RefCell<HashMap<String, Zval>>,
@@ -238,12 +242,8 @@ impl Router {
     /// `$config`: the path of a YAML file in the daemon's format, or an array of the
     /// same shape. A bad config throws with the file, key path and problem.
     pub fn __construct(config: &Zval) -> PhpResult<Self> {
-        let config = match (config.str(), config.array()) {
-            (Some(path), _) => router_core::config::load(std::path::Path::new(path)).map_err(|e| e.to_string())?,
-            (None, Some(array)) => convert::config_from_array(array)?,
-            _ => return Err("MessageRouter\\Router: the config is a YAML file path or an array".into()),
-        };
-        Ok(Router { config, handlers: RefCell::default(), stop: Arc::default(), running: Cell::new(false) })
+        let source = config.str().map(std::path::PathBuf::from);
+        Ok(Router::with(read_config(config)?, source))
     }
 
     /// Build from YAML text (`$name` names it in errors).
@@ -251,7 +251,29 @@ impl Router {
         let name = name.unwrap_or_else(|| "inline.yaml".into());
         let config =
             router_core::config::parse(yaml, &name, &|var| std::env::var(var).ok()).map_err(|e| e.to_string())?;
-        Ok(Router { config, handlers: RefCell::default(), stop: Arc::default(), running: Cell::new(false) })
+        Ok(Router::with(config, None))
+    }
+
+    /// Load a new config (a YAML file path or an array; none: the file this router was
+    /// built from) and apply it as a diff (README "Reload"): during `run()` between two
+    /// batches, what did not change keeps running. A bad config throws here with the
+    /// file, key path and problem, and the running one stays.
+    pub fn reload(&self, config: Option<&Zval>) -> PhpResult<()> {
+        let config = match config {
+            Some(c) => read_config(c)?,
+            None => match &self.source {
+                Some(path) => router_core::config::load(path).map_err(|e| e.to_string())?,
+                None => {
+                    return Err("MessageRouter\\Router::reload(): this router was built from an array or YAML text; pass the new config".into())
+                }
+            },
+        };
+        if self.running.get() {
+            *self.pending.borrow_mut() = Some(config);
+        } else {
+            *self.config.borrow_mut() = config;
+        }
+        Ok(())
     }
 
     /// Handle the messages of route `$name` (or of every route of handler `$name`)
@@ -260,12 +282,13 @@ impl Router {
         if self.running.get() {
             return Err("MessageRouter\\Router::route(): cannot change handlers while running".into());
         }
-        let known = self.config.routes.iter().any(|r| r.name == name) || self.config.handlers.contains_key(name);
+        let config = self.config.borrow();
+        let known = config.routes.iter().any(|r| r.name == name) || config.handlers.contains_key(name);
         if !known {
             return Err(format!(
                 "MessageRouter\\Router::route(): {name:?} is neither a route nor a handler of the config (routes: {}; handlers: {})",
-                self.config.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
-                self.config.handlers.keys().map(String::as_str).collect::<Vec<_>>().join(", "),
+                config.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
+                config.handlers.keys().map(String::as_str).collect::<Vec<_>>().join(", "),
             )
             .into());
         }
@@ -299,9 +322,10 @@ impl Router {
             Some(o) => convert::limits(o)?,
             None => Limits::default(),
         };
-        self.check_handlers()?;
+        self.check_handlers(&self.config.borrow())?;
         self.stop.store(false, Ordering::SeqCst);
-        let running = Running::start(&self.config)?;
+        self.pending.borrow_mut().take();
+        let running = Running::start(&self.config.borrow())?;
         let caught = signals::catch();
         let started = Instant::now();
         let mut handled = 0u64;
@@ -349,6 +373,9 @@ impl Router {
                 note_stop(&mut reason, handled, &running);
             }
             note_stop(&mut reason, handled, &running);
+            if reason.is_none() {
+                self.reload_between_batches(&running, &caught);
+            }
             if reason.is_none() && running.finished() {
                 reason = Some(StopReason::RouterEnded);
             }
@@ -380,16 +407,60 @@ impl Router {
         limits.reached(handled, started, memory_usage)
     }
 
-    /// Every route must have a PHP handler, by its name or its handler's.
-    fn check_handlers(&self) -> PhpResult<()> {
+    /// SIGHUP (read the source file again) or `reload()`: apply the new config as a
+    /// diff. A refusal is logged and the running config stays, as in the daemon.
+    fn reload_between_batches(&self, running: &Running, caught: &signals::Caught) {
+        if caught.take_hangup() {
+            match &self.source {
+                Some(path) => match router_core::config::load(path) {
+                    Ok(c) => *self.pending.borrow_mut() = Some(c),
+                    Err(e) => {
+                        tracing::error!(errors = %e.to_string().replace('\n', "; "), "SIGHUP: reload refused: the configuration is invalid; the running one stays")
+                    }
+                },
+                None => tracing::warn!(
+                    "SIGHUP: this router was built from an array or YAML text, not a file; call $router->reload($config)"
+                ),
+            }
+        }
+        let Some(config) = self.pending.borrow_mut().take() else { return };
+        if let Err(e) = self.check_handlers(&config) {
+            tracing::error!(error = %e, "reload refused; the running configuration stays");
+            return;
+        }
+        match running.reload(&config) {
+            Ok(diff) => {
+                tracing::info!(changes = %diff.summary(), "configuration reloaded");
+                if !diff.restart_needed.is_empty() {
+                    tracing::warn!(keys = %diff.restart_needed.join(", "), "reload: these settings take effect only after a restart");
+                }
+                *self.config.borrow_mut() = config;
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed; the running configuration stays"),
+        }
+    }
+
+    fn with(config: Config, source: Option<std::path::PathBuf>) -> Self {
+        Router {
+            config: RefCell::new(config),
+            source,
+            pending: RefCell::default(),
+            handlers: RefCell::default(),
+            stop: Arc::default(),
+            running: Cell::new(false),
+        }
+    }
+
+    /// Every route of `config` must have a PHP handler, by its name or its handler's.
+    fn check_handlers(&self, config: &Config) -> Result<(), String> {
         let handlers = self.handlers.borrow();
         let mut missing = Vec::new();
-        for r in &self.config.routes {
+        for r in &config.routes {
             if !handlers.contains_key(&r.name) && !handlers.contains_key(&r.handler) {
                 missing.push(format!("route {:?} (handler {:?})", r.name, r.handler));
             }
         }
-        for (name, s) in &self.config.subscriptions {
+        for (name, s) in &config.subscriptions {
             if let Some(h) = &s.default_handler {
                 if !handlers.contains_key(h) {
                     missing.push(format!("handler {h:?} (default of subscription {name:?})"));
@@ -402,8 +473,7 @@ impl Router {
             Err(format!(
                 "MessageRouter\\Router::run(): no PHP handler for {}: register one with $router->route(name, $handler)",
                 missing.join(", ")
-            )
-            .into())
+            ))
         }
     }
 
@@ -475,6 +545,15 @@ fn thrown() -> Called {
 }
 
 /// A callable as given, or `[$object, 'handle']` for a handler object.
+/// A config given to PHP: a YAML file path or an array of the same shape.
+fn read_config(config: &Zval) -> PhpResult<Config> {
+    match (config.str(), config.array()) {
+        (Some(path), _) => Ok(router_core::config::load(std::path::Path::new(path)).map_err(|e| e.to_string())?),
+        (None, Some(array)) => convert::config_from_array(array),
+        _ => Err("MessageRouter\\Router: the config is a YAML file path or an array".into()),
+    }
+}
+
 fn callable_of(handler: &Zval) -> PhpResult<Zval> {
     if handler.is_callable() {
         return Ok(handler.shallow_clone());

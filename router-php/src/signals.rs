@@ -1,15 +1,21 @@
 //! SIGTERM and SIGINT during `run()`: noted, so the run loop stops fetching and
-//! drains, instead of the process dying with messages in hand. The previous handlers
-//! (PHP's default, or pcntl's) come back when the run ends.
+//! drains, instead of the process dying with messages in hand. SIGHUP: noted, so the
+//! run loop reloads the config between batches. The previous handlers (PHP's
+//! default, or pcntl's) come back when the run ends.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static CAUGHT: AtomicI32 = AtomicI32::new(0);
-const SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+static HANGUP: AtomicBool = AtomicBool::new(false);
+const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 extern "C" fn note(signal: libc::c_int) {
     // Async-signal-safe: one atomic store.
-    CAUGHT.store(signal, Ordering::SeqCst);
+    if signal == libc::SIGHUP {
+        HANGUP.store(true, Ordering::SeqCst);
+    } else {
+        CAUGHT.store(signal, Ordering::SeqCst);
+    }
 }
 
 /// Our handlers, installed while it lives.
@@ -21,6 +27,7 @@ pub struct Caught {
 /// thread).
 pub fn catch() -> Caught {
     CAUGHT.store(0, Ordering::SeqCst);
+    HANGUP.store(false, Ordering::SeqCst);
     let mut previous = Vec::new();
     for signal in SIGNALS {
         // SAFETY: a zeroed sigaction is a valid value; the handler only stores to an
@@ -46,6 +53,11 @@ impl Caught {
             0 => None,
             s => Some(s),
         }
+    }
+
+    /// Whether SIGHUP came since the last call.
+    pub fn take_hangup(&self) -> bool {
+        HANGUP.swap(false, Ordering::SeqCst)
     }
 }
 

@@ -138,6 +138,9 @@ impl Limits {
 /// A router running on the background runtime for one `run()`.
 pub struct Running {
     jobs: Receiver<Job>,
+    /// Hands every handler a reload adds its PHP target (the same channel).
+    to_php: Sender<Job>,
+    reloader: router_core::Reloader,
     stop: CancellationToken,
     done: Arc<AtomicBool>,
     /// Why the router stopped on its own (a subscription that cannot run).
@@ -158,13 +161,13 @@ impl Running {
             .keys()
             .map(|name| (name.clone(), Arc::new(PhpTarget { jobs: tx.clone() }) as Arc<dyn Target>))
             .collect();
-        drop(tx);
         let metrics = Metrics::new().map_err(|e| format!("metrics: {e}"))?;
         let router = {
             // Transports spawn their clients' tasks when built: inside the runtime.
             let _guard = runtime.enter();
             router_core::Router::new(config, targets, Arc::new(metrics)).map_err(|e| e.to_string())?
         };
+        let reloader = router.reloader();
         let stop = CancellationToken::new();
         let done = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(Mutex::new(None));
@@ -176,7 +179,24 @@ impl Running {
             }
             flag.store(true, Ordering::SeqCst);
         });
-        Ok(Running { jobs, stop, done, failed })
+        Ok(Running { jobs, to_php: tx, reloader, stop, done, failed })
+    }
+
+    /// Apply `config` as a diff (blocks the PHP thread for as long as the engine takes
+    /// to swap; in-flight work goes on meanwhile).
+    pub fn reload(&self, config: &Config) -> Result<router_core::config::ConfigDiff, String> {
+        let to_php = self.to_php.clone();
+        let build: router_core::BuildTargets = Box::new(move |_, diff| {
+            Ok(diff
+                .handlers
+                .added
+                .iter()
+                .chain(&diff.handlers.changed)
+                .map(|name| (name.clone(), Arc::new(PhpTarget { jobs: to_php.clone() }) as Arc<dyn Target>))
+                .collect())
+        });
+        let reloader = self.reloader.clone();
+        runtime()?.block_on(reloader.reload(config.clone(), build)).map_err(|e| e.to_string())
     }
 
     /// Wait up to `wait` for jobs; return at most [`BATCH`] of them (empty: none came).

@@ -202,4 +202,16 @@ class Router
     public function stop(): void
     {
     }
+
+    /**
+     * Load a new config (a YAML file path or an array; none: the file this router
+     * was built from) and apply it as a diff: during run(), between two batches,
+     * keeping what did not change running. SIGHUP during run() does the same with
+     * the file. A bad config throws, and the running one stays.
+     *
+     * @param string|array<string, mixed>|null $config
+     */
+    public function reload(mixed $config = null): void
+    {
+    }
 }

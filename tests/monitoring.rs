@@ -42,13 +42,14 @@ routes: [ { name: all, handler: php } ]
     let config = router_core::config::parse(yaml, "monitoring.yaml", &|_| None).expect("config");
     let metrics = Arc::new(router_core::Metrics::new().expect("metrics"));
     router_daemon::targets::build(&config, &metrics).expect("targets");
+    router_daemon::reload::register(&metrics).expect("reload metrics");
     metrics.names().into_iter().collect()
 }
 
 #[test]
 fn alert_rules_load_and_fire_when_they_should() {
     let dir = root().join("deploy/prometheus");
-    assert!(promtool(&["check", "rules", "alerts.yaml"], &dir).contains("SUCCESS: 7 rules found"));
+    assert!(promtool(&["check", "rules", "alerts.yaml"], &dir).contains("SUCCESS: 8 rules found"));
     promtool(&["test", "rules", "alerts.test.yaml"], &dir);
 }
 

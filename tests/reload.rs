@@ -201,11 +201,13 @@ routes:
     let errors = status["last_reload"]["errors"].to_string();
     assert!(errors.contains("routes[0].handler"), "the error names the key path: {errors}");
     assert!(router.metric("router_config_reloads_total{result=\"invalid\"}").await >= 1.0);
+    assert_eq!(router.metric("router_config_last_reload_successful").await, 0.0);
     let (code, answer) = post(&router, "/api/reload", None).await;
     assert_eq!(code, 422, "the API says the file is invalid: {answer}");
     reaches(a.port, "messages still flow on the running config").await;
     replace_file(&router.config, &v5.replace("timeout: 5s", "timeout: 6s"));
     wait_hash(&router, &v5.replace("timeout: 5s", "timeout: 6s")).await;
+    assert_eq!(router.metric("router_config_last_reload_successful").await, 1.0);
 
     // Stop the load; everything published is handled.
     running.store(false, Ordering::Relaxed);

@@ -100,14 +100,7 @@ pub struct Reloading {
 /// Start watching for SIGHUP and file changes; the returned handle asks for reloads
 /// too. Stops with `shutdown`.
 pub fn start(r: Reloading, shutdown: CancellationToken) -> anyhow::Result<Reloads> {
-    let counter = prometheus::IntCounterVec::new(
-        prometheus::Opts::new("router_config_reloads_total", "Config reload attempts by result"),
-        &["result"],
-    )?;
-    r.metrics.register(Box::new(counter.clone()))?;
-    for result in ["applied", "unchanged", "invalid", "failed"] {
-        counter.with_label_values(&[result]);
-    }
+    let (counter, last_ok) = register(&r.metrics)?;
     let (tx, mut rx) = mpsc::channel::<Request>(4);
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let watcher = watch(&r.path, changed_tx);
@@ -131,6 +124,7 @@ pub fn start(r: Reloading, shutdown: CancellationToken) -> anyhow::Result<Reload
             let noise = matches!(trigger, Trigger::File) && outcome.result == "unchanged";
             if !noise {
                 counter.with_label_values(&[outcome.result]).inc();
+                last_ok.set(i64::from(matches!(outcome.result, "applied" | "unchanged")));
                 r.info.write().last_reload = Some(outcome.clone());
             }
             if let Some(reply) = reply {
@@ -139,6 +133,26 @@ pub fn start(r: Reloading, shutdown: CancellationToken) -> anyhow::Result<Reload
         }
     });
     Ok(Reloads(tx))
+}
+
+/// `router_config_reloads_total{result}` and `router_config_last_reload_successful`
+/// (1 until a reload is refused, 1 again once one applies; Prometheus's own name).
+pub fn register(metrics: &Metrics) -> anyhow::Result<(prometheus::IntCounterVec, prometheus::IntGauge)> {
+    let counter = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("router_config_reloads_total", "Config reload attempts by result"),
+        &["result"],
+    )?;
+    metrics.register(Box::new(counter.clone()))?;
+    for result in ["applied", "unchanged", "invalid", "failed"] {
+        counter.with_label_values(&[result]);
+    }
+    let last_ok = prometheus::IntGauge::new(
+        "router_config_last_reload_successful",
+        "1 when the last config reload attempt was applied (or found nothing to change), 0 when it was refused",
+    )?;
+    metrics.register(Box::new(last_ok.clone()))?;
+    last_ok.set(1);
+    Ok((counter, last_ok))
 }
 
 /// Watch the directory of `path`; every event but a read nudges `changed`. Without a

@@ -165,27 +165,41 @@ routes:
     assert_eq!(status["last_reload"]["changes"]["transports"]["changed"][0], "rabbit", "{status}");
     assert_eq!(status["last_reload"]["changes"]["subscriptions"]["changed"][0], "orders", "{status}");
 
-    // 5. A subscription added, then removed.
+    // 5. A subscription added on each broker, then removed.
+    let (extra_queue, extra_topic) = (unique("rl-q2"), unique("rl-t2"));
+    rabbit.queue(&extra_queue).await;
+    kafka.create_topic(&extra_topic, 1).await;
     let v6 = v5.replace(
         "subscriptions:\n",
         &format!(
-            "subscriptions:\n  audit: {{ transport: redis, streams: [\"{extra_stream}\"], group: {extra_group} }}\n"
+            "subscriptions:\n  audit: {{ transport: redis, streams: [\"{extra_stream}\"], group: {extra_group} }}\n  audit_q: {{ transport: rabbit, queue: {extra_queue} }}\n  audit_t: {{ transport: kafka, topics: [\"{extra_topic}\"], group: {} }}\n",
+            unique("kg2")
         ),
     );
     replace_file(&router.config, &v6);
     wait_hash(&router, &v6).await;
     let mut redis = Redis::connect().await;
-    redis.publish(&extra_stream, &[("audit-1".into(), b"{}".to_vec(), Vec::new())]).await;
-    wait_for("the added subscription to handle its stream", Duration::from_secs(30), || async {
-        handled(&logs).contains_key("audit-1")
+    let one = |id: &str| vec![(id.to_string(), b"{}".to_vec(), Vec::new())];
+    redis.publish(&extra_stream, &one("audit-1")).await;
+    rabbit.publish(&extra_queue, &one("audit_q-1")).await;
+    kafka.publish(&extra_topic, &one("audit_t-1"), |_| None).await;
+    wait_for("the added subscriptions to handle their sources", Duration::from_secs(60), || async {
+        let h = handled(&logs);
+        ["audit-1", "audit_q-1", "audit_t-1"].iter().all(|id| h.contains_key(*id))
     })
     .await;
-    assert_eq!(get(&router, "/api/subscriptions/audit").await["state"], "running");
+    for name in ["audit", "audit_q", "audit_t"] {
+        assert_eq!(get(&router, &format!("/api/subscriptions/{name}")).await["state"], "running");
+    }
     replace_file(&router.config, &v5);
     wait_hash(&router, &v5).await;
-    let (code, _) = e2e::admin::call(&router, "GET", "/api/subscriptions/audit", None, &[], None).await;
-    assert_eq!(code, 404, "a removed subscription is gone from the API");
-    redis.publish(&extra_stream, &[("audit-2".into(), b"{}".to_vec(), Vec::new())]).await;
+    for name in ["audit", "audit_q", "audit_t"] {
+        let (code, _) = e2e::admin::call(&router, "GET", &format!("/api/subscriptions/{name}"), None, &[], None).await;
+        assert_eq!(code, 404, "a removed subscription is gone from the API");
+    }
+    redis.publish(&extra_stream, &one("audit-2")).await;
+    rabbit.publish(&extra_queue, &one("audit_q-2")).await;
+    kafka.publish(&extra_topic, &one("audit_t-2"), |_| None).await;
 
     // 6. A broken file is refused with its key path; the running config stays; the fix
     //    applies.
@@ -225,12 +239,15 @@ routes:
     assert!(twice.is_empty(), "unchanged subscriptions handled messages twice: {twice:?}");
     let orders_twice = h.iter().filter(|(id, p)| p.len() > 1 && id.starts_with("o-")).count();
     eprintln!("{n} rounds; orders (restarted twice) handled {orders_twice} message(s) twice");
-    assert!(!h.contains_key("audit-2"), "nothing consumes a removed subscription");
+    for id in ["audit-2", "audit_q-2", "audit_t-2"] {
+        assert!(!h.contains_key(id), "nothing consumes a removed subscription ({id})");
+    }
+    assert_eq!(rabbit.count(&extra_queue).await, 1, "the removed subscription's queue keeps its message");
     assert_eq!(router.metric("router_messages_dead_lettered_total").await, 1.0, "only the retry policy's message");
     assert_eq!(router.metric("router_config_reloads_total{result=\"applied\"}").await, 7.0);
     assert_eq!(router.metric("router_consumer_restarts_total{subscription=\"events\"}").await, 0.0);
     assert_eq!(router.metric("router_consumer_restarts_total{subscription=\"clicks\"}").await, 0.0);
-    kafka.delete_topics(&[&topic, &format!("{topic}.dlq")]).await;
+    kafka.delete_topics(&[&topic, &format!("{topic}.dlq"), &extra_topic]).await;
     redis.cleanup(&[&stream], &group).await;
     Redis::connect().await.cleanup(&[&extra_stream], &extra_group).await;
     rabbit.cleanup().await;

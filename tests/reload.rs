@@ -197,6 +197,10 @@ routes:
         let (code, _) = e2e::admin::call(&router, "GET", &format!("/api/subscriptions/{name}"), None, &[], None).await;
         assert_eq!(code, 404, "a removed subscription is gone from the API");
     }
+    wait_for("the removed subscriptions' gauges to go", Duration::from_secs(30), || async {
+        !router.metrics().await.contains("router_subscription_connected{subscription=\"audit")
+    })
+    .await;
     redis.publish(&extra_stream, &one("audit-2")).await;
     rabbit.publish(&extra_queue, &one("audit_q-2")).await;
     kafka.publish(&extra_topic, &one("audit_t-2"), |_| None).await;

@@ -399,7 +399,12 @@ impl Router {
         loop {
             tokio::select! {
                 Some(res) = all.join_next() => match res {
-                    Ok((_, Ok(()))) => {}
+                    Ok((name, Ok(()))) => {
+                        // A subscription a reload removed has stopped: its gauges go.
+                        if !stop.is_cancelled() && !self.registry.read().contains_key(&name) {
+                            self.metrics.forget_subscription(&name);
+                        }
+                    }
                     Ok((subscription, Err(reason))) => {
                         let e = RunError::Fatal { subscription, reason };
                         error!(error = %e, "stopping the router");
@@ -453,6 +458,9 @@ impl Router {
             }
         }
         self.config = config;
+        for name in &diff.handlers.removed {
+            self.metrics.forget_handler(name);
+        }
         if diff.rewires() {
             *self.wiring.write() = Arc::new(Wiring {
                 routes: RoutingTable::from_config(&self.config),

@@ -182,6 +182,29 @@ impl Metrics {
         })
     }
 
+    /// Drop the gauges of a subscription a reload removed (its counters stay: a
+    /// rate over them still reads right), so no dashboard or alert sees a consumer
+    /// that is gone as one that is down.
+    pub fn forget_subscription(&self, name: &str) {
+        for gauge in [
+            &self.in_flight,
+            &self.connected,
+            &self.consumer_lag,
+            &self.settling,
+            &self.backlog,
+            &self.dead_letters,
+            &self.retries_waiting,
+            &self.paused,
+        ] {
+            forget(gauge, "subscription", name);
+        }
+    }
+
+    /// Drop the circuit gauge of a handler a reload removed.
+    pub fn forget_handler(&self, name: &str) {
+        forget(&self.circuit_state, "handler", name);
+    }
+
     /// Register a metric family of a component beyond the core (a target's).
     pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> Result<(), prometheus::Error> {
         let names: Vec<String> = c.desc().iter().map(|d| d.fq_name.clone()).collect();
@@ -199,5 +222,20 @@ impl Metrics {
     pub fn render(&self) -> String {
         let encoder = prometheus::TextEncoder::new();
         encoder.encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+}
+
+/// Remove every series of `vec` whose label `label` is `value`.
+fn forget(vec: &IntGaugeVec, label: &str, value: &str) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for m in family.get_metric() {
+            let labels: Vec<&prometheus::proto::LabelPair> = m.get_label().iter().collect();
+            if labels.iter().any(|l| l.name() == label && l.value() == value) {
+                let values: std::collections::HashMap<&str, &str> =
+                    labels.iter().map(|l| (l.name(), l.value())).collect();
+                let _ = vec.remove(&values);
+            }
+        }
     }
 }

@@ -19,7 +19,9 @@
 //!   (`admin/api.rs`: status, subscriptions with pause/resume/drain, dead letters,
 //!   handlers), the status page (`admin/status.html`, compiled in) and who may call
 //!   what.
-//! - [`telemetry`]: tracing set-up (text or JSON).
+//! - [`telemetry`]: the log (text or JSON) and, with `tracing.enabled`, the OTLP span
+//!   exporter beside it (`router_core::trace`); log lines inside a message's span
+//!   carry its trace and span ids.
 //! - this file: loading a config for the daemon (core validation plus what only the
 //!   daemon needs), running it until SIGTERM/SIGINT, and publishing test messages.
 //!

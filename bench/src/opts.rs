@@ -56,6 +56,10 @@ pub struct Common {
     /// Extra environment of the router, e.g. TOKIO_WORKER_THREADS=1 (repeatable).
     #[arg(long = "router-env", value_parser = parse_env)]
     pub router_env: Vec<(String, String)>,
+    /// Turn the router's tracing on, exporting every span (sampling 1.0) with OTLP/HTTP
+    /// to this base URL (README "Tracing"); off when absent.
+    #[arg(long)]
+    pub tracing_endpoint: Option<String>,
     /// RUST_LOG of the router.
     #[arg(long, default_value = "info")]
     pub rust_log: String,

@@ -120,7 +120,8 @@ impl Target<'_> {
 /// `transport` (its name and a YAML flow mapping), the handler `php` (`target`,
 /// `max_in_flight` C, the balance), the subscription `main` of that transport with
 /// the lines `source` (queue, or streams and group …), the prefetch and a short retry
-/// policy, and the one route `route` (a YAML flow mapping) to `php`.
+/// policy, and the one route `route` (a YAML flow mapping) to `php`; with
+/// `--tracing-endpoint`, tracing on.
 pub fn config(
     opts: &Common,
     admin: u16,
@@ -148,7 +149,11 @@ subscriptions:
     retry: {{ max_attempts: 3, initial_delay: 1s, multiplier: 1, max_delay: 1s, jitter: 0 }}
 routes:
   - {route}
-"#,
+{tracing}"#,
+        tracing = opts
+            .tracing_endpoint
+            .as_ref()
+            .map_or(String::new(), |e| format!("tracing: {{ enabled: true, endpoint: \"{e}\", sampling: 1.0 }}\n")),
         name = transport.0,
         kind = transport.1,
         target = target.yaml(),

@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, trace, warn};
+use tracing::{debug, error, info, trace, warn, Instrument, Span};
 
 use crate::backoff;
 use crate::breaker::{Breaker, CircuitState, Observer, Verdict};
@@ -60,6 +60,7 @@ use crate::metrics::Metrics;
 use crate::retry::{decide, Decision, Outcome, RetryPolicy};
 use crate::routing::RoutingTable;
 use crate::target::{DeliveryInfo, Target};
+use crate::trace as otel;
 use crate::transport::{self, ConsumeError, ConsumeSpec, Inbox, Transport};
 
 /// Why a router could not be built from a valid config.
@@ -933,6 +934,9 @@ impl Pipeline {
             },
         };
         let (shutdown, abort) = (inbox.shutdown.clone(), inbox.abort.clone());
+        // The delivery's consumer span (none with tracing off): its attempts and its
+        // settlement run inside it.
+        let span = otel::consume(&self.name, &self.config, &d);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         inbox.tasks.spawn(async move {
             let work = async {
@@ -961,7 +965,8 @@ impl Pipeline {
                         self.handle(d, &route, &handler_name, &handler, &policy, &shutdown, &abort).await;
                     }
                 }
-            };
+            }
+            .instrument(span);
             tokio::select! {
                 biased;
                 // Grace period over: dropping the work drops its delivery (handed back).
@@ -1042,6 +1047,9 @@ impl Pipeline {
         let in_flight = self.metrics.in_flight.with_label_values(&[self.name.as_str()]);
         in_flight.inc();
         let started = std::time::Instant::now();
+        // A child of the consumer span per attempt; the handler gets its context.
+        let span = otel::attempt(handler_name, route, d.attempt);
+        let traceparent = otel::traceparent(&span);
         let outcome = handler
             .target
             .deliver(DeliveryInfo {
@@ -1050,8 +1058,11 @@ impl Pipeline {
                 subscription: &self.name,
                 route,
                 handler: handler_name,
+                traceparent: traceparent.as_deref(),
             })
+            .instrument(span.clone())
             .await;
+        otel::attempt_done(&span, &outcome);
         self.metrics.handler_seconds.with_label_values(&[handler_name]).observe(started.elapsed().as_secs_f64());
         in_flight.dec();
         outcome
@@ -1082,6 +1093,32 @@ impl Pipeline {
     /// unacked and keeps its window slot), until the broker takes the message back by
     /// itself, or until the grace period of a shutdown is over (then it is handed back).
     async fn settle(
+        &self,
+        d: Delivery,
+        mut settlement: Settlement,
+        route: &str,
+        handler: &str,
+        abort: &CancellationToken,
+    ) {
+        // Tracing on: the retry copy or dead letter carries the consumer span's
+        // context, and the settlement is a span of its own.
+        let span = if otel::enabled() {
+            let consumer = Span::current();
+            if let (Some(tp), Settlement::Retry { failure, .. } | Settlement::DeadLetter(failure)) =
+                (otel::traceparent(&consumer), &mut settlement)
+            {
+                failure.traceparent = Some(tp);
+            }
+            otel::consumed(&consumer, &settlement);
+            otel::settle(&consumer, &settlement)
+        } else {
+            Span::none()
+        };
+        self.settle_traced(d, settlement, route, handler, abort).instrument(span).await;
+    }
+
+    /// [`Self::settle`]'s work, inside the settlement's span.
+    async fn settle_traced(
         &self,
         mut d: Delivery,
         settlement: Settlement,

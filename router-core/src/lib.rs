@@ -27,6 +27,8 @@
 //!   transport, handler and subscription take; loading (each section handed to the
 //!   component that owns it), `${ENV}` interpolation and validation with key paths.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`trace`]: OpenTelemetry spans per message (consume, attempt, settle), W3C context
+//!   from and to messages and handlers, the OTLP exporter; nothing when off.
 
 pub mod backoff;
 pub mod breaker;
@@ -41,6 +43,7 @@ pub mod metrics;
 pub mod retry;
 pub mod routing;
 pub mod target;
+pub mod trace;
 pub mod transport;
 
 #[cfg(any(test, feature = "fuzz"))]

@@ -49,6 +49,9 @@ pub mod header {
     /// `message_id`), kept on its retry copies and dead letter so every attempt
     /// carries the same `ce-id`.
     pub const MESSAGE_ID: &str = "x-router-message-id";
+    /// W3C trace context (README "Tracing"): read to continue the producer's trace,
+    /// replaced on retry copies and dead letters by the router's consumer span.
+    pub const TRACEPARENT: &str = "traceparent";
     /// When a dead letter was put back on its source (`message-router dlq replay`).
     pub const REPLAYED: &str = "x-router-replayed";
 }
@@ -100,6 +103,9 @@ pub struct Failure {
     pub last_failure: SystemTime,
     pub route: Option<String>,
     pub handler: Option<String>,
+    /// W3C `traceparent` of the delivery's consumer span (tracing on): written on the
+    /// retry copy or dead letter, so its next delivery continues the same trace.
+    pub traceparent: Option<String>,
 }
 
 impl Failure {
@@ -119,6 +125,9 @@ impl Failure {
         }
         if let Some(handler) = &self.handler {
             out.push((header::HANDLER, handler.clone()));
+        }
+        if let Some(tp) = &self.traceparent {
+            out.push((header::TRACEPARENT, tp.clone()));
         }
         out
     }
@@ -171,6 +180,9 @@ pub struct Delivery {
     /// `redelivered`, a Redis entry re-read or claimed): a consumer died or gave it
     /// back. Counted in `router_messages_redelivered_total`.
     pub redelivered: bool,
+    /// Partition and offset (Kafka) or entry id (Redis), for the consumer span; set by
+    /// the transport only while tracing is on ([`crate::trace::enabled`]).
+    pub position: Option<crate::trace::Position>,
     handle: Option<Box<dyn Settle>>,
 }
 
@@ -186,7 +198,15 @@ impl Delivery {
             .unwrap_or(1);
         let first_failure =
             message.headers.get(header::FIRST_FAILURE).and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-        Delivery { message, attempt, first_failure, defect: None, redelivered: false, handle: Some(handle) }
+        Delivery {
+            message,
+            attempt,
+            first_failure,
+            defect: None,
+            redelivered: false,
+            position: None,
+            handle: Some(handle),
+        }
     }
 
     /// The failure record of this delivery's current attempt, failed `now`.
@@ -206,6 +226,7 @@ impl Delivery {
             last_failure: now,
             route: route.map(str::to_string),
             handler: handler.map(str::to_string),
+            traceparent: None,
         }
     }
 

@@ -16,6 +16,10 @@ pub struct DeliveryInfo<'a> {
     pub subscription: &'a str,
     pub route: &'a str,
     pub handler: &'a str,
+    /// W3C `traceparent` of this attempt's span when tracing is on: what the target
+    /// sends the handler (instead of the message's own), so the handler's spans are
+    /// children of the attempt. `None` with tracing off.
+    pub traceparent: Option<&'a str>,
 }
 
 #[async_trait]

@@ -21,7 +21,9 @@
 //!   what.
 //! - [`reload`]: hot reload: SIGHUP, a watched config file, `POST /api/reload`; the
 //!   file checked, then applied by the engine as a diff.
-//! - [`telemetry`]: tracing set-up (text or JSON).
+//! - [`telemetry`]: the log (text or JSON) and, with `tracing.enabled`, the OTLP span
+//!   exporter beside it (`router_core::trace`); log lines inside a message's span
+//!   carry its trace and span ids.
 //! - this file: loading a config for the daemon (core validation plus what only the
 //!   daemon needs) and running it until SIGTERM/SIGINT.
 //!

@@ -270,13 +270,22 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    router_daemon::telemetry::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("message-router: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    // Spans only for `run`: the other commands handle no messages.
+    let tracing = match &cli.command {
+        Command::Run { .. } => config.tracing.clone(),
+        _ => router_core::config::TracingConfig::default(),
+    };
+    // Inside the runtime: the gRPC span exporter's channel lives there.
+    let exporter = {
+        let _guard = runtime.enter();
+        router_daemon::telemetry::init(&config.log, &tracing)
     };
     let result = runtime.block_on(async move {
         match cli.command {
@@ -315,6 +324,11 @@ fn main() -> ExitCode {
             Command::Validate { .. } => Ok(()),
         }
     });
+    // Flush the spans still buffered; blocking, so after block_on, while the runtime
+    // (which the gRPC exporter needs) still exists.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

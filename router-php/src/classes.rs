@@ -58,6 +58,8 @@ pub struct Message {
     handler: String,
     subscription: String,
     attempt: i64,
+    /// The router's span of this attempt (tracing on), else None.
+    traceparent: Option<String>,
 }
 
 #[php_impl]
@@ -77,6 +79,7 @@ impl Message {
         handler: Option<String>,
         contentType: Option<String>,
         kind: Option<String>,
+        traceparent: Option<String>,
     ) -> Self {
         Message {
             id: id.unwrap_or_default(),
@@ -90,6 +93,7 @@ impl Message {
             handler: handler.unwrap_or_default(),
             subscription: subscription.unwrap_or_default(),
             attempt: attempt.unwrap_or(1),
+            traceparent,
         }
     }
 
@@ -148,6 +152,15 @@ impl Message {
     pub fn attempt(&self) -> i64 {
         self.attempt
     }
+
+    /// W3C trace context to continue (PHP's OpenTelemetry SDK: `TraceContextPropagator`
+    /// over `['traceparent' => $m->traceparent()]`): the router's span of this attempt
+    /// when tracing is on, else the message's own `traceparent` header (any case).
+    pub fn traceparent(&self) -> Option<String> {
+        self.traceparent.clone().or_else(|| {
+            self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("traceparent")).map(|(_, v)| v.clone())
+        })
+    }
 }
 
 impl Message {
@@ -165,6 +178,7 @@ impl Message {
             handler: job.handler.clone(),
             subscription: job.subscription.clone(),
             attempt: i64::from(job.attempt),
+            traceparent: job.traceparent.clone(),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct Job {
     pub subscription: String,
     pub route: String,
     pub handler: String,
+    /// The attempt's span (tracing on), for `Message::traceparent()`.
+    pub traceparent: Option<String>,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -67,8 +69,10 @@ impl Target for PhpTarget {
             subscription: d.subscription.to_string(),
             route: d.route.to_string(),
             handler: d.handler.to_string(),
+            traceparent: d.traceparent.map(str::to_string),
             reply,
         };
+        router_core::trace::record_endpoint("php", "in-process");
         if self.jobs.send(job).is_err() {
             return Outcome::Retry { after: None, error: "the PHP worker stopped before handling it".into() };
         }
@@ -151,8 +155,8 @@ impl Running {
     /// Build the router of `config` (every handler reached through the PHP thread)
     /// and start it on the runtime.
     pub fn start(config: &Config) -> Result<Running, String> {
-        init_log(&config.log.level);
         let runtime = runtime()?;
+        init_log(&config.log.level, &config.tracing, &runtime);
         // Unbounded, yet bounded: the engine holds at most `prefetch` messages per
         // subscription and `max_in_flight` per handler.
         let (tx, jobs) = crossbeam_channel::unbounded();
@@ -236,9 +240,17 @@ impl Running {
     }
 }
 
+/// The span exporter of this process (tracing on), flushed by [`shutdown`].
+static EXPORTER: Mutex<Option<router_core::trace::Exporter>> = Mutex::new(None);
+
 /// The router's log goes to stderr, like a PHP CLI worker's own output: filtered by
-/// `MESSAGE_ROUTER_LOG` (or `RUST_LOG`), else by the config's `log.level`.
-fn init_log(level: &str) {
+/// `MESSAGE_ROUTER_LOG` (or `RUST_LOG`), else by the config's `log.level`. With
+/// `tracing.enabled`, the OTLP span exporter beside it (set up once per process, by
+/// the first config).
+fn init_log(level: &str, tracing: &router_core::config::TracingConfig, runtime: &tokio::runtime::Runtime) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let filter = std::env::var("MESSAGE_ROUTER_LOG")
@@ -249,11 +261,26 @@ fn init_log(level: &str) {
         // No colour codes unless stderr is a terminal (a log file, a pipe, php-fpm's
         // log). Another tracing user in the process may have set a global subscriber first.
         use std::io::IsTerminal;
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
+        let log = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
-            .try_init();
+            .with_filter(filter)
+            .boxed();
+        // Inside the runtime: the gRPC exporter's channel lives there.
+        let spans = {
+            let _guard = runtime.enter();
+            router_core::trace::install::<tracing_subscriber::Registry>(tracing)
+        };
+        let mut layers = vec![log];
+        match spans {
+            Ok(Some((layer, exporter))) => {
+                layers.push(layer);
+                *EXPORTER.lock() = Some(exporter);
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("message-router: tracing is off: {e}"),
+        }
+        let _ = tracing_subscriber::registry().with(layers).try_init();
     });
 }
 
@@ -302,6 +329,10 @@ fn block_signals() {
 /// close). Only this process's own runtime: a forked child's inherited one has no
 /// threads to stop.
 pub fn shutdown(wait: Duration) {
+    // The last spans first, while the runtime (the gRPC exporter's) still runs.
+    if let Some(exporter) = EXPORTER.lock().take() {
+        exporter.shutdown();
+    }
     let taken = {
         let mut slot = RUNTIME.lock();
         match slot.as_ref() {

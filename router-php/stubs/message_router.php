@@ -33,6 +33,7 @@ class Message
     private string $handler;
     private string $subscription;
     private int $attempt;
+    private ?string $traceparent;
 
     /** @param array<string, string>|null $headers */
     public function __construct(
@@ -46,7 +47,8 @@ class Message
         ?string $subscription = null,
         ?string $handler = null,
         ?string $contentType = null,
-        ?string $kind = null
+        ?string $kind = null,
+        ?string $traceparent = null
     ) {
         $this->body = $body;
         $this->headers = $headers ?? [];
@@ -60,6 +62,7 @@ class Message
         $this->handler = $handler ?? '';
         $this->contentType = $contentType;
         $this->kind = $kind;
+        $this->traceparent = $traceparent;
     }
 
     /** The broker's message id (`message_id` / `ce_id`), or one the router made. */
@@ -127,6 +130,24 @@ class Message
     public function attempt(): int
     {
         return $this->attempt;
+    }
+
+    /**
+     * W3C trace context to continue (PHP's OpenTelemetry SDK: TraceContextPropagator
+     * over `['traceparent' => $m->traceparent()]`): the router's span of this attempt
+     * when tracing is on, else the message's own `traceparent` header (any case).
+     */
+    public function traceparent(): ?string
+    {
+        if ($this->traceparent !== null) {
+            return $this->traceparent;
+        }
+        foreach ($this->headers as $name => $value) {
+            if (strcasecmp((string) $name, 'traceparent') === 0) {
+                return $value;
+            }
+        }
+        return null;
     }
 }
 

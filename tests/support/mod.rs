@@ -27,6 +27,7 @@ pub mod brokers;
 pub mod fpm;
 pub mod grpc;
 pub mod netfault;
+pub mod otlp;
 pub mod webdriver;
 
 pub use brokers::{PrivateRabbit, PrivateRedis};

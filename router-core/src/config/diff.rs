@@ -66,7 +66,7 @@ pub struct ConfigDiff {
     pub routes_reordered: bool,
     /// `shutdown.grace_period` changed (applies to every drain from now on).
     pub grace_period: bool,
-    /// Keys whose new value takes effect only after a restart (`admin`, `log`).
+    /// Keys whose new value takes effect only after a restart (`admin`, `log`, `tracing`).
     pub restart_needed: Vec<String>,
 }
 
@@ -94,6 +94,9 @@ impl ConfigDiff {
         }
         if old.log.format != new.log.format {
             restart_needed.push("log.format".to_string());
+        }
+        if old.tracing != new.tracing {
+            restart_needed.push("tracing".to_string());
         }
         ConfigDiff {
             transports,

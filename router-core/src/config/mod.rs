@@ -45,6 +45,9 @@ pub struct Config<T = TransportConfig, S = SubscriptionConfig> {
     pub log: LogConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// OpenTelemetry spans per message, exported with OTLP (README "Tracing").
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// Broker connections by name.
     pub transports: BTreeMap<String, T>,
     /// Handlers by name: where messages are delivered.
@@ -109,6 +112,46 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// How spans reach the collector.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies: `POST <endpoint>/v1/traces` (port 4318).
+    #[default]
+    Http,
+    /// OTLP/gRPC (port 4317).
+    Grpc,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Create spans (consume, each delivery attempt, settle) and export them. Off: no
+    /// span is created at all.
+    pub enabled: bool,
+    /// The OTLP receiver (an OpenTelemetry Collector, Jaeger, Tempo ...): the base URL
+    /// for `http` (`/v1/traces` is appended), the gRPC URL for `grpc`.
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// Share of new traces recorded, 0.0 to 1.0. A message that arrives with a
+    /// `traceparent` follows its producer's sampling decision.
+    pub sampling: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            enabled: false,
+            endpoint: "http://127.0.0.1:4318".into(),
+            protocol: OtlpProtocol::Http,
+            sampling: 1.0,
+            service_name: "message-router".into(),
+        }
     }
 }
 
@@ -354,6 +397,7 @@ impl Config<serde_yaml_ng::Mapping, serde_yaml_ng::Mapping> {
             admin: self.admin,
             log: self.log,
             shutdown: self.shutdown,
+            tracing: self.tracing,
             transports,
             handlers: self.handlers,
             subscriptions,

@@ -42,6 +42,20 @@ impl Config {
         if self.shutdown.grace_period.is_zero() {
             issues.add("shutdown.grace_period", "must be greater than 0");
         }
+        let t = &self.tracing;
+        if !(0.0..=1.0).contains(&t.sampling) {
+            issues.add("tracing.sampling", format!("{} is not a share between 0.0 and 1.0", t.sampling));
+        }
+        match url::Url::parse(&t.endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => issues.add(
+                "tracing.endpoint",
+                format!("{:?} is not an http:// or https:// URL like http://127.0.0.1:4318", t.endpoint),
+            ),
+        }
+        if t.service_name.trim().is_empty() {
+            issues.add("tracing.service_name", "must not be empty");
+        }
 
         for (name, t) in &self.transports {
             t.broker.check(&format!("transports.{name}"), &mut issues);
@@ -207,6 +221,25 @@ routes:
             Ok(_) => panic!("config should be rejected:\n{text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_its_keys_are_checked() {
+        let c = parse(GOOD, "router.yaml", &env).expect("valid");
+        assert!(!c.tracing.enabled);
+        let with = |t: &str| format!("{GOOD}tracing: {t}\n");
+        let c = parse(
+            &with("{ enabled: true, protocol: grpc, endpoint: \"http://otel:4317\", sampling: 0.25 }"),
+            "router.yaml",
+            &env,
+        )
+        .expect("valid");
+        assert_eq!((c.tracing.protocol, c.tracing.sampling), (super::super::OtlpProtocol::Grpc, 0.25));
+        let e = errors(&with("{ sampling: 1.5, endpoint: \"otel:4318\", service_name: \" \" }"));
+        assert!(e.contains("router.yaml: tracing.sampling: 1.5 is not a share between 0.0 and 1.0"), "{e}");
+        assert!(e.contains("tracing.endpoint: \"otel:4318\" is not an http:// or https:// URL"), "{e}");
+        assert!(e.contains("tracing.service_name: must not be empty"), "{e}");
+        assert!(errors(&with("{ protocol: udp }")).contains("tracing"), "an unknown protocol names its section");
     }
 
     #[test]

@@ -221,6 +221,7 @@ impl Target for FastcgiTarget {
                 }
             };
             endpoint.mark_up();
+            router_core::trace::record_endpoint("fastcgi", &endpoint.label);
             for text in &response.stderr {
                 let text: String = text.chars().take(STDERR_LOGGED).collect();
                 warn!(handler = %self.name, endpoint = %endpoint.label, id = %d.message.id, stderr = %text.trim_end(), "PHP-FPM wrote to stderr");
@@ -238,6 +239,7 @@ impl Target for FastcgiTarget {
             socket.idle.lock().push(conn);
             return match proto::parse_cgi(&response.stdout) {
                 Ok(cgi) => {
+                    router_core::trace::record_status(cgi.status);
                     let status = StatusCode::from_u16(cgi.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                     let retry_after = cgi
                         .headers

@@ -158,6 +158,12 @@ impl Target for GrpcTarget {
                 Ok(Err(status)) => Err(Some(status)),
             };
             endpoint.mark_up();
+            router_core::trace::record_endpoint("grpc", &endpoint.label);
+            router_core::trace::record_grpc_status(match &answer {
+                Ok(_) => Code::Ok as i32,
+                Err(Some(s)) => s.code() as i32,
+                Err(None) => Code::DeadlineExceeded as i32,
+            });
             return match answer {
                 Ok(r) => match Answer::try_from(r.result) {
                     Ok(Answer::Ack) => Outcome::Ack,

@@ -2,7 +2,8 @@
 //!
 //! Request: `POST`, body = message body, CloudEvents binary-mode `ce-*` headers,
 //! router metadata in `x-router-*`, message headers as `x-message-header-<name>`,
-//! W3C `traceparent`/`tracestate` passed through, optional HMAC signature (one per key:
+//! W3C `traceparent`/`tracestate` (with tracing on, `traceparent` is the router's
+//! attempt span, a child of the message's), optional HMAC signature (one per key:
 //! `signing.previous_secret` adds the second during a rotation).
 //!
 //! Response → [`Outcome`]:
@@ -62,9 +63,12 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secrets: &[Vec<u8>]) -> Result<Head
     put("x-router-route", d.route)?;
     put("x-router-subscription", d.subscription)?;
     put("x-router-handler", d.handler)?;
+    if let Some(tp) = d.traceparent {
+        put("traceparent", tp)?;
+    }
     for (k, v) in &m.headers {
         let lower = k.to_ascii_lowercase();
-        if lower == "traceparent" || lower == "tracestate" {
+        if (lower == "traceparent" && d.traceparent.is_none()) || lower == "tracestate" {
             put(&lower, v)?;
         }
         if lower.starts_with("x-router-") {
@@ -148,11 +152,13 @@ mod tests {
     fn routers_own_headers_from_an_earlier_attempt_are_cleaned_not_refused() {
         let mut m = Message { id: "m-1".into(), ..Message::default() };
         m.headers.insert("x-router-last-error".into(), "HTTP 500: boom\n#0 trace".into());
-        let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
+        let d =
+            DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h", traceparent: None };
         let h = request_headers(&d, &[]).expect("sent");
         assert_eq!(h["x-message-header-x-router-last-error"], "HTTP 500: boom #0 trace");
         m.headers.insert("note".into(), "a\nb".into());
-        let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
+        let d =
+            DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h", traceparent: None };
         assert!(request_headers(&d, &[]).is_err(), "a producer's header still makes it poison");
     }
 
@@ -200,7 +206,8 @@ mod tests {
         };
         m.headers.insert("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         m.headers.insert("Tenant".into(), "acme".into());
-        let d = DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h" };
+        let d =
+            DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h", traceparent: None };
         let h = request_headers(&d, &[b"0123456789abcdef".to_vec()]).expect("headers");
         assert_eq!(h["ce-id"], "m-1");
         assert_eq!(h["ce-specversion"], "1.0");
@@ -211,12 +218,20 @@ mod tests {
         let ts = h["x-router-timestamp"].to_str().expect("ascii");
         assert_eq!(h["x-router-signature"], sign(b"0123456789abcdef", ts, b"").as_str());
 
+        let attempt_span = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01";
+        let d = DeliveryInfo { traceparent: Some(attempt_span), ..d };
+        let h = request_headers(&d, &[]).expect("headers");
+        assert_eq!(h["traceparent"], attempt_span, "tracing on: the attempt's span, not the producer's");
+        assert_eq!(h["x-message-header-traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+
         m.timestamp = Some(UNIX_EPOCH + Duration::from_secs(253_402_300_800));
-        let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
+        let d =
+            DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h", traceparent: None };
         assert!(!request_headers(&d, &[]).expect("sent").contains_key("ce-time"), "year 10000: no ce-time, no panic");
 
         m.headers.insert("bad".into(), "line\nbreak".into());
-        let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
+        let d =
+            DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h", traceparent: None };
         assert_eq!(
             request_headers(&d, &[]).err().as_deref(),
             Some("value of header \"x-message-header-bad\" cannot be sent over HTTP")
@@ -242,7 +257,8 @@ mod tests {
         );
 
         let m = Message { id: "m-1".into(), body: b"body".to_vec().into(), ..Message::default() };
-        let d = DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h" };
+        let d =
+            DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h", traceparent: None };
         let h = request_headers(&d, &[new.clone(), old.clone()]).expect("headers");
         let ts = h["x-router-timestamp"].to_str().expect("ascii");
         let sig = h["x-router-signature"].to_str().expect("ascii");

@@ -97,7 +97,9 @@ impl Target for HttpTarget {
                 }
             };
             endpoint.mark_up();
+            router_core::trace::record_endpoint("http", &endpoint.label);
             let status = response.status();
+            router_core::trace::record_status(status.as_u16());
             let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).cloned();
             // Read (a bounded part of) the body: the excerpt explains failures, and a
             // fully read small body lets the connection be reused.

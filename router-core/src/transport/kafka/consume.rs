@@ -289,6 +289,11 @@ impl Loop<'_> {
             }
         }
         let (message, defect) = p.record.to_message(&self.transport.display);
+        let position = crate::trace::enabled().then(|| crate::trace::Position::Kafka {
+            topic: p.record.topic.clone(),
+            partition: p.record.partition,
+            offset: p.record.offset,
+        });
         shared.state.started(&part);
         let (attempt, first_failure) = (p.attempt, p.first_failure);
         let handle = KafkaHandle { shared: shared.clone(), events: self.events.clone(), pending: Some(p) };
@@ -300,6 +305,7 @@ impl Loop<'_> {
             delivery.first_failure = first_failure;
         }
         delivery.defect = defect;
+        delivery.position = position;
         self.inbox.put(delivery).await.is_ok()
     }
 }

@@ -125,8 +125,13 @@ impl Record {
             (field::ORIGINAL_PARTITION, self.header(field::ORIGINAL_PARTITION).unwrap_or(self.partition.to_string())),
             (field::ORIGINAL_OFFSET, self.header(field::ORIGINAL_OFFSET).unwrap_or(self.offset.to_string())),
         ];
-        let mut out: Vec<(String, Option<Bytes>)> =
-            self.headers.iter().filter(|(n, _)| !n.starts_with("x-router-")).cloned().collect();
+        // An extra replaces the original of the same name (a new `traceparent`).
+        let mut out: Vec<(String, Option<Bytes>)> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| !n.starts_with("x-router-") && !extra.iter().any(|(e, _)| e == n))
+            .cloned()
+            .collect();
         for (name, value) in origin.into_iter().chain(extra) {
             out.push((name.to_string(), Some(Bytes::from(value))));
         }

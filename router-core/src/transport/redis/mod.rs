@@ -382,12 +382,15 @@ impl Session<'_> {
         };
         let origin = &self.shared.streams[key.source].stream;
         let (message, defect) = convert::to_message(self.display, origin, &entry.id, &fields, &self.source.body_field);
+        let position = crate::trace::enabled()
+            .then(|| crate::trace::Position::Redis { stream: origin.clone(), id: entry.id.clone() });
         let handle =
             RedisHandle { shared: self.shared.clone(), acks: self.acks.clone(), key, id: entry.id, fields, deliveries };
         let mut delivery = Delivery::new(message, Box::new(handle));
         delivery.redelivered = deliveries > 1;
         delivery.attempt = delivery.attempt.saturating_add(deliveries.saturating_sub(1));
         delivery.defect = defect;
+        delivery.position = position;
         self.inbox.put(delivery).await.is_ok()
     }
 }

@@ -305,8 +305,13 @@ impl RedisHandle {
             ),
             (header::ORIGINAL_ID, existing(header::ORIGINAL_ID).unwrap_or_else(|| self.id.clone())),
         ];
-        let mut out: Vec<(Bytes, Bytes)> =
-            self.fields.iter().filter(|(n, _)| !n.starts_with(b"x-router-")).cloned().collect();
+        // An extra replaces the original of the same name (a new `traceparent`).
+        let mut out: Vec<(Bytes, Bytes)> = self
+            .fields
+            .iter()
+            .filter(|(n, _)| !n.starts_with(b"x-router-") && !extra.iter().any(|(e, _)| e.as_bytes() == n.as_ref()))
+            .cloned()
+            .collect();
         for (name, value) in origin.into_iter().chain(extra) {
             out.push((Bytes::from_static(name.as_bytes()), Bytes::from(value)));
         }

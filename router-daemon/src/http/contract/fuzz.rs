@@ -171,7 +171,7 @@ fn attempted(c: &Case) -> Vec<(String, String)> {
 
 fn check(c: &Case) -> TestCaseResult {
     let [subscription, route, handler] = &c.names;
-    let d = DeliveryInfo { message: &c.message, attempt: c.attempt, subscription, route, handler };
+    let d = DeliveryInfo { message: &c.message, attempt: c.attempt, subscription, route, handler, traceparent: None };
     match request_headers(&d, std::slice::from_ref(&c.secret).iter().flatten().cloned().collect::<Vec<_>>().as_slice())
     {
         Ok(h) => {
@@ -234,7 +234,8 @@ fn fuzz_http_router_headers_never_refuse() {
     let input = case(message(sendable(), headers), "[a-z.-]{1,8}".boxed());
     run("fuzz_http_router_headers_never_refuse", 1000, input, |c| {
         let [subscription, route, handler] = &c.names;
-        let d = DeliveryInfo { message: &c.message, attempt: c.attempt, subscription, route, handler };
+        let d =
+            DeliveryInfo { message: &c.message, attempt: c.attempt, subscription, route, handler, traceparent: None };
         let sent = request_headers(
             &d,
             std::slice::from_ref(&c.secret).iter().flatten().cloned().collect::<Vec<_>>().as_slice(),

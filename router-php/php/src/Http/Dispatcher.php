@@ -129,6 +129,8 @@ final class Dispatcher
             $h('x-router-handler'),
             $h('content-type'),
             $h('ce-type'),
+            // The router's attempt span when its tracing is on (else the producer's).
+            $h('traceparent'),
         );
     }
 

@@ -203,3 +203,40 @@ async fn redis_deliveries_record_the_stream_entry() {
     one(&spans, "ack", |s| s.trace_id == trace_id && s.name == "ack" && s.parent_id == process.span_id);
     redis.cleanup(&[&stream], group).await;
 }
+
+#[tokio::test]
+async fn kafka_deliveries_record_partition_and_offset() {
+    let dir = Scratch::new("trace-kafka");
+    let receiver = Receiver::start().await;
+    let kafka = Kafka::connect();
+    let topic = unique("trace-kafka");
+    kafka.create_topic(&topic, 1).await;
+    let php = PhpHandler::start(&dir.path("handler.log"), 2).await;
+    let yaml = kafka_config(&[&topic], &unique("g"), &[php.url()], "") + &tracing_section(&receiver);
+    let mut router = Router::start(&dir, &yaml).await;
+    let (trace_id, producer) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let parent = format!("00-{trace_id}-{producer}-01");
+    kafka
+        .publish(&topic, &[("k-1".into(), b"{}".to_vec(), vec![("traceparent", parent)])], |_| Some("key".into()))
+        .await;
+    wait_for("the handler to get it", WAIT, || async { seen(&php.log).iter().any(|s| s.id == "k-1") }).await;
+    assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
+    let spans = receiver
+        .wait("the trace", Duration::from_secs(10), |s| s.iter().filter(|x| x.trace_id == trace_id).count() >= 3)
+        .await;
+    let process = one(&spans, "consumer", |s| s.trace_id == trace_id && s.kind == KIND_CONSUMER);
+    assert_eq!(process.parent_id, producer, "a Kafka header carries the context");
+    assert_eq!(process.name, format!("process {topic}"));
+    assert_eq!(process.attr("messaging.system"), "kafka");
+    assert_eq!(process.attr("messaging.destination.partition.id"), "0");
+    assert_eq!(process.attr("messaging.kafka.offset"), "0");
+    let attempt = one(&spans, "attempt", |s| s.trace_id == trace_id && s.kind == KIND_CLIENT && s.name == "deliver php");
+    let sent = seen(&php.log).into_iter().find(|s| s.id == "k-1").expect("logged");
+    assert_eq!(
+        sent.headers["traceparent"],
+        format!("00-{trace_id}-{}-01", attempt.span_id),
+        "the handler got the attempt span"
+    );
+    one(&spans, "ack", |s| s.trace_id == trace_id && s.name == "ack" && s.parent_id == process.span_id);
+    kafka.delete_topics(&[&topic, &format!("{topic}.dlq")]).await;
+}

@@ -185,6 +185,55 @@ final class InProcessAmqpTest extends WorkerTestCase
         $this->deleteQueues($first, "$first.dlq", $second, "$second.dlq");
     }
 
+    public function testTheHandlerRunsInsideTheRoutersSpanAndTheSpansAreExported(): void
+    {
+        $queue = self::unique('php-trace');
+        $this->declareQueue($queue);
+        $port = self::freePort();
+        $otlpLog = "$this->dir/otlp.log";
+        touch($otlpLog);
+        $sink = proc_open(
+            [PHP_BINARY, '-S', "127.0.0.1:$port", __DIR__ . '/handlers/otlp_sink.php'],
+            [0 => ['file', '/dev/null', 'r'], 1 => ['file', '/dev/null', 'w'], 2 => ['file', '/dev/null', 'w']],
+            $pipes,
+            null,
+            ['OTLP_LOG' => $otlpLog] + getenv()
+        );
+        $this->procs[] = $sink;
+        $this->waitFor('the OTLP sink to listen', 10, fn () => @fsockopen('127.0.0.1', $port) !== false);
+        $traceId = '4bf92f3577b34da6a3ce929d0e0e4736';
+        $producer = "00-$traceId-00f067aa0ba902b7-01";
+        $this->publishAmqp($queue, [['traced', 'x', ['traceparent' => $producer]], ['untraced', 'x', []]]);
+        $config = $this->config($queue) + ['tracing' => ['enabled' => true, 'endpoint' => "http://127.0.0.1:$port", 'service_name' => 'php-worker']];
+        $w = $this->startWorker($config, [], 'traced');
+        $this->waitFor('both handled', 30, fn () => isset($w->done()['traced'], $w->done()['untraced']));
+        $w->signal(SIGTERM);
+        $this->assertSame(0, $w->wait(20), $w->stderr());
+
+        // The handler saw the router's attempt span: the producer's trace, a new span.
+        $seen = $w->done()['traced'][0]['traceparent'];
+        $this->assertMatchesRegularExpression("/^00-$traceId-[0-9a-f]{16}-01$/", $seen);
+        $this->assertNotSame($producer, $seen, 'the attempt span, not the producer\'s');
+        $this->assertMatchesRegularExpression('/^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/', $w->done()['untraced'][0]['traceparent'], 'a trace started for a message without one');
+        // The spans reached the receiver as OTLP/HTTP protobuf, flushed at exit.
+        $this->waitFor('the spans exported', 10, fn () => str_contains((string) file_get_contents($otlpLog), $traceId));
+        $requests = array_map(fn ($l) => json_decode($l, true), array_filter(explode("\n", file_get_contents($otlpLog))));
+        $this->assertSame(['POST /v1/traces application/x-protobuf'], array_values(array_unique(array_map(fn ($r) => "{$r['method']} {$r['path']} {$r['content_type']}", $requests))));
+        $exported = implode('', array_column($requests, 'body'));
+        $this->assertStringContainsString(bin2hex('php-worker'), $exported, 'service.name');
+        $this->assertStringContainsString(substr($seen, 36, 16), $exported, 'the attempt span the handler saw');
+        $this->assertStringContainsString(bin2hex('deliver php'), $exported);
+
+        // Tracing off: traceparent() is the message's own.
+        $this->publishAmqp($queue, [['plain', 'x', ['traceparent' => $producer]]]);
+        $plain = $this->startWorker($this->config($queue), [], 'plain');
+        $this->waitFor('handled', 30, fn () => isset($plain->done()['plain']));
+        $plain->signal(SIGTERM);
+        $this->assertSame(0, $plain->wait(20));
+        $this->assertSame($producer, $plain->done()['plain'][0]['traceparent']);
+        $this->deleteQueues($queue, "$queue.dlq");
+    }
+
     public static function crashes(): array
     {
         return ['exit()' => ['exit', 'exit()'], 'a fatal error' => ['fatal', 'a fatal error']];

@@ -78,6 +78,7 @@ final class BehaveHandler implements Handler
             'route' => $m->route(), 'handler' => $m->handler(), 'subscription' => $m->subscription(),
             'source' => $m->source(), 'key' => $m->key(), 'body' => $m->body(), 'headers' => $m->headers(),
             'pid' => getmypid(), 'extension' => extension_loaded('message_router'),
+            'traceparent' => $m->traceparent(),
         ]) . "\n", FILE_APPEND | LOCK_EX);
     }
 }

@@ -12,7 +12,7 @@ use PHPUnit\Framework\TestCase;
 abstract class WorkerTestCase extends TestCase
 {
     /** @var list<resource> */
-    private array $procs = [];
+    protected array $procs = [];
     protected string $dir;
 
     protected function setUp(): void

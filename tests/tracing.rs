@@ -1,6 +1,7 @@
 //! Tracing (README "Tracing"): the daemon's spans as a real OTLP/HTTP receiver gets
 //! them (support/otlp.rs), for messages handled by a real PHP handler (`php -S`) from
-//! a real RabbitMQ and Redis: the producer's trace continued through a retry to the ack,
+//! a real RabbitMQ, Redis and Kafka (exported over OTLP/gRPC to a Python grpcio
+//! receiver there): the producer's trace continued through a retry to the ack,
 //! a dead letter's trace ending in its reason, the context each handler request
 //! carries, and the trace ids in the log.
 
@@ -205,14 +206,15 @@ async fn redis_deliveries_record_the_stream_entry() {
 }
 
 #[tokio::test]
-async fn kafka_deliveries_record_partition_and_offset() {
+async fn kafka_deliveries_record_partition_and_offset_exported_over_grpc() {
     let dir = Scratch::new("trace-kafka");
-    let receiver = Receiver::start().await;
+    let receiver = Receiver::start_grpc(&dir.path("otlp-grpc.log")).await;
     let kafka = Kafka::connect();
     let topic = unique("trace-kafka");
     kafka.create_topic(&topic, 1).await;
     let php = PhpHandler::start(&dir.path("handler.log"), 2).await;
-    let yaml = kafka_config(&[&topic], &unique("g"), &[php.url()], "") + &tracing_section(&receiver);
+    let yaml = kafka_config(&[&topic], &unique("g"), &[php.url()], "")
+        + &tracing_section(&receiver).replace("sampling: 1.0", "sampling: 1.0, protocol: grpc");
     let mut router = Router::start(&dir, &yaml).await;
     let (trace_id, producer) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let parent = format!("00-{trace_id}-{producer}-01");
@@ -230,7 +232,8 @@ async fn kafka_deliveries_record_partition_and_offset() {
     assert_eq!(process.attr("messaging.system"), "kafka");
     assert_eq!(process.attr("messaging.destination.partition.id"), "0");
     assert_eq!(process.attr("messaging.kafka.offset"), "0");
-    let attempt = one(&spans, "attempt", |s| s.trace_id == trace_id && s.kind == KIND_CLIENT && s.name == "deliver php");
+    let attempt =
+        one(&spans, "attempt", |s| s.trace_id == trace_id && s.kind == KIND_CLIENT && s.name == "deliver php");
     let sent = seen(&php.log).into_iter().find(|s| s.id == "k-1").expect("logged");
     assert_eq!(
         sent.headers["traceparent"],

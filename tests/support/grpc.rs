@@ -15,7 +15,7 @@ pub struct GrpcHandler {
 }
 
 /// The venv's Python (`GRPC_PYTHON` overrides).
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("GRPC_PYTHON") {
         return p.into();
     }

@@ -1,6 +1,8 @@
-//! A real OTLP/HTTP receiver for the tracing tests: `POST /v1/traces` with an
-//! `ExportTraceServiceRequest` in protobuf (what the router's exporter sends to a
-//! collector), decoded with the official proto types and kept as flat [`Span`]s.
+//! Real OTLP receivers for the tracing tests: over HTTP (`POST /v1/traces`, served
+//! here) and over gRPC (`TraceService/Export`, a Python grpcio server in another
+//! process: `tests/handlers/otlp_grpc_receiver.py`). Either way the
+//! `ExportTraceServiceRequest` the router's exporter sent is decoded with the official
+//! proto types and kept as flat [`Span`]s.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +49,8 @@ pub struct Receiver {
     pub endpoint: String,
     spans: Arc<Mutex<Vec<Span>>>,
     task: tokio::task::JoinHandle<()>,
+    /// The gRPC receiver's process (killed at drop).
+    _grpc: Option<crate::Proc>,
 }
 
 impl Receiver {
@@ -58,7 +62,51 @@ impl Receiver {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Receiver { endpoint: format!("http://{addr}"), spans, task }
+        Receiver { endpoint: format!("http://{addr}"), spans, task, _grpc: None }
+    }
+
+    /// An OTLP/gRPC receiver (configure `protocol: grpc`): the Python grpcio server of
+    /// the venv scripts/setup makes, writing each request to `log`, read back here.
+    pub async fn start_grpc(log: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let port = crate::free_port();
+        std::fs::write(log, "").expect("receiver log");
+        let child = std::process::Command::new(crate::grpc::python())
+            .arg(crate::root().join("tests/handlers/otlp_grpc_receiver.py"))
+            .arg(port.to_string())
+            .arg(log)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the OTLP/gRPC receiver starts (scripts/setup makes its Python venv with grpcio)");
+        let proc = crate::Proc { child, name: format!("otlp-grpc:{port}") };
+        crate::wait_for("the OTLP/gRPC receiver to listen", Duration::from_secs(30), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let (into, log) = (spans.clone(), log.to_path_buf());
+        let task = tokio::spawn(async move {
+            let mut read = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let Ok(f) = std::fs::File::open(&log) else { continue };
+                let lines: Vec<String> = std::io::BufReader::new(f).lines().map_while(Result::ok).collect();
+                // A line is whole once the next one started or the file ends in a newline.
+                let complete = std::fs::read(&log).map(|b| b.ends_with(b"\n")).unwrap_or(false);
+                let upto = if complete { lines.len() } else { lines.len().saturating_sub(1) };
+                for line in lines.iter().take(upto).skip(read) {
+                    let bytes = (0..line.len() / 2)
+                        .filter_map(|i| u8::from_str_radix(&line[2 * i..2 * i + 2], 16).ok())
+                        .collect::<Vec<u8>>();
+                    let request =
+                        ExportTraceServiceRequest::decode(bytes.as_slice()).expect("an ExportTraceServiceRequest");
+                    into.lock().expect("spans").extend(flatten(request));
+                }
+                read = read.max(upto);
+            }
+        });
+        Receiver { endpoint: format!("http://127.0.0.1:{port}"), spans, task, _grpc: Some(proc) }
     }
 
     pub fn spans(&self) -> Vec<Span> {
@@ -98,6 +146,13 @@ async fn receive(
     let Ok(request) = ExportTraceServiceRequest::decode(body) else {
         return (StatusCode::BAD_REQUEST, proto, Vec::new());
     };
+    spans.lock().expect("spans").extend(flatten(request));
+    // An empty ExportTraceServiceResponse: everything accepted.
+    (StatusCode::OK, proto, Vec::new())
+}
+
+/// Every span of a request, with its resource's `service.name`.
+fn flatten(request: ExportTraceServiceRequest) -> Vec<Span> {
     let mut out = Vec::new();
     for rs in request.resource_spans {
         let service =
@@ -118,9 +173,7 @@ async fn receive(
             }
         }
     }
-    spans.lock().expect("spans").extend(out);
-    // An empty ExportTraceServiceResponse: everything accepted.
-    (StatusCode::OK, proto, Vec::new())
+    out
 }
 
 fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, String> {

@@ -157,9 +157,36 @@ async fn a_dead_letters_trace_ends_in_its_reason_and_the_dead_letter_carries_it(
     assert_eq!(spans.iter().filter(|s| s.name == "retry").count(), 2);
     assert_eq!(spans.iter().filter(|s| s.name == "deliver php").count(), 3);
 
-    // The dead letter carries the last delivery's context: a replay continues the trace.
+    // The dead letter carries the last delivery's context; replayed, it starts a trace
+    // of its own whose first consumer span links back to that delivery.
+    let (code, answer) = e2e::admin::post(
+        &router,
+        "/api/subscriptions/main/dead-letters/replay",
+        Some(serde_json::json!({"all": true})),
+    )
+    .await;
+    assert_eq!(code, 200, "{answer}");
+    let spans = receiver
+        .wait("the replayed copy's consumer span", Duration::from_secs(30), |s| {
+            s.iter().any(|x| x.kind == KIND_CONSUMER && !x.links.is_empty())
+        })
+        .await;
+    let replayed = one(&spans, "replayed consumer", |s| s.kind == KIND_CONSUMER && !s.links.is_empty());
+    assert_eq!(
+        replayed.links,
+        [(trace_id.clone(), last.span_id.clone())],
+        "linked to the delivery that dead-lettered it"
+    );
+    assert_ne!(replayed.trace_id, trace_id, "a trace of its own");
+    assert!(replayed.parent_id.is_empty());
+    assert_eq!(replayed.attr("router.attempt"), "1");
+    wait_for("dead-lettered again", WAIT, || async { rabbit.count(&dlq).await == 1 }).await;
     let letters = rabbit.drain(&dlq).await;
-    assert_eq!(letters[0].headers["traceparent"], format!("00-{trace_id}-{}-01", last.span_id));
+    assert!(
+        letters[0].headers["traceparent"].starts_with(&format!("00-{}-", replayed.trace_id)),
+        "the replayed copy's retries and dead letter continue its new trace: {:?}",
+        letters[0].headers
+    );
 
     // JSON logs: the ids as two more keys of the line.
     let logs = router.logs();

@@ -163,8 +163,8 @@ pub enum Position {
 }
 
 /// The consumer span of one delivery: `process <destination>`, continuing the trace of
-/// the message's `traceparent` (a retry copy's or replayed dead letter's carries the
-/// previous delivery's span) or starting one. Everything else of the delivery runs
+/// the message's `traceparent` (a retry copy's carries the previous delivery's span)
+/// or starting one; a replayed dead letter starts one linked to its last delivery. Everything else of the delivery runs
 /// inside it.
 pub fn consume(subscription: &str, config: &SubscriptionConfig, d: &Delivery) -> Span {
     if !enabled() {
@@ -201,10 +201,22 @@ pub fn consume(subscription: &str, config: &SubscriptionConfig, d: &Delivery) ->
         }
         None => {}
     }
-    let parent = TraceContextPropagator::new().extract(&Headers(&d.message.headers));
-    // Fails only when the layer is not installed (a second subscriber won): then the
-    // span is a root of its own, which is all that can be done.
-    let _ = span.set_parent(parent);
+    let carried = TraceContextPropagator::new().extract(&Headers(&d.message.headers));
+    // A dead letter replayed by an operator (first attempt of a copy marked replayed,
+    // maybe days later) starts a trace of its own that links back to the delivery that
+    // dead-lettered it; its retries then continue this new trace.
+    let replayed = d.attempt == 1 && d.message.headers.contains_key(crate::message::header::REPLAYED);
+    let earlier = carried.span().span_context().clone();
+    if replayed && earlier.is_valid() {
+        span.add_link_with_attributes(
+            earlier,
+            vec![opentelemetry::KeyValue::new("router.link", "replayed_dead_letter")],
+        );
+    } else {
+        // Fails only when the layer is not installed (a second subscriber won): then
+        // the span is a root of its own, which is all that can be done.
+        let _ = span.set_parent(carried);
+    }
     span
 }
 

@@ -80,8 +80,21 @@ impl PrivateRabbit {
             dist_port: free_port(),
             base,
         };
-        rabbit.spawn();
-        rabbit.await_startup().await;
+        // A port taken between choosing and binding fails the boot: again on new ones.
+        for tries in 1.. {
+            rabbit.spawn();
+            match rabbit.booted().await {
+                Ok(()) => break,
+                Err(e) if tries < 3 => {
+                    eprintln!("{} did not start ({e}); again on other ports", rabbit.node);
+                    // New ports first: kill9 waits for the port to close, and the old
+                    // one may be another process's.
+                    (rabbit.port, rabbit.dist_port) = (free_port(), free_port());
+                    rabbit.kill9();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         rabbit
     }
 
@@ -154,24 +167,41 @@ impl PrivateRabbit {
         }
     }
 
-    /// Wait until AMQP listens and the node says it has booted (60 s at most).
+    /// Wait until the node says it has booted and AMQP listens (60 s at most).
     pub async fn await_startup(&mut self) {
+        if let Err(e) = self.booted().await {
+            panic!("{e}");
+        }
+    }
+
+    /// The node first, then its port: a port chosen free can be taken by another
+    /// test's process before the node binds it, and a connect would then reach that
+    /// process. The node registers with its epmd early in its boot; `await_startup`
+    /// then waits for the boot to finish (and fails if it cannot bind its port).
+    async fn booted(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let addr = format!("{}:{}", self.host, self.port);
-        while std::net::TcpStream::connect(&addr).is_err() {
+        while !self.registered() {
             if let Some(s) = self.server.as_mut() {
                 if let Ok(Some(status)) = s.child.try_wait() {
-                    panic!("{} exited ({status}) before it listened:\n{}", self.node, self.output());
+                    return Err(format!("{} exited ({status}) before it registered:\n{}", self.node, self.output()));
                 }
             }
-            assert!(Instant::now() < deadline, "{} not listening on {addr} after 60 s:\n{}", self.node, self.output());
+            if Instant::now() >= deadline {
+                return Err(format!("{} did not register with its epmd within 60 s:\n{}", self.node, self.output()));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if let Err(e) = self.ctl(&["await_startup", "--timeout", "60"]).await {
-            let names = Command::new("epmd").args(["-port", &self.epmd_port.to_string(), "-names"]).output();
-            let names = names.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-            panic!("{} await_startup: {e}\nepmd: {names}\n{}", self.node, self.output());
+            return Err(format!("{} await_startup: {e}\n{}", self.node, self.output()));
         }
+        let addr = format!("{}:{}", self.host, self.port);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if Instant::now() >= deadline {
+                return Err(format!("{} booted but not listening on {addr}:\n{}", self.node, self.output()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     fn output(&self) -> String {

@@ -32,6 +32,11 @@
 //!   wait, and a failed attempt while the circuit is not closed is not counted against
 //!   its message.
 //!
+//! Reload ([`Reloader`]): the routes and handlers live in one `Wiring` swapped whole,
+//! read once per message; a subscription the diff leaves alone keeps its pipeline, a
+//! removed one stops like at shutdown, a changed one stops and a new pipeline starts
+//! once it has.
+//!
 //! Shutdown: stop taking deliveries, let in-flight work finish within the grace
 //! period, drop (= hand back to the broker) whatever is still running, then let the
 //! transport flush its acks and close.

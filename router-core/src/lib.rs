@@ -10,7 +10,7 @@
 //! - [`engine`]: the per-subscription pipeline: bounded in-flight, per-handler limits,
 //!   the single settle point (settlements the broker refuses are retried), the
 //!   supervisor and stall watchdog of each consumer, graceful drain. [`Router`] wires a
-//!   config to targets.
+//!   config to targets; [`Reloader`] applies a new one as a diff while it runs.
 //! - [`control`]: what an operator can do to a running subscription (pause, drain,
 //!   resume) and what the admin API shows of it ([`Subscriptions`]).
 //! - [`breaker`]: the circuit breaker of each handler.
@@ -25,7 +25,8 @@
 //!   (`transport/<broker>/config.rs`), listed by kind in `transport/config.rs`.
 //! - [`config`]: the YAML model shared by daemon and extension: the keys every
 //!   transport, handler and subscription take; loading (each section handed to the
-//!   component that owns it), `${ENV}` interpolation and validation with key paths.
+//!   component that owns it), `${ENV}` interpolation and validation with key paths;
+//!   `config/diff.rs`: what a reload changes, component by component.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`trace`]: OpenTelemetry spans per message (consume, attempt, settle), W3C context
 //!   from and to messages and handlers, the OTLP exporter; nothing when off.

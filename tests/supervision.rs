@@ -182,7 +182,11 @@ async fn kafka_consumer_evicted_from_its_group_rejoins() {
         router.metric("router_consumer_restarts_total").await
     );
     let log = router.logs();
-    assert!(log.matches("partitions assigned").count() >= 2, "it rejoined its group:\n{log}");
+    // Evicted, then assigned again. Not a count of assignments: twice on 2026-12-05
+    // the start-up assignment was missing from the log while consumption worked
+    // (cause not found; noted in the issue).
+    let revoked = log.find("partitions revoked").unwrap_or_else(|| panic!("it was evicted from its group:\n{log}"));
+    assert!(log[revoked..].contains("partitions assigned"), "it rejoined its group:\n{log}");
     assert!(router.ready().await);
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
     kafka.delete_topics(&[&topic, &format!("{group}.retry"), &format!("{topic}.dlq")]).await;

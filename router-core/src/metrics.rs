@@ -196,13 +196,13 @@ impl Metrics {
             &self.retries_waiting,
             &self.paused,
         ] {
-            forget(gauge, "subscription", name);
+            let _ = forget(gauge, "subscription", name);
         }
     }
 
     /// Drop the circuit gauge of a handler a reload removed.
     pub fn forget_handler(&self, name: &str) {
-        forget(&self.circuit_state, "handler", name);
+        let _ = forget(&self.circuit_state, "handler", name);
     }
 
     /// Register a metric family of a component beyond the core (a target's).
@@ -225,17 +225,20 @@ impl Metrics {
     }
 }
 
-/// Remove every series of `vec` whose label `label` is `value`.
-fn forget(vec: &IntGaugeVec, label: &str, value: &str) {
+/// Remove every series of `vec` whose label `label` is `value`; returns what went:
+/// each series' labels and value (a caller may put them back).
+pub fn forget(vec: &IntGaugeVec, label: &str, value: &str) -> Vec<(std::collections::HashMap<String, String>, i64)> {
     use prometheus::core::Collector;
+    let mut gone = Vec::new();
     for family in vec.collect() {
         for m in family.get_metric() {
-            let labels: Vec<&prometheus::proto::LabelPair> = m.get_label().iter().collect();
-            if labels.iter().any(|l| l.name() == label && l.value() == value) {
-                let values: std::collections::HashMap<&str, &str> =
-                    labels.iter().map(|l| (l.name(), l.value())).collect();
-                let _ = vec.remove(&values);
+            let labels: std::collections::HashMap<&str, &str> =
+                m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+            if labels.get(label) == Some(&value) && vec.remove(&labels).is_ok() {
+                let owned = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                gone.push((owned, m.get_gauge().get_value() as i64));
             }
         }
     }
+    gone
 }

@@ -104,20 +104,10 @@ impl Builder {
     /// them for [`Builder::restore`].
     pub fn forget(&self, handler: &str) -> Vec<(String, i64)> {
         let Some(up) = self.0.lock().up.clone() else { return Vec::new() };
-        use prometheus::core::Collector;
-        let mut gone = Vec::new();
-        for family in up.collect() {
-            for m in family.get_metric() {
-                let label = |n: &str| m.get_label().iter().find(|l| l.name() == n).map(|l| l.value().to_string());
-                if label("handler").as_deref() == Some(handler) {
-                    let endpoint = label("endpoint").unwrap_or_default();
-                    if up.remove_label_values(&[handler, &endpoint]).is_ok() {
-                        gone.push((endpoint, m.get_gauge().get_value() as i64));
-                    }
-                }
-            }
-        }
-        gone
+        router_core::metrics::forget(&up, "handler", handler)
+            .into_iter()
+            .map(|(mut labels, value)| (labels.remove("endpoint").unwrap_or_default(), value))
+            .collect()
     }
 
     /// Put back what [`Builder::forget`] took (the reload was refused).

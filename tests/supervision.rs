@@ -181,12 +181,16 @@ async fn kafka_consumer_evicted_from_its_group_rejoins() {
         resumed.elapsed(),
         router.metric("router_consumer_restarts_total").await
     );
-    let log = router.logs();
     // Evicted, then assigned again. Not a count of assignments: twice on 2026-12-05
     // the start-up assignment was missing from the log while consumption worked
-    // (cause not found; noted in the issue).
-    let revoked = log.find("partitions revoked").unwrap_or_else(|| panic!("it was evicted from its group:\n{log}"));
-    assert!(log[revoked..].contains("partitions assigned"), "it rejoined its group:\n{log}");
+    // (cause not found; noted in the issue). Polled: the batch can be handled from
+    // what was fetched before the coordinator's verdict, so the rejoin may come after
+    // it (those messages are then delivered again: their commit was refused).
+    let rejoined = || {
+        let log = router.logs();
+        log.find("partitions revoked").is_some_and(|at| log[at..].contains("partitions assigned"))
+    };
+    wait_for("a revocation followed by an assignment", DETECT, || std::future::ready(rejoined())).await;
     assert!(router.ready().await);
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0));
     kafka.delete_topics(&[&topic, &format!("{group}.retry"), &format!("{topic}.dlq")]).await;

@@ -63,7 +63,7 @@ use crate::health::{Problem, Readiness, SourceStatus};
 use crate::message::{Delivery, SettleError, Settlement};
 use crate::metrics::Metrics;
 use crate::retry::{decide, Decision, Outcome, RetryPolicy};
-use crate::routing::RoutingTable;
+use crate::routing::{RouteMatch, RoutingTable};
 use crate::target::{DeliveryInfo, Target};
 use crate::trace as otel;
 use crate::transport::{self, ConsumeError, ConsumeSpec, Inbox, Transport};
@@ -91,13 +91,51 @@ const BACKLOG_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the depths at the broker (backlog, retries waiting, dead letters) are read.
 const DEPTHS_EVERY: Duration = Duration::from_secs(5);
 
-/// A handler as the engine sees it: how to reach it, how many may be in flight, and
-/// its circuit.
+/// A handler as the engine sees it: how to reach it, how many may be in flight, its
+/// circuit, and its latency histogram (resolved once, not per attempt).
 #[derive(Clone)]
 struct Handler {
     target: Arc<dyn Target>,
     limit: Arc<Semaphore>,
     breaker: Arc<Breaker>,
+    seconds: prometheus::Histogram,
+}
+
+/// A route as one subscription's messages take it under one wiring: the names, the
+/// handler, the retry policy and the settlement counters of the pair, resolved on the
+/// route's first message and shared by the next ones (no label lookup, no string
+/// copy per message).
+struct Bound {
+    route: String,
+    handler_name: String,
+    handler: Handler,
+    policy: RetryPolicy,
+    counters: Settled,
+}
+
+/// `router_messages_{acked,retried,dead_lettered}_total` of one subscription, route and handler.
+struct Settled {
+    acked: prometheus::IntCounter,
+    retried: prometheus::IntCounter,
+    dead_lettered: prometheus::IntCounter,
+}
+
+impl Settled {
+    fn new(metrics: &Metrics, labels: &[&str; 3]) -> Self {
+        Settled {
+            acked: metrics.acked.with_label_values(labels),
+            retried: metrics.retried.with_label_values(labels),
+            dead_lettered: metrics.dead_lettered.with_label_values(labels),
+        }
+    }
+}
+
+/// The routes a pipeline has bound under the wiring they were bound with; a rewire
+/// starts afresh (a route's handler or policy may have changed).
+#[derive(Default)]
+struct BoundRoutes {
+    wiring: Option<Arc<Wiring>>,
+    routes: HashMap<String, Arc<Bound>>,
 }
 
 /// Routes and handlers as of the last (re)load. A reload swaps the whole of it, so a
@@ -148,6 +186,12 @@ struct Pipeline {
     in_flight: AtomicU64,
     /// The depths last read at the broker.
     depths: Mutex<DepthsSeen>,
+    /// Routes taken so far (read on the consumer's task: uncontended).
+    bound: Mutex<BoundRoutes>,
+    /// This subscription's per-message series, resolved once.
+    received: prometheus::IntCounter,
+    redelivered: prometheus::IntCounter,
+    in_flight_gauge: prometheus::IntGauge,
 }
 
 /// The subscriptions running now, by name; what the admin API and `/readyz` see. A
@@ -300,7 +344,12 @@ impl Router {
                     metrics.circuit_state.with_label_values(&[name.as_str()]).set(0);
                     handlers.insert(
                         name.clone(),
-                        Handler { target: t.clone(), limit: Arc::new(Semaphore::new(h.max_in_flight.max(1))), breaker },
+                        Handler {
+                            target: t.clone(),
+                            limit: Arc::new(Semaphore::new(h.max_in_flight.max(1))),
+                            breaker,
+                            seconds: metrics.handler_seconds.with_label_values(&[name.as_str()]),
+                        },
                     );
                 }
                 None if used => return Err(BuildError::MissingTarget(name.clone())),
@@ -333,6 +382,10 @@ impl Router {
             mode: tokio::sync::watch::Sender::new(mode),
             in_flight: AtomicU64::new(0),
             depths: Mutex::new(DepthsSeen::default()),
+            bound: Mutex::new(BoundRoutes::default()),
+            received: self.metrics.received.with_label_values(&[name]),
+            redelivered: self.metrics.redelivered.with_label_values(&[name]),
+            in_flight_gauge: self.metrics.in_flight.with_label_values(&[name]),
         });
         self.attach(&p);
         self.metrics.paused.with_label_values(&[name]).set(i64::from(mode != Mode::Running));
@@ -590,10 +643,9 @@ impl Inbox for PipelineInbox {
                 }
             }
         }
-        let name = [self.pipeline.name.as_str()];
-        self.pipeline.metrics.received.with_label_values(&name).inc();
+        self.pipeline.received.inc();
         if d.redelivered {
-            self.pipeline.metrics.redelivered.with_label_values(&name).inc();
+            self.pipeline.redelivered.inc();
         }
         self.pipeline.touch();
         let Some(slot) = acquire(&self.window, &self.shutdown).await else { return Err(d) };
@@ -926,16 +978,9 @@ impl Pipeline {
             Some(reason) => Err(reason),
             None => match wiring.routes.route(&self.name, &d.message) {
                 None => Err(format!("no route matched (routing key {:?})", d.message.key.as_deref().unwrap_or(""))),
-                Some(r) => match wiring.handlers.get(r.handler) {
-                    Some(h) => Ok((
-                        r.route.to_string(),
-                        r.handler.to_string(),
-                        h.clone(),
-                        r.retry.unwrap_or(&self.config.retry).clone(),
-                    )),
-                    // Config validation makes this unreachable; dead-letter rather than panic.
-                    None => Err(format!("handler {:?} has no target", r.handler)),
-                },
+                // Config validation makes a missing handler unreachable; dead-letter
+                // rather than panic.
+                Some(r) => self.bind(&wiring, &r).ok_or_else(|| format!("handler {:?} has no target", r.handler)),
             },
         };
         let (shutdown, abort) = (inbox.shutdown.clone(), inbox.abort.clone());
@@ -950,25 +995,23 @@ impl Pipeline {
                     // Earlier deliveries ended without an answer (the consumer died
                     // or was stopped mid-handling): a message that keeps killing its
                     // consumer must not be delivered forever.
-                    Ok((route, handler_name, _, policy)) if d.attempt > policy.max_attempts => {
+                    Ok(b) if d.attempt > b.policy.max_attempts => {
                         let reason = format!(
                             "max attempts ({}) exhausted: {} earlier deliveries ended without an answer (the consumer crashed or was stopped while handling the message)",
-                            policy.max_attempts,
+                            b.policy.max_attempts,
                             d.attempt - 1
                         );
                         let mut failure = d.failure(
                             reason,
                             "no answer from the handler".into(),
-                            Some(&route),
-                            Some(&handler_name),
+                            Some(&b.route),
+                            Some(&b.handler_name),
                             SystemTime::now(),
                         );
                         failure.attempts = d.attempt - 1;
-                        self.settle(d, Settlement::DeadLetter(failure), &route, &handler_name, &abort).await;
+                        self.settle(d, Settlement::DeadLetter(failure), Some(&b), &abort).await;
                     }
-                    Ok((route, handler_name, handler, policy)) => {
-                        self.handle(d, &route, &handler_name, &handler, &policy, &shutdown, &abort).await;
-                    }
+                    Ok(b) => self.handle(d, &b, &shutdown, &abort).await,
                 }
             }
             .instrument(span);
@@ -983,22 +1026,35 @@ impl Pipeline {
         });
     }
 
+    /// The route `r` bound for this subscription under `wiring` (see [`Bound`]);
+    /// `None` when its handler has no target.
+    fn bind(&self, wiring: &Arc<Wiring>, r: &RouteMatch<'_>) -> Option<Arc<Bound>> {
+        let mut cache = self.bound.lock();
+        if !cache.wiring.as_ref().is_some_and(|w| Arc::ptr_eq(w, wiring)) {
+            *cache = BoundRoutes { wiring: Some(wiring.clone()), routes: HashMap::new() };
+        }
+        if let Some(b) = cache.routes.get(r.route).filter(|b| b.handler_name == r.handler) {
+            return Some(b.clone());
+        }
+        let handler = wiring.handlers.get(r.handler)?.clone();
+        let bound = Arc::new(Bound {
+            route: r.route.to_string(),
+            handler_name: r.handler.to_string(),
+            handler,
+            policy: r.retry.unwrap_or(&self.config.retry).clone(),
+            counters: Settled::new(&self.metrics, &[self.name.as_str(), r.route, r.handler]),
+        });
+        cache.routes.insert(r.route.to_string(), bound.clone());
+        Some(bound)
+    }
+
     /// Deliver (again while the handler's circuit is not closed), decide, settle.
-    #[allow(clippy::too_many_arguments)]
-    async fn handle(
-        &self,
-        d: Delivery,
-        route: &str,
-        handler_name: &str,
-        handler: &Handler,
-        policy: &RetryPolicy,
-        shutdown: &CancellationToken,
-        abort: &CancellationToken,
-    ) {
+    async fn handle(&self, d: Delivery, b: &Bound, shutdown: &CancellationToken, abort: &CancellationToken) {
+        let (route, handler_name, handler, policy) = (b.route.as_str(), b.handler_name.as_str(), &b.handler, &b.policy);
         if self.already_handled(&d).await {
             self.metrics.deduplicated.with_label_values(&[self.name.as_str()]).inc();
             debug!(subscription = %self.name, id = %d.message.id, "already handled; acking without delivery");
-            self.settle(d, Settlement::Ack, route, handler_name, abort).await;
+            self.settle(d, Settlement::Ack, Some(b), abort).await;
             return;
         }
         let outcome = loop {
@@ -1044,13 +1100,12 @@ impl Pipeline {
             }
             Decision::DeadLetter { reason, error } => Settlement::DeadLetter(failure(reason, error)),
         };
-        self.settle(d, settlement, route, handler_name, abort).await;
+        self.settle(d, settlement, Some(b), abort).await;
     }
 
     /// One attempt at the handler.
     async fn deliver(&self, d: &Delivery, route: &str, handler_name: &str, handler: &Handler) -> Outcome {
-        let in_flight = self.metrics.in_flight.with_label_values(&[self.name.as_str()]);
-        in_flight.inc();
+        self.in_flight_gauge.inc();
         let started = std::time::Instant::now();
         // A child of the consumer span per attempt; the handler gets its context.
         let span = otel::attempt(handler_name, route, d.attempt);
@@ -1068,8 +1123,8 @@ impl Pipeline {
             .instrument(span.clone())
             .await;
         otel::attempt_done(&span, &outcome);
-        self.metrics.handler_seconds.with_label_values(&[handler_name]).observe(started.elapsed().as_secs_f64());
-        in_flight.dec();
+        handler.seconds.observe(started.elapsed().as_secs_f64());
+        self.in_flight_gauge.dec();
         outcome
     }
 
@@ -1090,21 +1145,15 @@ impl Pipeline {
     /// Dead-letter a message that never reached a handler.
     async fn dead_letter_unhandled(&self, d: Delivery, reason: String, abort: &CancellationToken) {
         let failure = d.failure(reason.clone(), reason, None, None, SystemTime::now());
-        self.settle(d, Settlement::DeadLetter(failure), "", "", abort).await;
+        self.settle(d, Settlement::DeadLetter(failure), None, abort).await;
     }
 
     /// The one place a delivery is settled, counted and logged. A settlement the
     /// broker refuses is tried again with backoff until it lands (the message stays
     /// unacked and keeps its window slot), until the broker takes the message back by
     /// itself, or until the grace period of a shutdown is over (then it is handed back).
-    async fn settle(
-        &self,
-        d: Delivery,
-        mut settlement: Settlement,
-        route: &str,
-        handler: &str,
-        abort: &CancellationToken,
-    ) {
+    /// `bound`: the route the message took, `None` when it never reached a handler.
+    async fn settle(&self, d: Delivery, mut settlement: Settlement, bound: Option<&Bound>, abort: &CancellationToken) {
         // Tracing on: the retry copy or dead letter carries the consumer span's
         // context, and the settlement is a span of its own.
         let span = if otel::enabled() {
@@ -1119,7 +1168,7 @@ impl Pipeline {
         } else {
             Span::none()
         };
-        self.settle_traced(d, settlement, route, handler, abort).instrument(span).await;
+        self.settle_traced(d, settlement, bound, abort).instrument(span).await;
     }
 
     /// [`Self::settle`]'s work, inside the settlement's span.
@@ -1127,24 +1176,32 @@ impl Pipeline {
         &self,
         mut d: Delivery,
         settlement: Settlement,
-        route: &str,
-        handler: &str,
+        bound: Option<&Bound>,
         abort: &CancellationToken,
     ) {
-        let labels = [self.name.as_str(), route, handler];
-        let id = d.message.id.clone();
+        let route = bound.map_or("", |b| b.route.as_str());
+        // A message that never reached a handler (rare) is counted under empty route
+        // and handler labels, looked up now.
+        let unbound;
+        let counters = match bound {
+            Some(b) => &b.counters,
+            None => {
+                unbound = Settled::new(&self.metrics, &[self.name.as_str(), "", ""]);
+                &unbound
+            }
+        };
         let counter = match &settlement {
             Settlement::Ack => {
-                debug!(subscription = %self.name, route, %id, attempt = d.attempt, "handled");
-                Some(&self.metrics.acked)
+                debug!(subscription = %self.name, route, id = %d.message.id, attempt = d.attempt, "handled");
+                Some(&counters.acked)
             }
             Settlement::Retry { after, next_attempt, failure } => {
-                warn!(subscription = %self.name, route, %id, attempt = d.attempt, next_attempt, delay = ?after, error = %failure.last_error, "attempt failed; retrying");
-                Some(&self.metrics.retried)
+                warn!(subscription = %self.name, route, id = %d.message.id, attempt = d.attempt, next_attempt, delay = ?after, error = %failure.last_error, "attempt failed; retrying");
+                Some(&counters.retried)
             }
             Settlement::DeadLetter(failure) => {
-                warn!(subscription = %self.name, route, %id, attempts = failure.attempts, reason = %failure.reason, error = %failure.last_error, "dead-lettering");
-                Some(&self.metrics.dead_lettered)
+                warn!(subscription = %self.name, route, id = %d.message.id, attempts = failure.attempts, reason = %failure.reason, error = %failure.last_error, "dead-lettering");
+                Some(&counters.dead_lettered)
             }
             Settlement::Release => None,
         };
@@ -1155,15 +1212,15 @@ impl Pipeline {
             match d.settle(&settlement).await {
                 Ok(()) => {
                     if let Some(c) = counter {
-                        c.with_label_values(&labels).inc();
+                        c.inc();
                     }
                     if tries > 0 {
-                        info!(subscription = %self.name, %id, tries = tries + 1, "settled after the broker refused it earlier");
+                        info!(subscription = %self.name, id = %d.message.id, tries = tries + 1, "settled after the broker refused it earlier");
                     }
                     break;
                 }
                 Err(SettleError::Gone(reason)) => {
-                    warn!(subscription = %self.name, %id, reason = %reason, "the broker took the message back before it was settled; it will be delivered again");
+                    warn!(subscription = %self.name, id = %d.message.id, reason = %reason, "the broker took the message back before it was settled; it will be delivered again");
                     break;
                 }
                 Err(SettleError::Failed(reason)) => {
@@ -1177,7 +1234,7 @@ impl Pipeline {
                     let wait = backoff.get_or_insert_with(backoff::settle).next_delay();
                     if warned.is_none_or(|t| t.elapsed() >= SETTLE_WARN_EVERY) {
                         warned = Some(Instant::now());
-                        warn!(subscription = %self.name, %id, tries, error = %reason, retry_in = ?wait, "settlement refused by the broker; trying it again (not the handler), the message stays unacked");
+                        warn!(subscription = %self.name, id = %d.message.id, tries, error = %reason, retry_in = ?wait, "settlement refused by the broker; trying it again (not the handler), the message stays unacked");
                     }
                     tokio::select! {
                         biased;

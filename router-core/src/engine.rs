@@ -414,6 +414,9 @@ impl Router {
             p.status.clear(&Problem::CircuitOpen(a.handler.clone()));
         }
         *p.breakers.write() = Arc::new(now);
+        // Routes bound under the old wiring hold its handlers (targets, connections):
+        // let them go now rather than at the subscription's next message.
+        *p.bound.lock() = BoundRoutes::default();
     }
 
     pub fn readiness(&self) -> Readiness {

@@ -353,14 +353,20 @@ impl Transport for AmqpTransport {
 
     /// Ready messages of the queue, of its delay queues (plus the copies this
     /// router's mover holds until due) and of its dead-letter queue, by passive
-    /// declares on one channel (a queue not declared yet counts 0; the refusal closes
+    /// declares on one channel, once a session has declared them (nothing before: the
+    /// depths are unknown then; a queue not declared yet counts 0; the refusal closes
     /// the channel, so the next question takes a new one).
     async fn depths(&self, spec: &ConsumeSpec) -> Result<Depths, TransportError> {
         let source = spec.source("amqp", SourceConfig::amqp).map_err(TransportError::Unsupported)?;
+        // Not before a session of this transport has declared the subscription's
+        // queues: a passive declare of a queue that does not exist yet makes the
+        // broker close the channel, which lapin logs as an ERROR (at every first start
+        // on fresh queues, the first read raced the session's declarations).
+        let Some(held) = self.held.lock().get(&source.queue).cloned() else { return Ok(Depths::default()) };
         let Some(conn) = self.live_connection().await else { return Ok(Depths::default()) };
         let mut ch = conn.create_channel().await.map_err(|e| TransportError::Broker(e.to_string()))?;
         let backlog = ready_count(&conn, &mut ch, &source.queue).await?;
-        let mut waiting = self.held.lock().get(&source.queue).map_or(0, |h| h.load(Ordering::Relaxed));
+        let mut waiting = held.load(Ordering::Relaxed);
         for q in delay_queues(&source.queue) {
             waiting += ready_count(&conn, &mut ch, &q).await?;
         }

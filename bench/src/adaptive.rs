@@ -13,9 +13,9 @@
 //! `router_handler_duration_seconds` over the phase: PHP's listen backlog plus the
 //! service time), and the mean limit and in flight, per phase.
 //!
-//! Past W requests in flight, `php -S` only queues the extra ones in its listen
-//! backlog: more concurrency buys no throughput, only latency. A good limit reaches the
-//! handler's capacity (W / service time) with the round trip of W in flight.
+//! Past what `php -S` serves at once, it only queues the extra requests in its listen
+//! backlog: more concurrency buys no throughput, only latency. A good limit reaches
+//! the handler's capacity with the round trip of an uncrowded handler.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -184,6 +184,11 @@ async fn run(args: &Args, base: &Amqp, scratch: &Path) -> Result<String> {
     Ok(report(args, &drains))
 }
 
+/// The best rate of any drain in phase `i`.
+fn top(drains: &[Drain], i: usize) -> f64 {
+    drains.iter().map(|d| d.phases[i].rps).fold(0.0, f64::max)
+}
+
 fn report(args: &Args, drains: &[Drain]) -> String {
     let o = &args.common;
     let w = o.workers;
@@ -206,10 +211,13 @@ fn report(args: &Args, drains: &[Drain]) -> String {
     let _ = writeln!(s, "Command: `{}`\n", command(SLUG));
     let _ = writeln!(
         s,
-        "The handler's capacity: {w} workers / {fast} ms = {:.0} msg/s in phase 1, {w} / {slow} ms = {:.0} msg/s \
-         in phase 2; beyond {w} in flight, requests only wait in PHP's listen backlog.\n",
-        w as f64 * 1e3 / fast,
-        w as f64 * 1e3 / slow
+        "Once PHP serves as many requests as it can at once, more in flight only wait in its listen \
+         backlog: latency, not throughput (the fixed rows show where that starts; `php -S` with {w} \
+         workers tops out at about {:.0} msg/s at {fast} ms and {:.0} at {slow} ms here, about {:.1} \
+         requests at once).\n",
+        top(drains, 0),
+        top(drains, 1),
+        top(drains, 1) * slow / 1e3
     );
     let _ = writeln!(
         s,

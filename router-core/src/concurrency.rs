@@ -7,12 +7,13 @@
 //! (RTT) of the attempts, in windows of at least `limit` and at least [`MIN_WINDOW`]
 //! attempts, starting at 1.
 //!
-//! - A window's median RTT is compared with the handler's uncrowded RTT: the lowest
-//!   window median seen (`floor`, as TCP Vegas and BBR keep the minimum RTT). Above
-//!   it by more than [`SLACK`] plus [`DEVIATION_SCALE`] standard errors of the
-//!   window's median (latency is climbing: requests queue at the handler), or with a failed
-//!   attempt in the window (429, 503, a timeout, a refused connection): the limit
-//!   shrinks to [`DECREASE_RATIO`] of itself, not below 1.
+//! - A window's RTT level (the mean of its fastest 7/8) is compared with the
+//!   handler's uncrowded level: the lowest one seen (`floor`, as TCP Vegas and BBR
+//!   keep the minimum RTT). Above it by more than [`SLACK`] plus [`DEVIATION_SCALE`]
+//!   standard errors of the floor's window (latency is climbing: requests queue at
+//!   the handler), or with a failed attempt in the window (429, 503, a timeout, a
+//!   refused connection): the limit shrinks to [`DECREASE_RATIO`] of itself, not
+//!   below 1.
 //! - Otherwise, when the limit was used in full (more would have been sent): it grows
 //!   by one, up to `max`.
 //! - A handler that gets faster lowers the floor at once. One that gets slower keeps
@@ -27,10 +28,11 @@
 //! deviation: in simulation a handler with 16 workers got a limit of 50–86. After a
 //! jump in latency its deviation is so wide that nothing counts as climbing, so the
 //! limit stays where the handler lost capacity. The floor does not move with the
-//! queueing, and the spread inside one window measures the noise without taking in
-//! the trend. Medians, not means: on a busy machine a few requests of a window wait
-//! for a core (`php -S` at 15 ms: p50 16 ms, max 62), which would widen a mean's
-//! standard error until only a doubled latency counted as climbing.
+//! queueing. Nor is the noise measured in the window at hand: once requests queue,
+//! its RTTs split in two (served at once, or after a whole service time: `php -S` at
+//! 20 ms answered in 21 or 41 ms), and that spread hid the climb; the noise of the
+//! uncrowded window that set the floor does not. The slowest eighth of a window is
+//! left out: on a busy machine a request now and then waits for a core.
 //!
 //! The hot path: [`Limiter::acquire`] is a semaphore acquire plus, when adaptive, a
 //! clock read and one relaxed store; the release ([`Permit::done`]) takes a mutex held
@@ -47,7 +49,7 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-/// Standard errors of a window's median RTT above the floor that count as latency
+/// Standard errors (of the floor's window) above the floor that count as latency
 /// climbing (Vector's `rtt_deviation_scale`).
 pub const DEVIATION_SCALE: f64 = 2.5;
 /// Share of the floor a window's RTT may exceed it by (beyond the noise) before it
@@ -55,7 +57,7 @@ pub const DEVIATION_SCALE: f64 = 2.5;
 pub const SLACK: f64 = 0.05;
 /// What a decrease leaves of the limit (Vector's `decrease_ratio`).
 pub const DECREASE_RATIO: f64 = 0.9;
-/// Fewest attempts in a window: a median of fewer is noise.
+/// Fewest attempts in a window: a mean of fewer is noise.
 pub const MIN_WINDOW: usize = 8;
 /// `max` of `max_in_flight: auto` when it is not given.
 pub const DEFAULT_AUTO_MAX: usize = 256;
@@ -286,13 +288,14 @@ struct Adaptive {
 #[derive(Default)]
 struct Window {
     limit: usize,
-    /// Attempts in this window, and the RTTs (seconds) of those answered (kept for
-    /// the median; the vector is reused from window to window).
+    /// Attempts in this window, and the RTTs (seconds) of those answered (kept to
+    /// leave the slowest out; the vector is reused from window to window).
     attempts: usize,
     rtts: Vec<f64>,
     back_pressure: bool,
-    /// The lowest window median RTT: the uncrowded handler's.
-    floor: Option<f64>,
+    /// The lowest window level: the uncrowded handler's RTT, and its standard error
+    /// then (the noise of an uncrowded window).
+    floor: Option<(f64, f64)>,
 }
 
 impl Adaptive {
@@ -361,45 +364,41 @@ impl Adaptive {
     }
 }
 
-/// The median of `rtts` and its standard error (from the median absolute deviation:
-/// the occasional request that waited for a busy core does not widen it). Reorders
-/// and overwrites `rtts`.
-fn median(rtts: &mut [f64]) -> Option<(f64, f64)> {
-    let middle = |v: &mut [f64]| {
-        let mid = v.len() / 2;
-        v.select_nth_unstable_by(mid, f64::total_cmp);
-        v[mid]
-    };
+/// A window's RTT level: the mean of its fastest 7/8 (the slowest eighth is left
+/// out: a request that waited for a busy core, once in a while), and that mean's
+/// standard error. Reorders `rtts`.
+fn level(rtts: &mut [f64]) -> Option<(f64, f64)> {
     if rtts.is_empty() {
         return None;
     }
-    let m = middle(rtts);
-    for r in rtts.iter_mut() {
-        *r = (*r - m).abs();
+    let kept = rtts.len() - rtts.len() / 8;
+    if kept < rtts.len() {
+        rtts.select_nth_unstable_by(kept, f64::total_cmp);
     }
-    // MAD × 1.4826 estimates the deviation of normal noise; the median's standard
-    // error is 1.2533 deviations / sqrt(n).
-    let error = 1.2533 * 1.4826 * middle(rtts) / (rtts.len() as f64).sqrt();
-    Some((m, error))
+    let fastest = &rtts[..kept];
+    let n = kept as f64;
+    let mean = fastest.iter().sum::<f64>() / n;
+    let variance = fastest.iter().map(|r| (r - mean) * (r - mean)).sum::<f64>() / n;
+    Some((mean, (variance / n).sqrt()))
 }
 
 /// The AIMD step at the end of window `w`: the new limit. Keeps the floor up to date.
 fn next_limit(w: &mut Window, reached: bool, max: usize) -> usize {
     let limit = w.limit;
     let cut = ((limit as f64 * DECREASE_RATIO) as usize).max(1);
-    let Some((m, error)) = median(&mut w.rtts) else {
+    let Some((m, error)) = level(&mut w.rtts) else {
         // Only failures: nothing to learn about latency.
         w.limit = if w.back_pressure { cut } else { limit };
         return w.limit;
     };
-    let floor = *w.floor.get_or_insert(m);
-    let climbing = m > floor * (1.0 + SLACK) + DEVIATION_SCALE * error;
+    let (floor, noise) = *w.floor.get_or_insert((m, error));
+    let climbing = m > floor * (1.0 + SLACK) + DEVIATION_SCALE * noise;
     let new = if w.back_pressure {
         cut
     } else if climbing && limit == 1 {
         // One at a time nothing queues: this is the handler's uncrowded latency,
         // higher than the floor because the handler itself got slower.
-        w.floor = Some(m);
+        w.floor = Some((m, error));
         limit
     } else if climbing {
         cut
@@ -409,14 +408,15 @@ fn next_limit(w: &mut Window, reached: bool, max: usize) -> usize {
         limit
     };
     if m < floor {
-        w.floor = Some(m);
+        w.floor = Some((m, error));
     }
     tracing::debug!(
         limit,
         new,
-        median_ms = m * 1e3,
-        floor_ms = floor * 1e3,
+        rtt_ms = m * 1e3,
         error_ms = error * 1e3,
+        floor_ms = floor * 1e3,
+        floor_error_ms = noise * 1e3,
         climbing,
         reached,
         back_pressure = w.back_pressure,

@@ -35,8 +35,9 @@
 //! left out: on a busy machine a request now and then waits for a core.
 //!
 //! The hot path: [`Limiter::acquire`] is a semaphore acquire plus, when adaptive, a
-//! clock read and one relaxed store; the release ([`Permit::done`]) takes a mutex held
-//! for a few additions (uncontended but for a window's end).
+//! clock read, a relaxed load and now and then a relaxed store; the release
+//! ([`Permit::done`]) takes a mutex for a push onto the window's vector (a window's
+//! end also sorts out its slowest eighth, O(window)). A fixed limit does neither.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -50,6 +50,9 @@ fn each_mistake_names_file_path_and_problem() {
         ("bad duration", GOOD.replace("initial_delay: 1s", "initial_delay: 1 fortnight"), "FILE: subscriptions.orders.retry.initial_delay: invalid duration \"1 fortnight\": unknown time unit \"fortnight\""),
         ("missing env var", GOOD.replace("guest:guest", "guest:${ROUTER_TEST_SECRET}"), "FILE: transports.rabbit.url: environment variable ROUTER_TEST_SECRET is not set"),
         ("bad YAML", GOOD.replace("routes:", "routes: ["), "FILE: invalid YAML"),
+        ("max_in_flight neither a number nor auto", GOOD.replace("timeout: 5s", "timeout: 5s, max_in_flight: adaptive"), "FILE: handlers.php.max_in_flight: invalid value: string \"adaptive\", expected a number of deliveries (64), `auto`, or `{ auto: { max: 256 } }`"),
+        ("auto max of 0", GOOD.replace("timeout: 5s", "timeout: 5s, max_in_flight: { auto: { max: 0 } }"), "FILE: handlers.php.max_in_flight.auto.max: must be at least 1"),
+        ("unknown key under auto", GOOD.replace("timeout: 5s", "timeout: 5s, max_in_flight: { auto: { min: 2 } }"), "FILE: handlers.php.max_in_flight.auto.min: unknown field `min`, expected `max`"),
     ];
     for (what, yaml, want) in cases {
         for cmd in ["validate", "run"] {
@@ -58,6 +61,16 @@ fn each_mistake_names_file_path_and_problem() {
             assert!(stderr.contains(want), "{what}: `{cmd}` stderr lacks {want:?}:\n{stderr}");
             assert!(stderr.contains("nothing was started"), "{what}: {stderr}");
         }
+    }
+}
+
+#[test]
+fn max_in_flight_auto_validates() {
+    let dir = Scratch::new("cfg");
+    for value in ["auto", "{ auto: { max: 32 } }", "16"] {
+        let yaml = GOOD.replace("timeout: 5s", &format!("timeout: 5s, max_in_flight: {value}"));
+        let (code, _, stderr) = run("validate", &yaml, &dir);
+        assert_eq!(code, Some(0), "max_in_flight: {value}: {stderr}");
     }
 }
 

@@ -50,6 +50,12 @@ impl Amqp {
         Amqp { url: url.to_string(), opts: opts.clone(), queues: Queues::default(), rabbit: OnceCell::new() }
     }
 
+    /// The same broker, writing router configs with `opts` instead (a bench comparing
+    /// router settings run by run); its queues are deleted with this one's.
+    pub fn with_opts(&self, opts: &Common) -> Self {
+        Amqp { url: self.url.clone(), opts: opts.clone(), queues: self.queues.clone(), rabbit: OnceCell::new() }
+    }
+
     async fn rabbit(&self) -> Result<&Rabbit> {
         self.rabbit.get_or_try_init(|| Rabbit::connect(&self.url)).await
     }

@@ -13,6 +13,8 @@
 //! - `fastcgi-http` (`src/fastcgi_http.rs`): RabbitMQ → router → PHP-FPM over FastCGI
 //!   vs wrk → nginx → the same PHP-FPM, and vs the router → nginx → PHP-FPM (its own
 //!   phases, built from the same pieces).
+//! - `adaptive` (`src/adaptive.rs`): RabbitMQ → router → a handler that slows down
+//!   mid-run, with `max_in_flight: auto` against fixed limits (drains of phase B).
 //!
 //! Modules:
 //!

@@ -19,6 +19,11 @@ pub struct Common {
     /// Concurrency: wrk connections, and the handler's max_in_flight in the router.
     #[arg(long, short = 'c', default_value_t = 16)]
     pub concurrency: u32,
+    /// The handler's max_in_flight in the router instead of C (wrk and the reference
+    /// consumers keep C): a number, `auto`, or a YAML mapping like
+    /// `"{ auto: { max: 64 } }"`.
+    #[arg(long)]
+    pub max_in_flight: Option<String>,
     /// Messages queued for the throughput phase.
     #[arg(long, short = 'n', default_value_t = 50_000)]
     pub messages: u64,

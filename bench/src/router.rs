@@ -118,7 +118,7 @@ impl Target<'_> {
 
 /// The router's config in the bench: the admin server on `admin`, the transport
 /// `transport` (its name and a YAML flow mapping), the handler `php` (`target`,
-/// `max_in_flight` C, the balance), the subscription `main` of that transport with
+/// `max_in_flight` C or `--max-in-flight`, the balance), the subscription `main` of that transport with
 /// the lines `source` (queue, or streams and group …), the prefetch and a short retry
 /// policy, and the one route `route` (a YAML flow mapping) to `php`; with
 /// `--tracing-endpoint`, tracing on.
@@ -141,7 +141,7 @@ handlers:
   php:
 {target}    balance: {balance}
     timeout: 10s
-    max_in_flight: {c}
+    max_in_flight: {max_in_flight}
 subscriptions:
   main:
     transport: {name}
@@ -158,7 +158,7 @@ routes:
         kind = transport.1,
         target = target.yaml(),
         balance = opts.balance,
-        c = opts.concurrency,
+        max_in_flight = opts.max_in_flight.clone().unwrap_or_else(|| opts.concurrency.to_string()),
         prefetch = opts.prefetch,
     )
 }
@@ -178,6 +178,33 @@ pub struct Throughput {
     pub switches: f64,
     pub retried: f64,
     pub dead_lettered: f64,
+    /// Every poll of `/metrics` while draining.
+    pub samples: Vec<Sample>,
+    /// The first poll that saw half of the N acked: where a two-phase run turns.
+    pub halfway: Option<Halfway>,
+    /// `/metrics` at the N-th ack.
+    pub last_metrics: String,
+}
+
+/// One poll of `/metrics` while draining.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    /// Seconds since the router started.
+    pub at: f64,
+    pub acked: f64,
+    pub in_flight: f64,
+    /// `router_handler_concurrency_limit`: the handler's limit (fixed, or where `auto`
+    /// stands).
+    pub limit: f64,
+}
+
+/// The router's state when half of the backlog was acked.
+pub struct Halfway {
+    /// Seconds since the router started.
+    pub at: f64,
+    pub acked: f64,
+    /// `/metrics` then (histograms to subtract from the final ones).
+    pub metrics: String,
 }
 
 /// Poll `/metrics` every 20 ms until the router acked `n` messages; the rate counts
@@ -197,14 +224,19 @@ pub async fn measure_throughput(
     let deadline = started + Duration::from_secs(60 + messages / 200);
     let mut first: Option<(Instant, f64, CpuSample)> = None;
     let mut switches0 = 0;
-    // (seconds since start, acked, in flight)
-    let mut samples: Vec<(f64, f64, f64)> = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut halfway = None;
     loop {
         if let Some(text) = router.metrics(http).await {
             let now = Instant::now();
             let acked = sum_metric(&text, "router_messages_acked_total");
             let in_flight = sum_metric(&text, "router_in_flight");
-            samples.push((now.duration_since(started).as_secs_f64(), acked, in_flight));
+            let at = now.duration_since(started).as_secs_f64();
+            let limit = sum_metric(&text, "router_handler_concurrency_limit");
+            samples.push(Sample { at, acked, in_flight, limit });
+            if halfway.is_none() && acked >= n / 2.0 {
+                halfway = Some(Halfway { at, acked, metrics: text.clone() });
+            }
             if acked > 0.0 && first.is_none() {
                 first = Some((now, acked, cpu.sample(&watched)));
                 switches0 = ctx_switches(router.proc.pid());
@@ -215,9 +247,10 @@ pub async fn measure_throughput(
                 let Some((t0, acked0, start_cpu)) = first else { bail!("no first ack seen") };
                 end.messages = n - acked0;
                 let secs = now.duration_since(t0).as_secs_f64();
-                let at = |fraction: f64| samples.iter().find(|s| s.1 >= fraction * n).map(|s| s.0).unwrap_or(0.0);
+                let at = |fraction: f64| samples.iter().find(|s| s.acked >= fraction * n).map_or(0.0, |s| s.at);
                 let (t10, t90) = (at(0.1), at(0.9));
-                let window: Vec<f64> = samples.iter().filter(|s| s.1 > 0.0 && s.1 < n).map(|s| s.2).collect();
+                let window: Vec<f64> =
+                    samples.iter().filter(|s| s.acked > 0.0 && s.acked < n).map(|s| s.in_flight).collect();
                 return Ok(Throughput {
                     rps: (n - acked0) / secs,
                     steady_rps: if t90 > t10 { 0.8 * n / (t90 - t10) } else { 0.0 },
@@ -230,6 +263,9 @@ pub async fn measure_throughput(
                     switches: switches / (n - acked0).max(1.0),
                     retried: sum_metric(&text, "router_messages_retried_total"),
                     dead_lettered: sum_metric(&text, "router_messages_dead_lettered_total"),
+                    samples,
+                    halfway,
+                    last_metrics: text,
                 });
             }
             let failed = sum_metric(&text, "router_messages_retried_total")

@@ -12,8 +12,9 @@
 //! Bounds: the broker hands a subscription at most `prefetch` unsettled messages, and
 //! the pipeline's window admits as many (one when `ordered`): `inbox.put` waits for a
 //! window slot on the transport's own task, so a full window stops consumption. Each
-//! handler has its own `max_in_flight` semaphore shared by every subscription; a task
-//! waits for it without holding up messages bound for other handlers.
+//! handler has its own `max_in_flight` limit shared by every subscription (fixed, or
+//! adaptive: [`crate::concurrency`]); a task waits for it without holding up messages
+//! bound for other handlers.
 //!
 //! Never silent (README "Reliability"):
 //! - **Supervision.** When a consumer ends without being asked (it failed, it
@@ -56,6 +57,7 @@ use tracing::{debug, error, info, trace, warn, Instrument, Span};
 
 use crate::backoff;
 use crate::breaker::{Breaker, CircuitState, Observer, Verdict};
+use crate::concurrency::{Feedback, Limiter};
 use crate::config::{Config, ConfigDiff, SubscriptionConfig};
 use crate::control::{ControlError, DepthsSeen, Mode, Snapshot, State};
 use crate::dedup::Dedup;
@@ -96,7 +98,7 @@ const DEPTHS_EVERY: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct Handler {
     target: Arc<dyn Target>,
-    limit: Arc<Semaphore>,
+    limit: Limiter,
     breaker: Arc<Breaker>,
     seconds: prometheus::Histogram,
 }
@@ -342,11 +344,13 @@ impl Router {
                     let breaker = Breaker::new(name, h.circuit_breaker.clone());
                     breaker.observe(Arc::new(CircuitMetrics(metrics.clone())));
                     metrics.circuit_state.with_label_values(&[name.as_str()]).set(0);
+                    let gauge = metrics.concurrency_limit.with_label_values(&[name.as_str()]);
+                    let limit = Limiter::new(h.max_in_flight, Some(gauge));
                     handlers.insert(
                         name.clone(),
                         Handler {
                             target: t.clone(),
-                            limit: Arc::new(Semaphore::new(h.max_in_flight.max(1))),
+                            limit,
                             breaker,
                             seconds: metrics.handler_seconds.with_label_values(&[name.as_str()]),
                         },
@@ -1063,14 +1067,25 @@ impl Pipeline {
         let outcome = loop {
             // Shutdown while waiting: the delivery is dropped, so handed back.
             let Some(admission) = handler.breaker.admit(shutdown).await else { return };
-            let Some(slot) = acquire(&handler.limit, shutdown).await else { return };
+            let slot = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => None,
+                slot = handler.limit.acquire() => slot,
+            };
+            let Some(slot) = slot else { return };
             let outcome = self.deliver(&d, route, handler_name, handler).await;
-            drop(slot);
             let verdict = match &outcome {
                 o if o.is_failure() => Verdict::Failure,
                 Outcome::Undeliverable { .. } => Verdict::Neutral,
                 _ => Verdict::Success,
             };
+            // A failed attempt (429, 503, a timeout, no connection) says the handler
+            // takes no more; an undeliverable message never reached it.
+            slot.done(match verdict {
+                Verdict::Failure => Feedback::BackPressure,
+                Verdict::Neutral => Feedback::NotSent,
+                Verdict::Success => Feedback::Answered,
+            });
             let error = match &outcome {
                 Outcome::Retry { error, .. } => error.as_str(),
                 _ => "",

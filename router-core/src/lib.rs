@@ -14,6 +14,8 @@
 //! - [`control`]: what an operator can do to a running subscription (pause, drain,
 //!   resume) and what the admin API shows of it ([`Subscriptions`]).
 //! - [`breaker`]: the circuit breaker of each handler.
+//! - [`concurrency`]: each handler's in-flight limit, fixed or adaptive (AIMD on the
+//!   handler's latency, `max_in_flight: auto`).
 //! - [`health`]: what `/readyz` reports per subscription ([`Readiness`]).
 //! - [`backoff`]: the one exponential backoff (reconnects, restarts, settle retries).
 //! - [`dedup`]: Redis-backed skipping of messages already handled (optional).
@@ -33,6 +35,7 @@
 
 pub mod backoff;
 pub mod breaker;
+pub mod concurrency;
 pub mod config;
 pub mod control;
 pub mod dedup;

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub circuit_state: IntGaugeVec,
     /// Times a handler's circuit opened.
     pub circuit_opened: IntCounterVec,
+    /// Deliveries a handler may have in flight now: its fixed `max_in_flight`, or
+    /// where `auto` stands.
+    pub concurrency_limit: IntGaugeVec,
     /// Failed attempts not counted against their message because the handler's
     /// circuit was open (the message waited and was tried again).
     pub attempts_held: IntCounterVec,
@@ -142,6 +145,15 @@ impl Metrics {
         registry.register(Box::new(circuit_state.clone()))?;
         let circuit_opened =
             counter("router_circuit_opened_total", "Times the circuit of a handler opened", &["handler"])?;
+        let concurrency_limit = IntGaugeVec::new(
+            Opts::new(
+                "router_handler_concurrency_limit",
+                "Deliveries a handler may have in flight now: its fixed max_in_flight, or where `auto` stands",
+            ),
+            &["handler"],
+        )?;
+        record(&concurrency_limit);
+        registry.register(Box::new(concurrency_limit.clone()))?;
         let attempts_held = counter(
             "router_attempts_held_total",
             "Failed attempts not counted against their message because the handler's circuit was open",
@@ -173,6 +185,7 @@ impl Metrics {
             stalls,
             circuit_state,
             circuit_opened,
+            concurrency_limit,
             attempts_held,
             backlog,
             dead_letters,
@@ -200,9 +213,10 @@ impl Metrics {
         }
     }
 
-    /// Drop the circuit gauge of a handler a reload removed.
+    /// Drop the gauges of a handler a reload removed.
     pub fn forget_handler(&self, name: &str) {
         let _ = forget(&self.circuit_state, "handler", name);
+        let _ = forget(&self.concurrency_limit, "handler", name);
     }
 
     /// Register a metric family of a component beyond the core (a target's).

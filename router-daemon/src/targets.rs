@@ -133,7 +133,7 @@ fn one(name: &str, handler: &HandlerConfig, metrics: &Metrics, shared: &mut Shar
             let config = FastcgiConfig::read(name, handler).map_err(invalid)?;
             let up = shared.up(metrics)?;
             Ok(Arc::new(
-                FastcgiTarget::new(name, &config, handler.timeout, handler.max_in_flight, &up)
+                FastcgiTarget::new(name, &config, handler.timeout, handler.max_in_flight.most(), &up)
                     .map_err(anyhow::Error::msg)?,
             ))
         }

@@ -229,6 +229,18 @@ routes:
     }
 
     #[test]
+    fn a_changed_max_in_flight_changes_the_handler() {
+        let with = |v: &str| BASE.replace("1/a\"] }", &format!("1/a\"], max_in_flight: {v} }}"));
+        for (old, new) in [("16", "auto"), ("auto", "{ auto: { max: 32 } }"), ("auto", "16"), ("8", "9")] {
+            let d = ConfigDiff::between(&config(&with(old)), &config(&with(new)));
+            assert_eq!(d.handlers.changed, ["a"], "{old} -> {new}");
+            assert!(d.rewires() && d.subscriptions.is_empty(), "{old} -> {new}");
+        }
+        let same = ConfigDiff::between(&config(&with("auto")), &config(&with("{ auto: { max: 256 } }")));
+        assert!(same.is_empty(), "`auto` is `auto` with max 256");
+    }
+
+    #[test]
     fn moving_a_route_rewires() {
         let new = BASE.replace(
             "  - { name: first, match: { routing_key: \"x.#\" }, handler: a }\n  - { name: second, handler: b }\n",

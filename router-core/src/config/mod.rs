@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::concurrency::MaxInFlight;
 use crate::retry::RetryPolicy;
 pub use crate::transport::config::{BrokerConfig, SourceConfig, TransportKind};
 
@@ -207,9 +208,12 @@ pub struct HandlerConfig {
     /// An attempt that takes longer is a failed attempt (retried per policy).
     #[serde(default = "default_timeout", deserialize_with = "crate::config::duration::deserialize")]
     pub timeout: Duration,
-    /// Most deliveries in flight to this handler at once, over all subscriptions.
-    #[serde(default = "default_max_in_flight")]
-    pub max_in_flight: usize,
+    /// Most deliveries in flight to this handler at once, over all subscriptions: a
+    /// number, or `auto` (`{ auto: { max: N } }`, default max 256): found while
+    /// running, as high as the handler takes before its latency climbs
+    /// ([`crate::concurrency`]).
+    #[serde(default)]
+    pub max_in_flight: MaxInFlight,
     /// Stop feeding a handler that fails most of what it gets (its database is down,
     /// every pod crashes): the subscriptions routed to it take nothing new from the
     /// broker while the circuit is open, and failed attempts are not counted against
@@ -277,10 +281,6 @@ impl Default for CircuitBreakerConfig {
 
 fn default_timeout() -> Duration {
     Duration::from_secs(30)
-}
-
-fn default_max_in_flight() -> usize {
-    64
 }
 
 /// `subscriptions.<name>`: the keys every subscription takes; `source` holds what it

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use super::section::Issues;
-use super::{CircuitBreakerConfig, Config, ConfigIssue, HandlerConfig, SourceConfig};
+use super::{CircuitBreakerConfig, Config, ConfigIssue, HandlerConfig, MaxInFlight, SourceConfig};
 use crate::retry::RetryPolicy;
 
 impl Config {
@@ -63,8 +63,10 @@ impl Config {
 
         for (name, h) in &self.handlers {
             let p = format!("handlers.{name}");
-            if h.max_in_flight == 0 {
-                issues.add(format!("{p}.max_in_flight"), "must be at least 1");
+            match h.max_in_flight {
+                MaxInFlight::Fixed(0) => issues.add(format!("{p}.max_in_flight"), "must be at least 1"),
+                MaxInFlight::Auto { max: 0 } => issues.add(format!("{p}.max_in_flight.auto.max"), "must be at least 1"),
+                _ => {}
             }
             if h.timeout.is_zero() {
                 issues.add(format!("{p}.timeout"), "must be greater than 0");
@@ -296,6 +298,38 @@ routes:
         for (text, want) in cases {
             let got = errors(&text);
             assert!(got.contains(want), "want {want:?} in:\n{got}");
+        }
+    }
+
+    #[test]
+    fn max_in_flight_is_a_number_or_auto() {
+        use crate::config::MaxInFlight;
+        let with = |v: &str| GOOD.replace("8080/\"] }", &format!("8080/\"], max_in_flight: {v} }}"));
+        let limit = |v: &str| parse(&with(v), "router.yaml", &env).expect("valid").handlers["orders"].max_in_flight;
+        assert_eq!(
+            parse(GOOD, "router.yaml", &env).expect("valid").handlers["orders"].max_in_flight,
+            MaxInFlight::Fixed(64)
+        );
+        assert_eq!(limit("16"), MaxInFlight::Fixed(16));
+        assert_eq!(limit("auto"), MaxInFlight::Auto { max: 256 });
+        assert_eq!(limit("{ auto: { max: 32 } }"), MaxInFlight::Auto { max: 32 });
+        assert_eq!(limit("{ auto: {} }"), MaxInFlight::Auto { max: 256 });
+        assert_eq!(limit("{ auto: }"), MaxInFlight::Auto { max: 256 });
+        let cases = [
+            ("0", "router.yaml: handlers.orders.max_in_flight: must be at least 1"),
+            ("{ auto: { max: 0 } }", "router.yaml: handlers.orders.max_in_flight.auto.max: must be at least 1"),
+            ("-1", "router.yaml: handlers.orders.max_in_flight: invalid value: integer `-1`, expected a number of deliveries (64), `auto`, or `{ auto: { max: 256 } }`"),
+            ("automatic", "router.yaml: handlers.orders.max_in_flight: invalid value: string \"automatic\", expected a number"),
+            ("2.5", "router.yaml: handlers.orders.max_in_flight: invalid type: floating point `2.5`, expected a number"),
+            ("{ auto: { max: -3 } }", "router.yaml: handlers.orders.max_in_flight.auto.max: invalid value: integer `-3`"),
+            ("{ auto: { maxx: 3 } }", "router.yaml: handlers.orders.max_in_flight.auto.maxx: unknown field `maxx`, expected `max`"),
+            ("{ fixed: 3 }", "router.yaml: handlers.orders.max_in_flight: unknown field `fixed`, expected `auto`"),
+            ("{ auto: {}, max: 3 }", "router.yaml: handlers.orders.max_in_flight: unknown field `max`, expected `auto`"),
+            ("[auto]", "router.yaml: handlers.orders.max_in_flight: invalid type: sequence, expected a number"),
+        ];
+        for (value, want) in cases {
+            let got = errors(&with(value));
+            assert!(got.contains(want), "max_in_flight: {value}: want {want:?} in:\n{got}");
         }
     }
 

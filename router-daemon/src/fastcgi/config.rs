@@ -33,7 +33,8 @@ pub struct FastcgiConfig {
     /// Connections kept open to each endpoint, each serving one request at a time.
     /// A kept connection holds one PHP-FPM worker, so this must not exceed the pool's
     /// `pm.max_children` (less what other clients of the pool need): a connection
-    /// beyond it waits in FPM's backlog and times out. Default: `max_in_flight`.
+    /// beyond it waits in FPM's backlog and times out. Default: `max_in_flight` (with
+    /// `auto`, its `max`: the most the limit can reach).
     #[serde(default)]
     pub max_connections: Option<usize>,
 }

@@ -70,7 +70,9 @@ pub struct FastcgiTarget {
 }
 
 impl FastcgiTarget {
-    /// A target for handler `name`. `up` is the `router_endpoint_up` gauge family.
+    /// A target for handler `name`. `up` is the `router_endpoint_up` gauge family;
+    /// `max_in_flight` the most the handler's limit can reach (an adaptive limit's
+    /// `max`), the default pool size.
     pub fn new(
         name: &str,
         config: &FastcgiConfig,

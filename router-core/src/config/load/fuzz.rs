@@ -453,9 +453,20 @@ fn handler() -> BoxedStrategy<Node> {
         ),
         f("balance", 0.2, st(&["least_outstanding", "round_robin", "!random"])),
         f("timeout", 0.4, dur()),
-        f("max_in_flight", 0.3, int(&[1, 64], &[0, -1, i64::MAX])),
+        f("max_in_flight", 0.3, max_in_flight()),
         f("signing", 0.15, obj(vec![f("secret", 0.9, st(&["0123456789abcdef0123", "!short", "!"]))])),
     ])
+}
+
+/// `64`, `auto` or `{ auto: { max: 32 } }`.
+fn max_in_flight() -> BoxedStrategy<Node> {
+    let auto = obj(vec![f("max", 0.6, int(&[1, 32, 256], &[0, -1]))]);
+    prop_oneof![
+        6 => int(&[1, 64], &[0, -1, i64::MAX]),
+        2 => st(&["auto", "!automatic", "!"]),
+        2 => obj(vec![f("auto", 0.95, auto)]),
+    ]
+    .boxed()
 }
 
 /// The fields every kind of subscription takes, and those of the kind of its

@@ -46,7 +46,11 @@ async fn auto_limit_settles_near_the_handlers_workers_and_handles_each_message_o
     let logs = router.logs();
     let windows: Vec<&str> = logs.lines().filter(|l| l.contains("concurrency window")).collect();
     let windows = windows.join("\n");
-    assert!((2.0..=12.0).contains(&settled), "settled at {settled} (seen {limits:?}); windows:\n{windows}");
+    // It rose from 1 (the handler answers 4 at once)...
+    assert!(highest >= 2.0, "never rose above 1 (seen {limits:?}); windows:\n{windows}");
+    // ...and stopped where latency climbs, far below the max. The last value may be 1
+    // on a loaded machine (a cut after a slow window, shortly before growing back).
+    assert!(settled <= 12.0, "settled at {settled} (seen {limits:?}); windows:\n{windows}");
     assert!(highest < 64.0, "climbed to the max (seen {limits:?}); windows:\n{windows}");
 
     assert_eq!(router.terminate(Duration::from_secs(15)), Some(0), "clean exit on SIGTERM");

@@ -5,7 +5,7 @@
 //!  runtime threads (tokio)                          PHP thread (Router::run)
 //!  router-core pipelines ─▶ PhpTarget::deliver ─▶ jobs channel ─▶ next_batch() ─▶ handler
 //!                                ▲                                                 │
-//!                                └──────────── Job::answer(Outcome) ◀──────────────┘
+//!                                └──── answerer task ◀── Answers (per batch, or 1 ms) ◀──┘
 //! ```
 //!
 //! The runtime is created lazily and once per process id (php-fpm and `pcntl_fork`
@@ -38,18 +38,60 @@ pub struct Job {
     pub handler: String,
     /// The attempt's span (tracing on), for `Message::traceparent()`.
     pub traceparent: Option<String>,
-    reply: oneshot::Sender<Outcome>,
+    pub reply: Reply,
+}
+
+/// Where a job's outcome goes (to [`Answers::push`], once its handler has run).
+pub struct Reply(oneshot::Sender<Outcome>);
+
+impl Reply {
+    /// The engine gave up on this attempt (grace period over): do not run it.
+    pub fn abandoned(&self) -> bool {
+        self.0.is_closed()
+    }
 }
 
 impl Job {
-    /// The engine gave up on this attempt (grace period over): do not run it.
     pub fn abandoned(&self) -> bool {
-        self.reply.is_closed()
+        self.reply.abandoned()
+    }
+}
+
+/// Outcomes handled on the PHP thread, on their way back to the runtime. Sending each
+/// oneshot from the PHP thread woke a runtime thread per message (a futex wake and a
+/// push to the runtime's shared queue each); handed over per batch, one wake-up
+/// carries them all and the oneshots are completed on a runtime thread, where waking
+/// the waiting attempts is a push to its local queue.
+pub struct Answers {
+    pending: Vec<(Reply, Outcome)>,
+    /// When the oldest pending outcome was handled.
+    since: Option<Instant>,
+    to_runtime: tokio::sync::mpsc::UnboundedSender<Vec<(Reply, Outcome)>>,
+}
+
+/// How long a handled message's outcome may wait for the rest of its batch (slow
+/// handlers: the broker should not wait for the batch's last message to settle the first).
+const ANSWER_DELAY: Duration = Duration::from_millis(1);
+
+impl Answers {
+    pub fn push(&mut self, reply: Reply, outcome: Outcome) {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        self.pending.push((reply, outcome));
+        if now.duration_since(since) >= ANSWER_DELAY {
+            self.flush();
+        }
     }
 
-    pub fn answer(self, outcome: Outcome) {
-        // The engine may have given up meanwhile; then the broker has it back.
-        let _ = self.reply.send(outcome);
+    /// Hand every pending outcome to the runtime.
+    pub fn flush(&mut self) {
+        self.since = None;
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
+        // The runtime is gone (module shutdown): the attempts it held are gone with it.
+        let _ = self.to_runtime.send(batch);
     }
 }
 
@@ -70,7 +112,7 @@ impl Target for PhpTarget {
             route: d.route.to_string(),
             handler: d.handler.to_string(),
             traceparent: d.traceparent.map(str::to_string),
-            reply,
+            reply: Reply(reply),
         };
         router_core::trace::record_endpoint("php", "in-process");
         if self.jobs.send(job).is_err() {
@@ -142,6 +184,8 @@ impl Limits {
 /// A router running on the background runtime for one `run()`.
 pub struct Running {
     jobs: Receiver<Job>,
+    /// Outcomes back to the runtime, per batch.
+    answers: tokio::sync::mpsc::UnboundedSender<Vec<(Reply, Outcome)>>,
     /// Hands every handler a reload adds its PHP target (the same channel).
     to_php: Sender<Job>,
     reloader: router_core::Reloader,
@@ -175,6 +219,15 @@ impl Running {
         let stop = CancellationToken::new();
         let done = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(Mutex::new(None));
+        let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<Vec<(Reply, Outcome)>>();
+        runtime.spawn(async move {
+            while let Some(batch) = answered.recv().await {
+                for (Reply(reply), outcome) in batch {
+                    // The engine may have given up meanwhile; then the broker has it back.
+                    let _ = reply.send(outcome);
+                }
+            }
+        });
         let (token, flag, failure) = (stop.clone(), done.clone(), failed.clone());
         runtime.spawn(async move {
             if let Err(e) = router.run(token).await {
@@ -183,7 +236,7 @@ impl Running {
             }
             flag.store(true, Ordering::SeqCst);
         });
-        Ok(Running { jobs, to_php: tx, reloader, stop, done, failed })
+        Ok(Running { jobs, answers, to_php: tx, reloader, stop, done, failed })
     }
 
     /// Apply `config` as a diff (blocks the PHP thread for as long as the engine takes
@@ -203,9 +256,14 @@ impl Running {
         runtime()?.block_on(reloader.reload(config.clone(), build)).map_err(|e| e.to_string())
     }
 
+    /// Where the PHP thread collects outcomes for this run.
+    pub fn answers(&self) -> Answers {
+        Answers { pending: Vec::with_capacity(BATCH), since: None, to_runtime: self.answers.clone() }
+    }
+
     /// Wait up to `wait` for jobs; return at most [`BATCH`] of them (empty: none came).
     pub fn next_batch(&self, wait: Duration) -> Vec<Job> {
-        let mut batch = Vec::new();
+        let mut batch = Vec::with_capacity(BATCH);
         match self.jobs.recv_timeout(wait) {
             Ok(job) => batch.push(job),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return batch,

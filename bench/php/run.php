@@ -152,15 +152,19 @@ for ($i = 0; $i < $subs; $i++) {
     $queues[] = "bench-mem-$id-$i";
     fill_amqp($queues[$i], 0);
 }
-$hold = 8;
+// Each process lives long enough to be measured after all of them started (starting
+// 100 PHP processes takes seconds on a busy machine), then is stopped with SIGTERM.
+$hold = 120;
+$quiet = [0 => ['file', '/dev/null', 'r'], 1 => STDOUT, 2 => ['file', '/dev/null', 'w']];
 $procs = [];
-$worker = proc_open([...$withExt, __DIR__ . '/inprocess.php', 'idle', implode(',', $queues), (string) $hold], [0 => ['file', '/dev/null', 'r'], 1 => STDOUT, 2 => STDERR], $pipes);
-// The floor: a PHP process that does nothing (the same ini and extensions, without ours).
-$bare = proc_open([$php, '-r', "sleep($hold);"], [0 => ['file', '/dev/null', 'r'], 1 => STDOUT, 2 => STDERR], $pipes);
 foreach ($queues as $q) {
-    $procs[] = proc_open([$php, __DIR__ . '/messenger.php', 'idle', 'amqp', $q, (string) $hold], [0 => ['file', '/dev/null', 'r'], 1 => STDOUT, 2 => STDERR], $pipes);
+    $procs[] = proc_open([$php, __DIR__ . '/messenger.php', 'idle', 'amqp', $q, (string) $hold], $quiet, $pipes);
 }
-sleep($hold - 3);
+// The worker's log to /dev/null too: 100 subscriptions' start-up lines are not the report.
+$worker = proc_open([...$withExt, __DIR__ . '/inprocess.php', 'idle', implode(',', $queues), (string) $hold], $quiet, $pipes);
+// The floor: a PHP process that does nothing (the same ini and extensions, without ours).
+$bare = proc_open([$php, '-r', "sleep($hold);"], $quiet, $pipes);
+sleep(6);
 $one = mem(proc_get_status($worker)['pid']);
 $floor = mem(proc_get_status($bare)['pid']);
 $fleet = [0, 0];
@@ -169,9 +173,10 @@ foreach ($procs as $p) {
     $fleet[0] += $rss;
     $fleet[1] += $pss;
 }
-proc_close($worker);
-proc_close($bare);
-foreach ($procs as $p) {
+foreach ([$worker, $bare, ...$procs] as $p) {
+    proc_terminate($p);
+}
+foreach ([$worker, $bare, ...$procs] as $p) {
     proc_close($p);
 }
 delete_amqp(...$queues);

@@ -105,11 +105,8 @@ impl Message {
     }
 
     /// The payload, byte for byte (never assumed to be UTF-8 or JSON).
-    pub fn body(&self) -> Zval {
-        // Straight from the delivery's bytes into a PHP string: one copy.
-        let mut z = Zval::new();
-        z.set_zend_string(ZendStr::new(&self.message.body, false));
-        z
+    pub fn body(&self) -> BodyBytes<'_> {
+        BodyBytes(&self.message.body)
     }
 
     /// Message headers (AMQP headers, Kafka headers, Redis fields), by name.
@@ -165,6 +162,20 @@ impl Message {
         self.traceparent.clone().or_else(|| {
             self.message.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("traceparent")).map(|(_, v)| v.clone())
         })
+    }
+}
+
+/// A body handed to PHP straight from the delivery's bytes: one copy, into the PHP
+/// string (`Binary` would copy into a `Vec` first).
+pub struct BodyBytes<'a>(&'a [u8]);
+
+impl IntoZval for BodyBytes<'_> {
+    const TYPE: ext_php_rs::flags::DataType = ext_php_rs::flags::DataType::String;
+    const NULLABLE: bool = false;
+
+    fn set_zval(self, zv: &mut Zval, persistent: bool) -> ext_php_rs::error::Result<()> {
+        zv.set_zend_string(ZendStr::new(self.0, persistent));
+        Ok(())
     }
 }
 

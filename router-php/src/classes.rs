@@ -357,7 +357,7 @@ impl Router {
                 }
             }
         };
-        let mut answers = running.answers();
+        let answers = running.answers();
         loop {
             let batch = running.next_batch(POLL);
             if batch.is_empty() && running.finished() {

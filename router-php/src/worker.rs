@@ -59,39 +59,60 @@ impl Job {
 
 /// Outcomes handled on the PHP thread, on their way back to the runtime. Sending each
 /// oneshot from the PHP thread woke a runtime thread per message (a futex wake and a
-/// push to the runtime's shared queue each); handed over per batch, one wake-up
-/// carries them all and the oneshots are completed on a runtime thread, where waking
-/// the waiting attempts is a push to its local queue.
+/// push to the runtime's shared queue each). Here the PHP thread only appends to a
+/// list; the answerer task on the runtime completes the oneshots (waking the waiting
+/// attempts is then a push to its local queue) when the PHP thread ends a batch, or
+/// 1 ms after the first outcome of a batch arrived, whichever comes first: a slow
+/// handler never holds back the outcomes of the messages handled before it.
 pub struct Answers {
-    pending: Vec<(Reply, Outcome)>,
-    /// When the oldest pending outcome was handled.
-    since: Option<Instant>,
-    to_runtime: tokio::sync::mpsc::UnboundedSender<Vec<(Reply, Outcome)>>,
+    shared: Arc<AnswerBox>,
 }
 
-/// How long a handled message's outcome may wait for the rest of its batch (slow
-/// handlers: the broker should not wait for the batch's last message to settle the first).
+struct AnswerBox {
+    pending: Mutex<Vec<(Reply, Outcome)>>,
+    /// The first outcome since the last drain arrived.
+    arrived: tokio::sync::Notify,
+    /// The PHP thread ended a batch: drain now.
+    flush: tokio::sync::Notify,
+}
+
+/// How long a handled message's outcome may wait for the rest of its batch.
 const ANSWER_DELAY: Duration = Duration::from_millis(1);
 
 impl Answers {
-    pub fn push(&mut self, reply: Reply, outcome: Outcome) {
-        let now = Instant::now();
-        let since = *self.since.get_or_insert(now);
-        self.pending.push((reply, outcome));
-        if now.duration_since(since) >= ANSWER_DELAY {
-            self.flush();
+    pub fn push(&self, reply: Reply, outcome: Outcome) {
+        let first = {
+            let mut pending = self.shared.pending.lock();
+            pending.push((reply, outcome));
+            pending.len() == 1
+        };
+        if first {
+            self.shared.arrived.notify_one();
         }
     }
 
-    /// Hand every pending outcome to the runtime.
-    pub fn flush(&mut self) {
-        self.since = None;
-        if self.pending.is_empty() {
-            return;
+    /// The batch is done: hand every pending outcome to the runtime now.
+    pub fn flush(&self) {
+        if !self.shared.pending.lock().is_empty() {
+            self.shared.flush.notify_one();
         }
-        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCH));
-        // The runtime is gone (module shutdown): the attempts it held are gone with it.
-        let _ = self.to_runtime.send(batch);
+    }
+}
+
+/// The runtime's half of [`Answers`]: completes the outcomes' oneshots.
+async fn answer(shared: Arc<AnswerBox>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        shared.arrived.notified().await;
+        tokio::select! {
+            _ = shared.flush.notified() => {}
+            _ = tokio::time::sleep(ANSWER_DELAY) => {}
+        }
+        std::mem::swap(&mut batch, &mut *shared.pending.lock());
+        for (Reply(reply), outcome) in batch.drain(..) {
+            // The engine may have given up meanwhile; then the broker has it back.
+            let _ = reply.send(outcome);
+        }
     }
 }
 
@@ -185,7 +206,8 @@ impl Limits {
 pub struct Running {
     jobs: Receiver<Job>,
     /// Outcomes back to the runtime, per batch.
-    answers: tokio::sync::mpsc::UnboundedSender<Vec<(Reply, Outcome)>>,
+    answers: Arc<AnswerBox>,
+    answerer: tokio::task::JoinHandle<()>,
     /// Hands every handler a reload adds its PHP target (the same channel).
     to_php: Sender<Job>,
     reloader: router_core::Reloader,
@@ -219,15 +241,13 @@ impl Running {
         let stop = CancellationToken::new();
         let done = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(Mutex::new(None));
-        let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<Vec<(Reply, Outcome)>>();
-        runtime.spawn(async move {
-            while let Some(batch) = answered.recv().await {
-                for (Reply(reply), outcome) in batch {
-                    // The engine may have given up meanwhile; then the broker has it back.
-                    let _ = reply.send(outcome);
-                }
-            }
+        let answers = Arc::new(AnswerBox {
+            pending: Mutex::new(Vec::with_capacity(BATCH)),
+            arrived: tokio::sync::Notify::new(),
+            flush: tokio::sync::Notify::new(),
         });
+        // Ends with the runtime (module shutdown): the attempts it held are gone with it.
+        let answerer = runtime.spawn(answer(answers.clone()));
         let (token, flag, failure) = (stop.clone(), done.clone(), failed.clone());
         runtime.spawn(async move {
             if let Err(e) = router.run(token).await {
@@ -236,7 +256,7 @@ impl Running {
             }
             flag.store(true, Ordering::SeqCst);
         });
-        Ok(Running { jobs, answers, to_php: tx, reloader, stop, done, failed })
+        Ok(Running { jobs, answers, answerer, to_php: tx, reloader, stop, done, failed })
     }
 
     /// Apply `config` as a diff (blocks the PHP thread for as long as the engine takes
@@ -258,7 +278,7 @@ impl Running {
 
     /// Where the PHP thread collects outcomes for this run.
     pub fn answers(&self) -> Answers {
-        Answers { pending: Vec::with_capacity(BATCH), since: None, to_runtime: self.answers.clone() }
+        Answers { shared: self.answers.clone() }
     }
 
     /// Wait up to `wait` for jobs; return at most [`BATCH`] of them (empty: none came).
@@ -295,6 +315,17 @@ impl Running {
     /// Why the router stopped on its own, if it failed.
     pub fn failure(&self) -> Option<String> {
         self.failed.lock().clone()
+    }
+}
+
+impl Drop for Running {
+    /// The run is over: what the answerer has not taken yet is answered from here, and
+    /// the answerer stops (one per run).
+    fn drop(&mut self) {
+        self.answerer.abort();
+        for (Reply(reply), outcome) in self.answers.pending.lock().drain(..) {
+            let _ = reply.send(outcome);
+        }
     }
 }
 

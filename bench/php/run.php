@@ -31,10 +31,13 @@ function sh(array $cmd): void
 
 function amqp(): AMQPChannel
 {
-    static $ch;
-    if (!$ch) {
+    static $c, $ch;
+    if (!$c) {
         $c = new AMQPConnection(['host' => '127.0.0.1', 'login' => 'guest', 'password' => 'guest']);
         $c->connect();
+    }
+    // A delete of something missing closes the channel: open another.
+    if (!$ch || !$ch->isConnected()) {
         $ch = new AMQPChannel($c);
     }
     return $ch;
@@ -54,7 +57,17 @@ function fill_amqp(string $q, int $n): void
 
 function delete_amqp(string ...$names): void
 {
+    // With the queues the router declared for them: its eight delay queues and the
+    // dead-letter queue (100 subscriptions leave 1 000 otherwise, every run).
+    $all = [];
     foreach ($names as $name) {
+        $all[] = $name;
+        foreach (['1s', '5s', '30s', '2m', '10m', '1h', '6h', '24h'] as $bucket) {
+            $all[] = "$name.retry.$bucket";
+        }
+        $all[] = "$name.dlq";
+    }
+    foreach ($all as $name) {
         try {
             $q = new AMQPQueue(amqp());
             $q->setName($name);

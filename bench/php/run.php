@@ -134,7 +134,8 @@ foreach (['amqp', 'redis'] as $broker) {
         'raw' => rate([$php, __DIR__ . '/raw.php', $broker, $w, (string) $n, "$dir/w.json"], "$dir/w.json"),
         'messenger' => rate([$php, __DIR__ . '/messenger.php', 'consume', $broker, $m, (string) $n, "$dir/m.json"], "$dir/m.json"),
     ];
-    $broker === 'amqp' ? delete_amqp(...$names) : redis()->del(...$names);
+    // With the keys the router made for its stream (group "<stream>-router").
+    $broker === 'amqp' ? delete_amqp(...$names) : redis()->del([...$names, "$r.$r-router.retry", "$r.$r-router.delayed", "$r.dlq"]);
 }
 
 // Memory: S idle subscriptions in one worker, against S messenger:consume processes.

@@ -3,14 +3,14 @@
 // with a no-op PHP handler, side by side in one run with the raw PHP client loop and
 // Symfony Messenger's messenger:consume, on RabbitMQ and Redis Streams; then memory:
 // one worker with S subscriptions against S messenger:consume processes. Run it with
-// `bench/run php` (builds the release extension); options: -n N, --subs S.
+// `bench/run php` (builds the release extension); options: -n N, --subs S (100).
 // Each contender gets a fresh queue or stream of N messages (Messenger's written
 // through its own sender, as it reads only its own envelopes); the rate is N over the
 // time from its first handled message to its last. Report: bench/results/php_inprocess.md.
 
 $opts = getopt('n:', ['subs:', 'extension:', 'out:']);
 $n = (int) ($opts['n'] ?? 20000);
-$subs = (int) ($opts['subs'] ?? 50);
+$subs = (int) ($opts['subs'] ?? 100);
 $ext = $opts['extension'] ?? __DIR__ . '/../../target/release/librouter_php.so';
 $out = $opts['out'] ?? __DIR__ . '/../results/php_inprocess.md';
 if (!is_file($ext)) {
@@ -31,10 +31,13 @@ function sh(array $cmd): void
 
 function amqp(): AMQPChannel
 {
-    static $ch;
-    if (!$ch) {
+    static $c, $ch;
+    if (!$c) {
         $c = new AMQPConnection(['host' => '127.0.0.1', 'login' => 'guest', 'password' => 'guest']);
         $c->connect();
+    }
+    // A delete of something missing closes the channel: open another.
+    if (!$ch || !$ch->isConnected()) {
         $ch = new AMQPChannel($c);
     }
     return $ch;
@@ -54,7 +57,17 @@ function fill_amqp(string $q, int $n): void
 
 function delete_amqp(string ...$names): void
 {
+    // With the queues the router declared for them: its eight delay queues and the
+    // dead-letter queue (100 subscriptions leave 1 000 otherwise, every run).
+    $all = [];
     foreach ($names as $name) {
+        $all[] = $name;
+        foreach (['1s', '5s', '30s', '2m', '10m', '1h', '6h', '24h'] as $bucket) {
+            $all[] = "$name.retry.$bucket";
+        }
+        $all[] = "$name.dlq";
+    }
+    foreach ($all as $name) {
         try {
             $q = new AMQPQueue(amqp());
             $q->setName($name);
@@ -121,17 +134,31 @@ foreach (['amqp', 'redis'] as $broker) {
         'raw' => rate([$php, __DIR__ . '/raw.php', $broker, $w, (string) $n, "$dir/w.json"], "$dir/w.json"),
         'messenger' => rate([$php, __DIR__ . '/messenger.php', 'consume', $broker, $m, (string) $n, "$dir/m.json"], "$dir/m.json"),
     ];
-    $broker === 'amqp' ? delete_amqp(...$names) : redis()->del(...$names);
+    // With the keys the router made for its stream (group "<stream>-router").
+    $broker === 'amqp' ? delete_amqp(...$names) : redis()->del([...$names, "$r.$r-router.retry", "$r.$r-router.delayed", "$r.dlq"]);
 }
 
 // Memory: S idle subscriptions in one worker, against S messenger:consume processes.
+/** [RSS, PSS, PSS anonymous, PSS of file mappings, PSS of the extension's .so] in KiB. */
 function mem(int $pid): array
 {
     $status = (string) @file_get_contents("/proc/$pid/status");
     $roll = (string) @file_get_contents("/proc/$pid/smaps_rollup");
     preg_match('/VmRSS:\s+(\d+)/', $status, $rss);
     preg_match('/^Pss:\s+(\d+)/m', $roll, $pss);
-    return [(int) ($rss[1] ?? 0), (int) ($pss[1] ?? 0)];
+    preg_match('/^Pss_Anon:\s+(\d+)/m', $roll, $anon);
+    preg_match('/^Pss_File:\s+(\d+)/m', $roll, $file);
+    // The extension's own mappings (code, data): smaps per mapping.
+    $so = 0;
+    $inSo = false;
+    foreach (explode("\n", (string) @file_get_contents("/proc/$pid/smaps")) as $line) {
+        if (preg_match('/^[0-9a-f]+-[0-9a-f]+ /', $line)) {
+            $inSo = str_ends_with(rtrim($line), 'librouter_php.so');
+        } elseif ($inSo && preg_match('/^Pss:\s+(\d+)/', $line, $m)) {
+            $so += (int) $m[1];
+        }
+    }
+    return [(int) ($rss[1] ?? 0), (int) ($pss[1] ?? 0), (int) ($anon[1] ?? 0), (int) ($file[1] ?? 0), $so];
 }
 
 $queues = [];
@@ -139,22 +166,31 @@ for ($i = 0; $i < $subs; $i++) {
     $queues[] = "bench-mem-$id-$i";
     fill_amqp($queues[$i], 0);
 }
-$hold = 8;
+// Each process lives long enough to be measured after all of them started (starting
+// 100 PHP processes takes seconds on a busy machine), then is stopped with SIGTERM.
+$hold = 120;
+$quiet = [0 => ['file', '/dev/null', 'r'], 1 => STDOUT, 2 => ['file', '/dev/null', 'w']];
 $procs = [];
-$worker = proc_open([...$withExt, __DIR__ . '/inprocess.php', 'idle', implode(',', $queues), (string) $hold], [0 => ['file', '/dev/null', 'r'], 1 => STDOUT, 2 => STDERR], $pipes);
 foreach ($queues as $q) {
-    $procs[] = proc_open([$php, __DIR__ . '/messenger.php', 'idle', 'amqp', $q, (string) $hold], [0 => ['file', '/dev/null', 'r'], 1 => STDOUT, 2 => STDERR], $pipes);
+    $procs[] = proc_open([$php, __DIR__ . '/messenger.php', 'idle', 'amqp', $q, (string) $hold], $quiet, $pipes);
 }
-sleep($hold - 3);
+// The worker's log to /dev/null too: 100 subscriptions' start-up lines are not the report.
+$worker = proc_open([...$withExt, __DIR__ . '/inprocess.php', 'idle', implode(',', $queues), (string) $hold], $quiet, $pipes);
+// The floor: a PHP process that does nothing (the same ini and extensions, without ours).
+$bare = proc_open([$php, '-r', "sleep($hold);"], $quiet, $pipes);
+sleep(6);
 $one = mem(proc_get_status($worker)['pid']);
+$floor = mem(proc_get_status($bare)['pid']);
 $fleet = [0, 0];
 foreach ($procs as $p) {
     [$rss, $pss] = mem(proc_get_status($p)['pid']);
     $fleet[0] += $rss;
     $fleet[1] += $pss;
 }
-proc_close($worker);
-foreach ($procs as $p) {
+foreach ([$worker, $bare, ...$procs] as $p) {
+    proc_terminate($p);
+}
+foreach ([$worker, $bare, ...$procs] as $p) {
     proc_close($p);
 }
 delete_amqp(...$queues);
@@ -167,9 +203,11 @@ foreach ($rows as $broker => $r) {
     $md .= sprintf("| %s | %s | %s | %s | **%.1f×** | %.2f |\n", $broker === 'amqp' ? 'RabbitMQ' : 'Redis Streams',
         $fmt($r['router']), $fmt($r['raw']), $fmt($r['messenger']), $r['router'] / $r['messenger'], $r['router'] / $r['raw']);
 }
+$mib = fn (int $kib) => number_format($kib / 1024, 1);
 $md .= sprintf("\nMemory, %d idle RabbitMQ subscriptions: one router worker RSS %s MiB (PSS %s MiB); %d messenger:consume processes RSS %s MiB in all (PSS %s MiB, shared pages counted once): **%.1f×** less (PSS).\n",
-    $subs, number_format($one[0] / 1024, 1), number_format($one[1] / 1024, 1), $subs,
-    number_format($fleet[0] / 1024, 1), number_format($fleet[1] / 1024, 1), $fleet[1] / max(1, $one[1]));
+    $subs, $mib($one[0]), $mib($one[1]), $subs, $mib($fleet[0]), $mib($fleet[1]), $fleet[1] / max(1, $one[1]));
+$md .= sprintf("\nThe worker's PSS: %s MiB anonymous, %s MiB file mappings, of which %s MiB the extension's .so. A bare `php -r 'sleep()'` (the same PHP, without the extension): PSS %s MiB (%s anonymous, %s file); the worker above it: %s MiB.\n",
+    $mib($one[2]), $mib($one[3]), $mib($one[4]), $mib($floor[1]), $mib($floor[2]), $mib($floor[3]), $mib($one[1] - $floor[1]));
 echo "\n$md";
 @mkdir(dirname($out), 0777, true);
 file_put_contents($out, $md);

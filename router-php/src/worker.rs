@@ -5,7 +5,7 @@
 //!  runtime threads (tokio)                          PHP thread (Router::run)
 //!  router-core pipelines ─▶ PhpTarget::deliver ─▶ jobs channel ─▶ next_batch() ─▶ handler
 //!                                ▲                                                 │
-//!                                └──────────── Job::answer(Outcome) ◀──────────────┘
+//!                                └──── answerer task ◀── Answers (per batch, or 1 ms) ◀──┘
 //! ```
 //!
 //! The runtime is created lazily and once per process id (php-fpm and `pcntl_fork`
@@ -38,18 +38,81 @@ pub struct Job {
     pub handler: String,
     /// The attempt's span (tracing on), for `Message::traceparent()`.
     pub traceparent: Option<String>,
-    reply: oneshot::Sender<Outcome>,
+    pub reply: Reply,
+}
+
+/// Where a job's outcome goes (to [`Answers::push`], once its handler has run).
+pub struct Reply(oneshot::Sender<Outcome>);
+
+impl Reply {
+    /// The engine gave up on this attempt (grace period over): do not run it.
+    pub fn abandoned(&self) -> bool {
+        self.0.is_closed()
+    }
 }
 
 impl Job {
-    /// The engine gave up on this attempt (grace period over): do not run it.
     pub fn abandoned(&self) -> bool {
-        self.reply.is_closed()
+        self.reply.abandoned()
+    }
+}
+
+/// Outcomes handled on the PHP thread, on their way back to the runtime. Sending each
+/// oneshot from the PHP thread woke a runtime thread per message (a futex wake and a
+/// push to the runtime's shared queue each). Here the PHP thread only appends to a
+/// list; the answerer task on the runtime completes the oneshots (waking the waiting
+/// attempts is then a push to its local queue) when the PHP thread ends a batch, or
+/// 1 ms after the first outcome of a batch arrived, whichever comes first: a slow
+/// handler never holds back the outcomes of the messages handled before it.
+pub struct Answers {
+    shared: Arc<AnswerBox>,
+}
+
+struct AnswerBox {
+    pending: Mutex<Vec<(Reply, Outcome)>>,
+    /// The first outcome since the last drain arrived.
+    arrived: tokio::sync::Notify,
+    /// The PHP thread ended a batch: drain now.
+    flush: tokio::sync::Notify,
+}
+
+/// How long a handled message's outcome may wait for the rest of its batch.
+const ANSWER_DELAY: Duration = Duration::from_millis(1);
+
+impl Answers {
+    pub fn push(&self, reply: Reply, outcome: Outcome) {
+        let first = {
+            let mut pending = self.shared.pending.lock();
+            pending.push((reply, outcome));
+            pending.len() == 1
+        };
+        if first {
+            self.shared.arrived.notify_one();
+        }
     }
 
-    pub fn answer(self, outcome: Outcome) {
-        // The engine may have given up meanwhile; then the broker has it back.
-        let _ = self.reply.send(outcome);
+    /// The batch is done: hand every pending outcome to the runtime now.
+    pub fn flush(&self) {
+        if !self.shared.pending.lock().is_empty() {
+            self.shared.flush.notify_one();
+        }
+    }
+}
+
+/// The runtime's half of [`Answers`]: completes the outcomes' oneshots.
+async fn answer(shared: Arc<AnswerBox>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        shared.arrived.notified().await;
+        tokio::select! {
+            _ = shared.flush.notified() => {}
+            _ = tokio::time::sleep(ANSWER_DELAY) => {}
+        }
+        std::mem::swap(&mut batch, &mut *shared.pending.lock());
+        for (Reply(reply), outcome) in batch.drain(..) {
+            // The engine may have given up meanwhile; then the broker has it back.
+            let _ = reply.send(outcome);
+        }
     }
 }
 
@@ -70,7 +133,7 @@ impl Target for PhpTarget {
             route: d.route.to_string(),
             handler: d.handler.to_string(),
             traceparent: d.traceparent.map(str::to_string),
-            reply,
+            reply: Reply(reply),
         };
         router_core::trace::record_endpoint("php", "in-process");
         if self.jobs.send(job).is_err() {
@@ -142,6 +205,9 @@ impl Limits {
 /// A router running on the background runtime for one `run()`.
 pub struct Running {
     jobs: Receiver<Job>,
+    /// Outcomes back to the runtime, per batch.
+    answers: Arc<AnswerBox>,
+    answerer: tokio::task::JoinHandle<()>,
     /// Hands every handler a reload adds its PHP target (the same channel).
     to_php: Sender<Job>,
     reloader: router_core::Reloader,
@@ -175,6 +241,13 @@ impl Running {
         let stop = CancellationToken::new();
         let done = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(Mutex::new(None));
+        let answers = Arc::new(AnswerBox {
+            pending: Mutex::new(Vec::with_capacity(BATCH)),
+            arrived: tokio::sync::Notify::new(),
+            flush: tokio::sync::Notify::new(),
+        });
+        // Ends with the runtime (module shutdown): the attempts it held are gone with it.
+        let answerer = runtime.spawn(answer(answers.clone()));
         let (token, flag, failure) = (stop.clone(), done.clone(), failed.clone());
         runtime.spawn(async move {
             if let Err(e) = router.run(token).await {
@@ -183,7 +256,7 @@ impl Running {
             }
             flag.store(true, Ordering::SeqCst);
         });
-        Ok(Running { jobs, to_php: tx, reloader, stop, done, failed })
+        Ok(Running { jobs, answers, answerer, to_php: tx, reloader, stop, done, failed })
     }
 
     /// Apply `config` as a diff (blocks the PHP thread for as long as the engine takes
@@ -203,9 +276,14 @@ impl Running {
         runtime()?.block_on(reloader.reload(config.clone(), build)).map_err(|e| e.to_string())
     }
 
+    /// Where the PHP thread collects outcomes for this run.
+    pub fn answers(&self) -> Answers {
+        Answers { shared: self.answers.clone() }
+    }
+
     /// Wait up to `wait` for jobs; return at most [`BATCH`] of them (empty: none came).
     pub fn next_batch(&self, wait: Duration) -> Vec<Job> {
-        let mut batch = Vec::new();
+        let mut batch = Vec::with_capacity(BATCH);
         match self.jobs.recv_timeout(wait) {
             Ok(job) => batch.push(job),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return batch,
@@ -237,6 +315,17 @@ impl Running {
     /// Why the router stopped on its own, if it failed.
     pub fn failure(&self) -> Option<String> {
         self.failed.lock().clone()
+    }
+}
+
+impl Drop for Running {
+    /// The run is over: what the answerer has not taken yet is answered from here, and
+    /// the answerer stops (one per run).
+    fn drop(&mut self) {
+        self.answerer.abort();
+        for (Reply(reply), outcome) in self.answers.pending.lock().drain(..) {
+            let _ = reply.send(outcome);
+        }
     }
 }
 

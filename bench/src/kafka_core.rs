@@ -73,9 +73,27 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// A consumer that handles nothing for this long has stalled: the run fails.
 const STALL: Duration = Duration::from_secs(30);
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    // The runtime the daemon and the extension would give the router: worker threads
+    // from MESSAGE_ROUTER_THREADS, else half the cores (both contenders run on it).
+    let threads = match router_core::runtime::threads_from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("kafka-core: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
+        Ok(rt) => rt.block_on(bench(args, threads)),
+        Err(e) => {
+            eprintln!("kafka-core: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(args: Args, threads: usize) -> ExitCode {
     // The router's own log, on stderr, when RUST_LOG asks for it.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -92,7 +110,7 @@ async fn main() -> ExitCode {
     let mut made = vec![topic.clone(), format!("{topic}.dlq")];
     let mut groups = Vec::new();
     let result = tokio::select! {
-        r = run(&args, &admin, &topic, &mut made, &mut groups) => r,
+        r = run(&args, threads, &admin, &topic, &mut made, &mut groups) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     let options = AdminOptions::new().operation_timeout(Some(TIMEOUT)).request_timeout(Some(TIMEOUT));
@@ -111,6 +129,7 @@ async fn main() -> ExitCode {
 
 async fn run(
     args: &Args,
+    threads: usize,
     admin: &AdminClient<DefaultClientContext>,
     topic: &str,
     made: &mut Vec<String>,
@@ -152,7 +171,7 @@ async fn run(
         );
         rows.push((raw_rate, router_rate));
     }
-    report(args, fill, &rows)
+    report(args, threads, fill, &rows)
 }
 
 /// Write the topic: record i keyed `k-(i % keys)`, on partition `(i % keys) % P`.
@@ -282,13 +301,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn report(args: &Args, fill: f64, rows: &[(f64, f64)]) -> Result<()> {
+fn report(args: &Args, threads: usize, fill: f64, rows: &[(f64, f64)]) -> Result<()> {
     use std::fmt::Write as _;
     let mut md = String::from("# Kafka → router-core (in process, no-op target) vs raw rdkafka\n\n");
     let _ = writeln!(
         md,
-        "{} records, {} partitions, {} keys, `ordering: {}`, prefetch {}, `fetch.wait.max.ms: {}`; \
-         topic written at {fill:.0} msg/s. Rates from the first record handled to the last; each round runs \
+        "{} records, {} partitions, {} keys, `ordering: {}`, prefetch {}, `fetch.wait.max.ms: {}`, \
+         {threads} runtime worker thread(s); topic written at {fill:.0} msg/s. Rates from the first record handled to the last; each round runs \
          both, each a fresh group from offset 0, in alternating order.\n",
         args.messages, args.partitions, args.keys, args.ordering, args.prefetch, args.fetch_wait_ms
     );

@@ -30,6 +30,7 @@
 //!   component that owns it), `${ENV}` interpolation and validation with key paths;
 //!   `config/diff.rs`: what a reload changes, component by component.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`runtime`]: how many worker threads the router's runtime gets.
 //! - [`trace`]: OpenTelemetry spans per message (consume, attempt, settle), W3C context
 //!   from and to messages and handlers, the OTLP exporter; nothing when off.
 
@@ -46,6 +47,7 @@ pub mod message;
 pub mod metrics;
 pub mod retry;
 pub mod routing;
+pub mod runtime;
 pub mod target;
 pub mod trace;
 pub mod transport;

@@ -119,6 +119,7 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         subscriptions = config.subscriptions.len(),
         routes = config.routes.len(),
         handlers = config.handlers.len(),
+        threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "message-router running"
     );
     let result = router.run(shutdown.clone()).await;

@@ -26,6 +26,10 @@ enum Command {
     Run {
         #[arg(long, short, env = "MESSAGE_ROUTER_CONFIG")]
         config: PathBuf,
+        /// Worker threads of the runtime (default: half the cores, at least 1; README
+        /// "Performance" says why).
+        #[arg(long, env = router_core::runtime::THREADS_ENV, value_parser = router_core::runtime::parse_threads)]
+        threads: Option<usize>,
     },
     /// Check a config file and exit: 0 if valid, 2 with every problem listed if not.
     Validate {
@@ -242,7 +246,7 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
-        Command::Run { config }
+        Command::Run { config, .. }
         | Command::Validate { config }
         | Command::Publish { config, .. }
         | Command::Dlq { command: DlqCommand::Stats { config, .. } }
@@ -270,7 +274,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let threads = match &cli.command {
+        Command::Run { threads: Some(n), .. } => *n,
+        _ => router_core::runtime::default_threads(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("message-router: cannot start the async runtime: {e}");

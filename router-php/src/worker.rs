@@ -389,8 +389,11 @@ fn runtime() -> Result<Arc<tokio::runtime::Runtime>, String> {
             std::mem::forget(rt);
         }
     }
+    // MESSAGE_ROUTER_THREADS, else half the cores (at least 1): the PHP thread is the
+    // process's main work, and the runtime's is short and I/O-bound.
+    let threads = router_core::runtime::threads_from_env()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .thread_name("message-router")
         .enable_all()
         .on_thread_start(block_signals)

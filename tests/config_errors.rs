@@ -75,6 +75,27 @@ fn max_in_flight_auto_validates() {
 }
 
 #[test]
+fn a_bad_thread_count_is_refused_before_anything_starts() {
+    for (flag, env) in [(Some("0"), None), (None, Some("two"))] {
+        let mut cmd = Command::new(router_bin());
+        cmd.args(["run", "--config", "/nonexistent/router.yaml"]);
+        if let Some(n) = flag {
+            cmd.args(["--threads", n]);
+        }
+        if let Some(v) = env {
+            cmd.env("MESSAGE_ROUTER_THREADS", v);
+        }
+        let out = cmd.output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--threads") && stderr.contains("expected a whole number of threads, 1 or more"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn missing_file_is_named() {
     let out =
         Command::new(router_bin()).args(["validate", "--config", "/nonexistent/router.yaml"]).output().expect("run");

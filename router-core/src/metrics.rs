@@ -70,12 +70,13 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
-            let g = IntGaugeVec::new(Opts::new(name, help), &["subscription"])?;
+        let gauge_by = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
             record(&g);
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        let gauge = |name: &str, help: &str| gauge_by(name, help, &["subscription"]);
         let received =
             counter("router_messages_received_total", "Deliveries received from the broker", &["subscription"])?;
         let redelivered = counter(
@@ -117,12 +118,11 @@ impl Metrics {
         registry.register(Box::new(handler_seconds.clone()))?;
         let in_flight = gauge("router_in_flight", "Messages taken from the broker and not yet settled")?;
         let connected = gauge("router_subscription_connected", "1 while the subscription is consuming")?;
-        let consumer_lag = IntGaugeVec::new(
-            Opts::new("router_consumer_lag", "Messages of a partition after the group's committed offset (Kafka)"),
+        let consumer_lag = gauge_by(
+            "router_consumer_lag",
+            "Messages of a partition after the group's committed offset (Kafka)",
             &["subscription", "topic", "partition"],
         )?;
-        record(&consumer_lag);
-        registry.register(Box::new(consumer_lag.clone()))?;
         let settling = gauge(
             "router_settling",
             "Messages whose settlement (ack, retry or dead-letter write) the broker refused and that are being retried",
@@ -137,23 +137,15 @@ impl Metrics {
             "Stalls found by the watchdog: messages waiting at the broker, none arriving, room in the window",
             &["subscription"],
         )?;
-        let circuit_state = IntGaugeVec::new(
-            Opts::new("router_circuit_state", "Circuit of a handler: 0 closed, 1 open, 2 half-open"),
-            &["handler"],
-        )?;
-        record(&circuit_state);
-        registry.register(Box::new(circuit_state.clone()))?;
+        let circuit_state =
+            gauge_by("router_circuit_state", "Circuit of a handler: 0 closed, 1 open, 2 half-open", &["handler"])?;
         let circuit_opened =
             counter("router_circuit_opened_total", "Times the circuit of a handler opened", &["handler"])?;
-        let concurrency_limit = IntGaugeVec::new(
-            Opts::new(
-                "router_handler_concurrency_limit",
-                "Deliveries a handler may have in flight now: its fixed max_in_flight, or where `auto` stands",
-            ),
+        let concurrency_limit = gauge_by(
+            "router_handler_concurrency_limit",
+            "Deliveries a handler may have in flight now: its fixed max_in_flight, or where `auto` stands",
             &["handler"],
         )?;
-        record(&concurrency_limit);
-        registry.register(Box::new(concurrency_limit.clone()))?;
         let attempts_held = counter(
             "router_attempts_held_total",
             "Failed attempts not counted against their message because the handler's circuit was open",

@@ -49,6 +49,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
+use prometheus::{IntCounter, IntCounterVec};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -1206,26 +1207,25 @@ impl Pipeline {
         let route = bound.map_or("", |b| b.route.as_str());
         // A message that never reached a handler (rare) is counted under empty route
         // and handler labels, looked up now.
-        let unbound;
-        let counters = match bound {
-            Some(b) => &b.counters,
-            None => {
-                unbound = Settled::new(&self.metrics, &[self.name.as_str(), "", ""]);
-                &unbound
-            }
+        // The route's counter, resolved when it was bound; a message that never
+        // reached a handler (rare) is counted under empty route and handler labels,
+        // only the series it needs looked up now.
+        let pick = |bound_counter: fn(&Settled) -> &IntCounter, all: &IntCounterVec| match bound {
+            Some(b) => std::borrow::Cow::Borrowed(bound_counter(&b.counters)),
+            None => std::borrow::Cow::Owned(all.with_label_values(&[self.name.as_str(), "", ""])),
         };
         let counter = match &settlement {
             Settlement::Ack => {
                 debug!(subscription = %self.name, route, id = %d.message.id, attempt = d.attempt, "handled");
-                Some(&counters.acked)
+                Some(pick(|c| &c.acked, &self.metrics.acked))
             }
             Settlement::Retry { after, next_attempt, failure } => {
                 warn!(subscription = %self.name, route, id = %d.message.id, attempt = d.attempt, next_attempt, delay = ?after, error = %failure.last_error, "attempt failed; retrying");
-                Some(&counters.retried)
+                Some(pick(|c| &c.retried, &self.metrics.retried))
             }
             Settlement::DeadLetter(failure) => {
                 warn!(subscription = %self.name, route, id = %d.message.id, attempts = failure.attempts, reason = %failure.reason, error = %failure.last_error, "dead-lettering");
-                Some(&counters.dead_lettered)
+                Some(pick(|c| &c.dead_lettered, &self.metrics.dead_lettered))
             }
             Settlement::Release => None,
         };
@@ -1235,7 +1235,7 @@ impl Pipeline {
         loop {
             match d.settle(&settlement).await {
                 Ok(()) => {
-                    if let Some(c) = counter {
+                    if let Some(c) = &counter {
                         c.inc();
                     }
                     if tries > 0 {

@@ -20,3 +20,4 @@ require_once '/usr/share/php/Symfony/Bundle/FrameworkBundle/autoload.php';
 require_once '/usr/share/php/Symfony/Component/Console/autoload.php';
 require_once __DIR__ . '/symfony/handlers.php';
 require_once __DIR__ . '/symfony/TestKernel.php';
+require_once __DIR__ . '/symfony/MessengerImportKernel.php';

@@ -496,6 +496,8 @@ HELP);
         }
         if (isset($o['redeliver_timeout'])) {
             $subscription[] = 'claim_idle: ' . $this->duration(max(1, (int) $o['redeliver_timeout']) * 1000);
+        } else {
+            $notes[] = 'redeliver_timeout: Messenger claims a dead consumer\'s entries after 1h by default; the router after claim_idle (default 1m, above every handler timeout).';
         }
         if (isset($o['claim_interval'])) {
             $notes[] = 'claim_interval: the router looks for idle entries every claim_idle / 4.';

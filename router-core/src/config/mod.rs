@@ -313,8 +313,22 @@ pub struct SubscriptionConfig<S = SourceConfig> {
     /// turns the watchdog off.
     #[serde(default = "default_stall_timeout", deserialize_with = "crate::config::duration::deserialize")]
     pub stall_timeout: Duration,
+    /// What the messages are, when a framework wrote them: `messenger` for Symfony
+    /// Messenger's envelopes (README "Migrating from Symfony Messenger").
+    pub envelope: Option<Envelope>,
     #[serde(skip)]
     pub source: S,
+}
+
+/// `subscriptions.<name>.envelope`: the framework format the messages arrive in.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Envelope {
+    /// Symfony Messenger's transports wrote them: AMQP, the body plus `type` and
+    /// `X-Message-Stamp-*` headers; Redis, one stream field `message` holding
+    /// `{"body", "headers"}` as JSON, and delayed ones (`DelayStamp`) in the sorted set
+    /// `<stream>__queue` until due. Handlers decode them (the Symfony bundle does).
+    Messenger,
 }
 
 impl SubscriptionConfig<()> {
@@ -327,6 +341,7 @@ impl SubscriptionConfig<()> {
             default_handler: self.default_handler,
             max_body_bytes: self.max_body_bytes,
             stall_timeout: self.stall_timeout,
+            envelope: self.envelope,
             source,
         }
     }
@@ -383,8 +398,15 @@ impl Config<serde_yaml_ng::Mapping, serde_yaml_ng::Mapping> {
                     continue;
                 }
             };
+            // Messenger's Redis transport writes the envelope into the field `message`.
+            let messenger_body = head.envelope == Some(Envelope::Messenger) && !own.contains_key("body_field");
             match kind.parse_source(own, &path, &mut unknown) {
-                Ok(source) => drop(subscriptions.insert(name, head.with_source(source))),
+                Ok(mut source) => {
+                    if let (true, SourceConfig::Redis(redis)) = (messenger_body, &mut source) {
+                        redis.body_field = crate::transport::redis::config::MESSENGER_BODY_FIELD.to_string();
+                    }
+                    subscriptions.insert(name, head.with_source(source));
+                }
                 Err(issue) => issues.push(issue),
             }
         }

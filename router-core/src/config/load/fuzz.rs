@@ -509,6 +509,7 @@ fn subscription(name: &str, transport: (&'static str, &'static str), handlers: &
         f("dead_letter", 0.3, dead_letter),
         f("default_handler", 0.4, handler),
         f("max_body_bytes", 0.2, int(&[1, 1024, 16_777_216], &[0, -1])),
+        f("envelope", 0.1, st(&["messenger", "!Messenger", "!"])),
     ])
 }
 

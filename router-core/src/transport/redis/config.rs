@@ -81,6 +81,10 @@ fn default_claim_idle() -> Duration {
     Duration::from_secs(60)
 }
 
+/// The field Symfony Messenger's Redis transport writes its envelope into: the default
+/// `body_field` of a subscription with `envelope: messenger`.
+pub const MESSENGER_BODY_FIELD: &str = "message";
+
 fn default_body_field() -> String {
     "body".into()
 }

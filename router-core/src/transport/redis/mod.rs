@@ -13,6 +13,7 @@
 //! | `S.G.delayed` | sorted set | retries waiting for their time (score: due, ms) |
 //! | `S.G.retry` | stream | due retries; read by `G` beside `S` |
 //! | `S.dlq` | stream | dead letters (or the subscription's `dead_letter.stream`) |
+//! | `S__queue` | sorted set | with `envelope: messenger`: Symfony Messenger's delayed messages, moved into `S` when due |
 //!
 //! The consume loop, per subscription: (1) this consumer's own pending entries first
 //! (what a previous run of this instance had in flight when it died), (2) every
@@ -54,6 +55,7 @@ use super::{
     ConsumeError, ConsumeSpec, Decide, Depths, Inbox, Rework, Reworked, SourceConfig, SourceStatus, Transport,
     TransportError,
 };
+use crate::config::Envelope;
 use crate::dlq::DeadLetter;
 use crate::message::{header, Delivery, Message};
 use config::{RedisConfig, RedisSource};
@@ -409,8 +411,13 @@ impl Transport for RedisTransport {
         let source = spec.source("redis", SourceConfig::redis).map_err(ConsumeError::Fatal)?;
         let group = source.group.clone();
         let dl = &source.dead_letter;
-        let streams: Vec<StreamKeys> =
-            source.streams.iter().map(|s| StreamKeys::new(s, &group, dl.stream.as_deref())).collect();
+        let messenger = spec.config.envelope == Some(Envelope::Messenger);
+        let streams: Vec<StreamKeys> = source
+            .streams
+            .iter()
+            .map(|s| StreamKeys::new(s, &group, dl.stream.as_deref()))
+            .map(|keys| if messenger { keys.with_messenger_delayed() } else { keys })
+            .collect();
         let read_keys =
             (0..streams.len()).flat_map(|source| [false, true].map(|retry| ReadKey { source, retry })).collect();
         let shared = Arc::new(Shared::new(

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::config::MESSENGER_BODY_FIELD;
 use super::convert::{id_order, items, pack_fields, text};
 use crate::backoff;
 use crate::message::{header, Failure, Settle, SettleError, Settlement};
@@ -83,6 +84,24 @@ if #nxt == 0 then return {#due, -1} end
 return {#due, math.max(0, tonumber(nxt[2]) - now)}
 ";
 
+/// Move due entries of Symfony Messenger's delayed set (at most ARGV[1]) into the
+/// source stream, each as the one field ARGV[2] holding the member as it is (the
+/// envelope JSON Messenger's Redis transport reads), XADD before ZREM: the same move
+/// `messenger:consume` makes, atomic, so it and routers can share a stream. Returns
+/// {moved, ms until the next one is due or -1}. KEYS: the sorted set, the stream.
+const MOVE_MESSENGER_DUE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, m in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', ARGV[2], m)
+  redis.call('ZREM', KEYS[1], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then return {#due, -1} end
+return {#due, math.max(0, tonumber(nxt[2]) - now)}
+";
+
 /// The keys of one source stream as a group reads it.
 #[derive(Clone, Debug)]
 pub struct StreamKeys {
@@ -94,6 +113,10 @@ pub struct StreamKeys {
     pub delayed: String,
     /// Where dead letters go.
     pub dead_letter: String,
+    /// Symfony Messenger's delayed messages (`DelayStamp`), waiting in the sorted set
+    /// `<stream>__queue` (score: due time in ms) for a consumer to move them into
+    /// the stream: with `envelope: messenger`, the mover does.
+    pub messenger_delayed: Option<String>,
 }
 
 impl StreamKeys {
@@ -103,7 +126,14 @@ impl StreamKeys {
             retry: format!("{stream}.{group}.retry"),
             delayed: format!("{stream}.{group}.delayed"),
             dead_letter: dead_letter.map_or_else(|| format!("{stream}.dlq"), str::to_string),
+            messenger_delayed: None,
         }
+    }
+
+    /// With Messenger's delayed set moved into the stream (`envelope: messenger`).
+    pub fn with_messenger_delayed(mut self) -> Self {
+        self.messenger_delayed = Some(format!("{}__queue", self.stream));
+        self
     }
 }
 
@@ -161,6 +191,7 @@ struct Scripts {
     retry: Script,
     dead_letter: Script,
     move_due: Script,
+    move_messenger_due: Script,
 }
 
 impl Shared {
@@ -185,6 +216,7 @@ impl Shared {
                 retry: Script::new(RETRY),
                 dead_letter: Script::new(DEAD_LETTER),
                 move_due: Script::new(MOVE_DUE),
+                move_messenger_due: Script::new(MOVE_MESSENGER_DUE),
             },
         }
     }
@@ -487,26 +519,35 @@ pub async fn run_mover(shared: Arc<Shared>, stop: CancellationToken) {
         let mut failed = false;
         let mut conn = shared.commands.clone();
         for s in &shared.streams {
-            let reply: redis::RedisResult<(i64, i64)> =
-                shared.scripts.move_due.key(&s.delayed).key(&s.retry).arg(BATCH).invoke_async(&mut conn).await;
-            match reply {
-                Ok((moved, next_ms)) => {
-                    if moved > 0 {
-                        debug!(subscription = %shared.subscription, stream = %s.stream, moved, "retries due");
+            let mut retries = shared.scripts.move_due.prepare_invoke();
+            retries.key(&s.delayed).key(&s.retry).arg(BATCH);
+            let mut moves = vec![(retries, &s.delayed, "retries due")];
+            if let Some(delayed) = &s.messenger_delayed {
+                let mut messenger = shared.scripts.move_messenger_due.prepare_invoke();
+                messenger.key(delayed).key(&s.stream).arg(BATCH).arg(MESSENGER_BODY_FIELD);
+                moves.push((messenger, delayed, "delayed Messenger messages due"));
+            }
+            for (invocation, from, what) in moves {
+                let reply: redis::RedisResult<(i64, i64)> = invocation.invoke_async(&mut conn).await;
+                match reply {
+                    Ok((moved, next_ms)) => {
+                        if moved > 0 {
+                            debug!(subscription = %shared.subscription, stream = %s.stream, moved, "{what}");
+                        }
+                        if moved == BATCH {
+                            wait = Duration::ZERO;
+                        } else if next_ms >= 0 {
+                            wait = wait.min(Duration::from_millis(next_ms.unsigned_abs()));
+                        }
                     }
-                    if moved == BATCH {
-                        wait = Duration::ZERO;
-                    } else if next_ms >= 0 {
-                        wait = wait.min(Duration::from_millis(next_ms.unsigned_abs()));
+                    Err(e) => {
+                        // Once per outage: the consumer's reconnect loop already reports it.
+                        if !failing {
+                            warn!(subscription = %shared.subscription, key = %from, error = %e, "moving {what} failed; will keep trying");
+                        }
+                        failed = true;
+                        wait = Duration::from_secs(1);
                     }
-                }
-                Err(e) => {
-                    // Once per outage: the consumer's reconnect loop already reports it.
-                    if !failing {
-                        warn!(subscription = %shared.subscription, key = %s.delayed, error = %e, "moving due retries failed; will keep trying");
-                    }
-                    failed = true;
-                    wait = Duration::from_secs(1);
                 }
             }
         }

@@ -27,12 +27,17 @@ use sha2::Sha256;
 
 /// Prefix under which message headers travel as HTTP headers.
 pub const MESSAGE_HEADER_PREFIX: &str = "x-message-header-";
+/// Prefix of a message header whose name is no HTTP token (Symfony Messenger's
+/// `X-Message-Stamp-App\Stamp\Foo`): the name follows in lowercase hex, which survives
+/// HTTP's case folding and FastCGI's `HTTP_NAME` variables byte for byte.
+pub const MESSAGE_HEX_HEADER_PREFIX: &str = "x-message-hex-header-";
 /// How much of an error response body goes into the failure reason.
 pub const EXCERPT_BYTES: usize = 512;
 
-/// Headers for one delivery. A message header that cannot be expressed in HTTP
-/// (control characters, a name that is not a token) is an error: the caller rejects
-/// the message with this reason rather than dropping the header silently. `secrets`:
+/// Headers for one delivery. A message header whose value cannot be expressed in HTTP
+/// (control characters) is an error: the caller rejects the message with this reason
+/// rather than dropping the header silently. A name that is not a token travels
+/// hex-encoded ([`MESSAGE_HEX_HEADER_PREFIX`]). `secrets`:
 /// the signing keys, the current one first (none: unsigned).
 pub fn request_headers(d: &DeliveryInfo<'_>, secrets: &[Vec<u8>]) -> Result<HeaderMap, String> {
     let m = d.message;
@@ -71,7 +76,9 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secrets: &[Vec<u8>]) -> Result<Head
         if (lower == "traceparent" && d.traceparent.is_none()) || lower == "tracestate" {
             put(&lower, v)?;
         }
-        if lower.starts_with("x-router-") {
+        if HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            put(&format!("{MESSAGE_HEX_HEADER_PREFIX}{}", hex::encode(k)), v)?;
+        } else if lower.starts_with("x-router-") {
             // The router's own bookkeeping from an earlier attempt (a retry copy's
             // last error may hold a handler's multi-line answer): informative, never
             // a reason to refuse the message. Control characters become spaces.
@@ -160,6 +167,22 @@ mod tests {
         let d =
             DeliveryInfo { message: &m, attempt: 2, subscription: "s", route: "r", handler: "h", traceparent: None };
         assert!(request_headers(&d, &[]).is_err(), "a producer's header still makes it poison");
+    }
+
+    #[test]
+    fn a_header_name_that_is_no_token_travels_hex_encoded() {
+        let mut m = Message { id: "m-1".into(), ..Message::default() };
+        let stamp = "X-Message-Stamp-Symfony\\Component\\Messenger\\Stamp\\BusNameStamp";
+        m.headers.insert(stamp.into(), r#"[{"busName":"messenger.bus.default"}]"#.into());
+        m.headers.insert("Type".into(), "App\\Message\\Ping".into());
+        let d =
+            DeliveryInfo { message: &m, attempt: 1, subscription: "s", route: "r", handler: "h", traceparent: None };
+        let h = request_headers(&d, &[]).expect("sent");
+        let name = format!("{MESSAGE_HEX_HEADER_PREFIX}{}", hex::encode(stamp));
+        assert_eq!(h[name.as_str()], r#"[{"busName":"messenger.bus.default"}]"#);
+        assert_eq!(h["x-message-header-type"], "App\\Message\\Ping", "a token name is sent as before");
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert!(!names.iter().any(|n| n.contains("stamp")), "no plain copy: {names:?}");
     }
 
     #[test]

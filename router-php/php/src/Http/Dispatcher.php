@@ -110,10 +110,18 @@ final class Dispatcher
     public static function message(array $lowerHeaders, string $body): Message
     {
         $prefix = 'x-message-header-';
+        // A name that is no HTTP token (Messenger's `X-Message-Stamp-App\Stamp`) comes
+        // hex-encoded, exactly as the producer wrote it.
+        $hexPrefix = 'x-message-hex-header-';
         $headers = [];
         foreach ($lowerHeaders as $name => $value) {
             if (str_starts_with($name, $prefix)) {
                 $headers[substr($name, strlen($prefix))] = (string) $value;
+            } elseif (str_starts_with($name, $hexPrefix)) {
+                $decoded = @hex2bin(substr($name, strlen($hexPrefix)));
+                if ($decoded !== false && $decoded !== '') {
+                    $headers[$decoded] = (string) $value;
+                }
             }
         }
         $h = fn (string $name) => isset($lowerHeaders[$name]) ? (string) $lowerHeaders[$name] : null;

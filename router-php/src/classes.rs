@@ -33,7 +33,7 @@ use router_core::Outcome;
 
 use crate::convert;
 use crate::signals;
-use crate::worker::{Job, Limits, Reply, Running, StopReason};
+use crate::worker::{Job, Limits, Reply, Running, Selection, StopReason};
 
 /// How long the PHP thread waits for a batch before it looks at limits and signals.
 const POLL: Duration = Duration::from_millis(100);
@@ -253,6 +253,8 @@ pub struct Router {
     handlers: RefCell<HashMap<String, Registered>>,
     stop: Arc<AtomicBool>,
     running: Cell<bool>,
+    /// The subscriptions the current `run()` consumes; a reload keeps to them.
+    selection: RefCell<Selection>,
 }
 
 #[php_impl]
@@ -315,10 +317,22 @@ impl Router {
         Ok(())
     }
 
+    /// The route names and handler names of the config: what `route()` takes.
+    pub fn names(&self) -> Vec<String> {
+        let config = self.config.borrow();
+        let mut names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+        names.extend(config.handlers.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Consume until a limit is reached, SIGTERM/SIGINT arrives or `stop()` is called;
     /// then stop fetching, finish what is in flight and return
     /// `['handled' => int, 'reason' => string]`. Options: `limit` (messages),
-    /// `time_limit` (seconds), `memory_limit` (bytes, or "128M").
+    /// `time_limit` (seconds), `memory_limit` (bytes, or "128M"), `subscriptions`
+    /// (names: only these), `queues` (AMQP queue names: only the subscriptions reading
+    /// them).
     pub fn run(&self, options: Option<&ZendHashTable>) -> PhpResult<ZBox<ZendHashTable>> {
         if self.running.replace(true) {
             return Err("MessageRouter\\Router::run() is already running".into());
@@ -336,14 +350,17 @@ impl Router {
 
 impl Router {
     fn run_inner(&self, options: Option<&ZendHashTable>) -> PhpResult<ZBox<ZendHashTable>> {
-        let limits = match options {
-            Some(o) => convert::limits(o)?,
-            None => Limits::default(),
+        let (limits, selection) = match options {
+            Some(o) => convert::run_options(o)?,
+            None => (Limits::default(), Selection::default()),
         };
-        self.check_handlers(&self.config.borrow())?;
+        let config =
+            selection.apply(&self.config.borrow()).map_err(|e| format!("MessageRouter\\Router::run(): {e}"))?;
+        self.check_handlers(&config)?;
         self.stop.store(false, Ordering::SeqCst);
         self.pending.borrow_mut().take();
-        let running = Running::start(&self.config.borrow())?;
+        let running = Running::start(&config)?;
+        *self.selection.borrow_mut() = selection;
         let caught = signals::catch();
         let started = Instant::now();
         let mut handled = 0u64;
@@ -448,7 +465,14 @@ impl Router {
                 ),
             }
         }
-        let Some(config) = self.pending.borrow_mut().take() else { return };
+        let Some(whole) = self.pending.borrow_mut().take() else { return };
+        let config = match self.selection.borrow().apply(&whole) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: the subscriptions this run consumes are gone; the running configuration stays");
+                return;
+            }
+        };
         if let Err(e) = self.check_handlers(&config) {
             tracing::error!(error = %e, "reload refused; the running configuration stays");
             return;
@@ -459,7 +483,7 @@ impl Router {
                 if !diff.restart_needed.is_empty() {
                     tracing::warn!(keys = %diff.restart_needed.join(", "), "reload: these settings take effect only after a restart");
                 }
-                *self.config.borrow_mut() = config;
+                *self.config.borrow_mut() = whole;
             }
             Err(e) => tracing::error!(error = %e, "reload failed; the running configuration stays"),
         }
@@ -473,6 +497,7 @@ impl Router {
             handlers: RefCell::default(),
             stop: Arc::default(),
             running: Cell::new(false),
+            selection: RefCell::default(),
         }
     }
 

@@ -7,7 +7,7 @@ use ext_php_rs::types::{ZendHashTable, Zval};
 use router_core::config::Config;
 use serde_json::{Map, Number, Value};
 
-use crate::worker::Limits;
+use crate::worker::{Limits, Selection};
 
 /// Deepest nesting accepted in a config array (a cycle through references would
 /// otherwise recurse forever).
@@ -68,8 +68,10 @@ fn to_json(zv: &Zval, path: &str, depth: u32) -> Result<Value, String> {
 
 /// `run()` options: `limit`, `time_limit` (seconds), `memory_limit` (bytes or
 /// "128M"). An unknown option or a bad value is an error naming it.
-pub fn limits(options: &ZendHashTable) -> PhpResult<Limits> {
+/// The options of `run()`: its limits, and which subscriptions it consumes.
+pub fn run_options(options: &ZendHashTable) -> PhpResult<(Limits, Selection)> {
     let mut limits = Limits::default();
+    let mut selection = Selection::default();
     for (key, value) in options.iter() {
         let key = key.to_string();
         let value = value.dereference();
@@ -101,10 +103,21 @@ pub fn limits(options: &ZendHashTable) -> PhpResult<Limits> {
                 limits.memory_bytes =
                     Some(bytes.ok_or_else(|| bad("must be a size in bytes, like 134217728 or \"128M\""))?);
             }
-            _ => return Err(bad("is unknown (known: limit, time_limit, memory_limit)")),
+            "subscriptions" | "queues" => {
+                let names = value
+                    .array()
+                    .map(|a| a.values().map(|v| v.str().map(str::to_string)).collect::<Option<Vec<_>>>())
+                    .and_then(|names| names.filter(|n| n.iter().all(|n| !n.is_empty())))
+                    .ok_or_else(|| bad("must be a list of names"))?;
+                match key.as_str() {
+                    "subscriptions" => selection.subscriptions = names,
+                    _ => selection.queues = names,
+                }
+            }
+            _ => return Err(bad("is unknown (known: limit, time_limit, memory_limit, subscriptions, queues)")),
         }
     }
-    Ok(limits)
+    Ok((limits, selection))
 }
 
 /// "128M", "1G", "512K", "1000" (PHP's shorthand, as in php.ini).

@@ -202,6 +202,56 @@ impl Limits {
     }
 }
 
+/// Which subscriptions of the config one `run()` consumes, as `messenger:consume`'s
+/// receiver arguments and `--queues` pick them. Empty: all of them.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// By subscription name.
+    pub subscriptions: Vec<String>,
+    /// By the AMQP queue a subscription reads.
+    pub queues: Vec<String>,
+}
+
+impl Selection {
+    /// `config` with only the chosen subscriptions (routes stay: one that matches no
+    /// chosen subscription just never fires). A name or queue that matches nothing is
+    /// an error naming what there is, never a silent run of nothing.
+    pub fn apply(&self, config: &Config) -> Result<Config, String> {
+        let mut config = config.clone();
+        if !self.subscriptions.is_empty() {
+            let unknown: Vec<&str> = self
+                .subscriptions
+                .iter()
+                .filter(|n| !config.subscriptions.contains_key(*n))
+                .map(String::as_str)
+                .collect();
+            if !unknown.is_empty() {
+                return Err(format!(
+                    "no subscription {} in the config (subscriptions: {})",
+                    unknown.join(", "),
+                    config.subscriptions.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            config.subscriptions.retain(|name, _| self.subscriptions.contains(name));
+        }
+        if !self.queues.is_empty() {
+            let queue_of = |s: &router_core::config::SubscriptionConfig| s.source.amqp().map(|a| a.queue.clone());
+            let read: Vec<String> = config.subscriptions.values().filter_map(queue_of).collect();
+            let unknown: Vec<&str> = self.queues.iter().filter(|q| !read.contains(q)).map(String::as_str).collect();
+            if !unknown.is_empty() {
+                return Err(format!(
+                    "no {}subscription reads queue {} (queues read: {})",
+                    if self.subscriptions.is_empty() { "" } else { "chosen " },
+                    unknown.join(", "),
+                    if read.is_empty() { "none".to_string() } else { read.join(", ") }
+                ));
+            }
+            config.subscriptions.retain(|_, s| queue_of(s).is_some_and(|q| self.queues.contains(&q)));
+        }
+        Ok(config)
+    }
+}
+
 /// A router running on the background runtime for one `run()`.
 pub struct Running {
     jobs: Receiver<Job>,

@@ -208,10 +208,21 @@ class Router
     }
 
     /**
-     * Consume until a limit, SIGTERM/SIGINT or stop(); then drain and return
-     * `['handled' => int, 'reason' => string]`.
+     * The route names and handler names of the config: what route() takes.
      *
-     * @param array{limit?: int, time_limit?: int|float, memory_limit?: int|string}|null $options
+     * @return list<string>
+     */
+    public function names(): array
+    {
+        return [];
+    }
+
+    /**
+     * Consume until a limit, SIGTERM/SIGINT or stop(); then drain and return
+     * `['handled' => int, 'reason' => string]`. `subscriptions` (names) and `queues`
+     * (AMQP queue names) consume only those subscriptions.
+     *
+     * @param array{limit?: int, time_limit?: int|float, memory_limit?: int|string, subscriptions?: list<string>, queues?: list<string>}|null $options
      * @return array{handled: int, reason: string}
      */
     public function run(?array $options = null): array

@@ -8,9 +8,18 @@ use Psr\Container\ContainerInterface;
 /** The handler services by route, created when first asked for. */
 final class HandlerLocator
 {
-    /** @param array<string, string> $routes route → service id */
-    public function __construct(private ContainerInterface $services, private array $routes)
+    /**
+     * @param array<string, string> $routes route → service id
+     * @param string $messengerHandler the name under which the app's Messenger bus is
+     *        a handler (when the app has Messenger)
+     */
+    public function __construct(private ContainerInterface $services, private array $routes, private string $messengerHandler = 'messenger')
     {
+    }
+
+    public function messengerHandler(): string
+    {
+        return $this->messengerHandler;
     }
 
     /** @return list<string> */

@@ -4,6 +4,7 @@ namespace MessageRouter\Symfony;
 
 use MessageRouter\Attribute\AsRouteHandler;
 use MessageRouter\Symfony\DependencyInjection\HandlerPass;
+use MessageRouter\Symfony\DependencyInjection\MessengerImportPass;
 use MessageRouter\Symfony\DependencyInjection\MessageRouterExtension;
 use Symfony\Component\DependencyInjection\ChildDefinition;
 use Symfony\Component\DependencyInjection\ContainerBuilder;
@@ -36,6 +37,7 @@ final class MessageRouterBundle extends Bundle
             }
         );
         $container->addCompilerPass(new HandlerPass());
+        $container->addCompilerPass(new MessengerImportPass());
     }
 
     public function getContainerExtension(): ?ExtensionInterface

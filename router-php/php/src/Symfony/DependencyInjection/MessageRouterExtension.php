@@ -8,6 +8,7 @@ use MessageRouter\Symfony\Command\ConsumeCommand;
 use MessageRouter\Symfony\Command\FailedRemoveCommand;
 use MessageRouter\Symfony\Command\FailedRetryCommand;
 use MessageRouter\Symfony\Command\FailedShowCommand;
+use MessageRouter\Symfony\Command\ImportMessengerCommand;
 use MessageRouter\Symfony\Controller\DeliveryController;
 use MessageRouter\Symfony\HandlerLocator;
 use Symfony\Component\Config\Definition\Builder\TreeBuilder;
@@ -47,6 +48,11 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
                     ->defaultValue(Dispatcher::RETRY_AFTER)
                     ->min(1)
                 ->end()
+                ->scalarNode('messenger_handler')
+                    ->info('The handler of router.yaml that is the app\'s Symfony Messenger bus (subscriptions with `envelope: messenger`): its messages are decoded with the Messenger transport\'s serializer and dispatched to the bus')
+                    ->defaultValue('messenger')
+                    ->cannotBeEmpty()
+                ->end()
                 ->scalarNode('admin_url')
                     ->info('The daemon\'s admin listener (its admin.listen), for the message-router:failed:* commands')
                     ->defaultValue(AdminClient::DEFAULT_URL)
@@ -72,9 +78,10 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
         $container->setParameter('message_router.config', $config['config']);
         $container->setParameter('message_router.signing_secrets', $config['signing_secret']);
         $container->setParameter('message_router.unavailable_retry_after', $config['unavailable_retry_after']);
+        $container->setParameter('message_router.messenger_handler', $config['messenger_handler']);
         // Arguments filled by HandlerPass.
         $container->register(HandlerLocator::class, HandlerLocator::class)
-            ->setArguments([null, []])
+            ->setArguments([null, [], '%message_router.messenger_handler%'])
             ->setPublic(true);
         $container->register(ConsumeCommand::class, ConsumeCommand::class)
             ->setArguments([new Reference(HandlerLocator::class), '%message_router.config%'])
@@ -87,6 +94,10 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
                 ->setArguments([new Reference(AdminClient::class)])
                 ->addTag('console.command', ['command' => $command::NAME]);
         }
+        // Its argument, the app's Messenger setup, is filled by MessengerImportPass.
+        $container->register(ImportMessengerCommand::class, ImportMessengerCommand::class)
+            ->setArguments([[], '%kernel.project_dir%'])
+            ->addTag('console.command', ['command' => ImportMessengerCommand::NAME]);
         $container->register(DeliveryController::class, DeliveryController::class)
             ->setArguments([
                 new Reference(HandlerLocator::class),

@@ -240,7 +240,7 @@ HELP);
      * An AMQP transport: the connection, the topology Messenger's auto_setup declares,
      * and one subscription per queue.
      *
-     * @return array{list<string>, list<array{name: string, lines: list<string>}>}
+     * @return array{list<string>, list<array{name: string, lines: list<string>, dead_letter: string}>}
      */
     private function amqp(string $name, string $dsn, array $t): array
     {
@@ -438,7 +438,8 @@ HELP);
     /**
      * A Redis transport (one stream, one group) and its subscription.
      *
-     * @return array{list<string>|null, list<array>|string}
+     * @return array{list<string>|null, list<array{name: string, lines: list<string>, dead_letter: string}>|string}
+     *         the transport block and its subscription, or null and why the router cannot consume it
      */
     private function redis(string $name, string $dsn, array $t): array
     {

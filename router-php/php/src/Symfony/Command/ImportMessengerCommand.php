@@ -42,7 +42,7 @@ final class ImportMessengerCommand extends Command
      * @param array $messenger the app's Messenger setup, as MessengerImportPass collects it ([] without Messenger)
      * @param string $projectDir a relative --output is written here (where bin/console lives)
      */
-    public function __construct(private array $messenger, private string $projectDir)
+    public function __construct(private array $messenger, private string $projectDir, private string $handler = 'messenger')
     {
         parent::__construct(self::NAME);
     }
@@ -52,7 +52,7 @@ final class ImportMessengerCommand extends Command
         $this
             ->setDescription('Write the router.yaml that consumes what the app\'s Symfony Messenger transports consume')
             ->addOption('output', 'o', InputOption::VALUE_REQUIRED, 'The file to write (relative: to the project directory); default: print it')
-            ->addOption('handler', null, InputOption::VALUE_REQUIRED, 'The router handler that is the app\'s Messenger bus', 'messenger')
+            ->addOption('handler', null, InputOption::VALUE_REQUIRED, 'The router handler that is the app\'s Messenger bus (default: message_router.messenger_handler)', $this->handler)
             ->addOption('endpoint', null, InputOption::VALUE_REQUIRED, 'Daemon mode: the URL of the app\'s DeliveryController route, written as that handler\'s endpoint (default: in process)')
             ->addOption('force', 'f', InputOption::VALUE_NONE, 'Overwrite the --output file if it exists')
             ->setHelp(<<<'HELP'

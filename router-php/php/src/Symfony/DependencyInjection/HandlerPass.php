@@ -40,7 +40,9 @@ final class HandlerPass implements CompilerPassInterface
             }
         }
         $messenger = $container->getParameter('message_router.messenger_handler');
-        if (!isset($refs[$messenger]) && $container->has('messenger.routable_message_bus')) {
+        // Messenger with transports to receive from: an app with sync transports
+        // only has nothing for the router to consume (and no default serializer).
+        if (!isset($refs[$messenger]) && $container->has('messenger.routable_message_bus') && $container->findTaggedServiceIds('messenger.receiver') !== []) {
             $refs[$messenger] = new Reference(self::registerMessenger($container));
             $routes[$messenger] = MessengerHandler::class;
         }

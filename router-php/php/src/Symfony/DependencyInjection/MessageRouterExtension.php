@@ -96,7 +96,7 @@ final class MessageRouterExtension extends Extension implements ConfigurationInt
         }
         // Its argument, the app's Messenger setup, is filled by MessengerImportPass.
         $container->register(ImportMessengerCommand::class, ImportMessengerCommand::class)
-            ->setArguments([[], '%kernel.project_dir%'])
+            ->setArguments([[], '%kernel.project_dir%', '%message_router.messenger_handler%'])
             ->addTag('console.command', ['command' => ImportMessengerCommand::NAME]);
         $container->register(DeliveryController::class, DeliveryController::class)
             ->setArguments([

@@ -254,6 +254,20 @@ final class MessengerMigrationTest extends WorkerTestCase
         $this->assertSame(2, $this->deadLetterCount('amqp', $name), 'both failures still dead-lettered');
     }
 
+    /** A stamp header's name, no HTTP token, arrives exactly as the producer wrote it. */
+    public function testAHexEncodedHeaderNameIsDecoded(): void
+    {
+        $stamp = 'X-Message-Stamp-Symfony\\Component\\Messenger\\Stamp\\BusNameStamp';
+        $m = \MessageRouter\Http\Dispatcher::message([
+            'x-message-hex-header-' . bin2hex($stamp) => '[{"busName":"messenger.bus.default"}]',
+            // FastCGI's HTTP_ variables come back in upper case.
+            'x-message-hex-header-' . strtoupper(bin2hex('Content-Type')) => 'application/json',
+            'x-message-header-type' => 'App\\Ping',
+            'x-message-hex-header-zz' => 'not hex: left out',
+        ], '{}');
+        $this->assertEquals([$stamp => '[{"busName":"messenger.bus.default"}]', 'Content-Type' => 'application/json', 'type' => 'App\\Ping'], $m->headers());
+    }
+
     public static function daemonTargets(): array
     {
         return [

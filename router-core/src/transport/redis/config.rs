@@ -181,6 +181,20 @@ routes:
     }
 
     #[test]
+    fn a_messenger_envelope_reads_messengers_field_unless_told_otherwise() {
+        let messenger = REDIS.replace("claim_idle: 30s", "claim_idle: 30s, envelope: messenger");
+        let c = parse(&messenger, "router.yaml", &env).expect("valid");
+        assert_eq!(c.subscriptions["orders"].envelope, Some(crate::config::Envelope::Messenger));
+        assert_eq!(c.subscriptions["orders"].source.redis().expect("redis").body_field, "message");
+        let own = messenger.replace("envelope: messenger", "envelope: messenger, body_field: payload");
+        let c = parse(&own, "router.yaml", &env).expect("valid");
+        assert_eq!(c.subscriptions["orders"].source.redis().expect("redis").body_field, "payload");
+        let bad = REDIS.replace("claim_idle: 30s", "claim_idle: 30s, envelope: symfony");
+        let got = errors(&bad);
+        assert!(got.contains("subscriptions.orders.envelope: unknown variant `symfony`, expected `messenger`"), "{got}");
+    }
+
+    #[test]
     fn redis_mistakes_name_their_key() {
         let cases = [
             (REDIS.replace("streams: [orders, refunds], ", "queue: orders, "), &[

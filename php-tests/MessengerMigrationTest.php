@@ -191,6 +191,32 @@ final class MessengerMigrationTest extends WorkerTestCase
         $this->assertDrained($kind, $name);
     }
 
+    /**
+     * The config `message-router:import-messenger` writes from the app's Messenger
+     * setup consumes the app's queue or stream as it is: the handled message acked,
+     * the unrecoverable one dead-lettered, after the retry policy it carried over.
+     *
+     * @dataProvider kinds
+     */
+    public function testTheImportedConfigConsumesTheAppsTransport(string $kind): void
+    {
+        $name = self::unique("php-mm-import-$kind");
+        $env = $this->app($kind, 'php', $name);
+        unlink("$this->dir/router.yaml");
+        $this->runScript($env, 'console', 'message-router:import-messenger', "--output=$this->dir/router.yaml");
+        $yaml = (string) file_get_contents("$this->dir/router.yaml");
+        $this->assertStringContainsString('envelope: messenger', $yaml);
+        $this->assertStringContainsString('max_attempts: 4', $yaml, "the app's retry_strategy (max_retries 3)");
+
+        $this->dispatch($env, [['type' => 'Ping', 'id' => 'p-1'], ['type' => 'Flaky', 'id' => 'f-1'], ['type' => 'Poison', 'id' => 'x-1']]);
+        $worker = $this->consume($env, 'consume', '--time-limit=60');
+        $this->waitFor('handled and dead-lettered', 30, fn () => isset($this->handled()['flaky f-1'], $this->handled()['ping p-1']) && $this->deadLetterCount($kind, $name) === 1);
+        proc_terminate($worker, SIGTERM);
+        $this->waitFor('the worker to stop', 20, fn () => !proc_get_status($worker)['running']);
+        $this->assertEquals(['ping p-1' => 1, 'flaky-failed f-1' => 2, 'flaky f-1' => 1, 'poison-failed x-1' => 1], array_intersect_key($this->handled(), ['ping p-1' => 0, 'flaky-failed f-1' => 0, 'flaky f-1' => 0, 'poison-failed x-1' => 0]));
+        $this->assertDrained($kind, $name);
+    }
+
     public static function kinds(): array
     {
         return ['amqp' => ['amqp'], 'redis' => ['redis']];

@@ -191,7 +191,10 @@ routes:
         assert_eq!(c.subscriptions["orders"].source.redis().expect("redis").body_field, "payload");
         let bad = REDIS.replace("claim_idle: 30s", "claim_idle: 30s, envelope: symfony");
         let got = errors(&bad);
-        assert!(got.contains("subscriptions.orders.envelope: unknown variant `symfony`, expected `messenger`"), "{got}");
+        assert!(
+            got.contains("subscriptions.orders.envelope: unknown variant `symfony`, expected `messenger`"),
+            "{got}"
+        );
     }
 
     #[test]

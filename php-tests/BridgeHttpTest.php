@@ -161,7 +161,6 @@ YAML);
 
     public function testTheHandlerClassGivesTheSameOutcomesBehindPhpFpmOverFastCgi(): void
     {
-        $fpm = is_executable('/usr/sbin/php-fpm8.2') ? '/usr/sbin/php-fpm8.2' : 'php-fpm8.2';
         $queue = self::unique('php-fcgi');
         $log = "$this->dir/handler.log";
         touch($log);
@@ -170,28 +169,11 @@ YAML);
         $handlers = __DIR__ . '/handlers/routes.php';
         $secret = self::SECRET;
         // php-fpm -n: no php.ini, so no extension (the polyfill serves, as under php -n -S).
-        file_put_contents("$this->dir/fpm.conf", <<<INI
-[global]
-pid = $this->dir/fpm.pid
-error_log = $this->dir/fpm.log
-daemonize = no
-[bridge]
-listen = 127.0.0.1:$port
-pm = static
-pm.max_children = 4
-clear_env = no
-env[MESSAGE_ROUTER_HANDLERS] = $handlers
-env[MESSAGE_ROUTER_SIGNING_SECRET] = $secret
-env[HANDLER_LOG] = $log
-INI);
-        $cmd = [$fpm, '-n', '-F', '-y', "$this->dir/fpm.conf"];
-        if (posix_getuid() === 0) {
-            $cmd[] = '-R';
-        }
-        // Its own environment: no PHP_INI_SCAN_DIR of php-tests/run (the extension).
-        $p = proc_open($cmd, [0 => ['file', '/dev/null', 'r'], 1 => ['file', "$this->dir/fpm.out", 'a'], 2 => ['file', "$this->dir/fpm.err", 'a']], $pipes, null, ['PATH' => getenv('PATH')]);
-        $this->servers[$port] = $p;
-        $this->waitFor('php-fpm to listen', 15, fn () => @fsockopen('127.0.0.1', $port) !== false);
+        $this->servers[$port] = $this->startFpm($port, 4, [
+            'MESSAGE_ROUTER_HANDLERS' => $handlers,
+            'MESSAGE_ROUTER_SIGNING_SECRET' => $secret,
+            'HANDLER_LOG' => $log,
+        ], noIni: true);
         $this->sameOutcomesThrough(
             $queue,
             $log,

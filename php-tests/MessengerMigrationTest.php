@@ -316,7 +316,11 @@ final class MessengerMigrationTest extends WorkerTestCase
             ? ['endpoints' => ["http://127.0.0.1:$port/_message-router"]]
             : ['type' => 'fastcgi', 'endpoints' => ["tcp://127.0.0.1:$port"], 'script_filename' => realpath(self::APP . '/public/index.php'), 'request_uri' => '/_message-router', 'max_connections' => 2];
         $env = $this->app($kind, $serializer, $name, $handler);
-        $target === 'http' ? $this->startPhpServer($env, $port) : $this->startFpm($env, $port);
+        if ($target === 'http') {
+            $this->startPhpServer($env, $port);
+        } else {
+            $this->servers[] = $this->startFpm($port, 2, $env);
+        }
         $pings = array_map(fn ($i) => ['type' => 'Ping', 'id' => "d-$i"], range(1, 10));
         $this->dispatch($env, [...$pings, ['type' => 'Flaky', 'id' => 'f-1'], ['type' => 'Poison', 'id' => 'x-1']]);
 
@@ -361,30 +365,5 @@ final class MessengerMigrationTest extends WorkerTestCase
         );
         $this->servers[] = $p;
         $this->waitFor('php -S to listen', 10, fn () => @fsockopen('127.0.0.1', $port) !== false);
-    }
-
-    /** PHP-FPM serving the app, its environment passed to the workers. */
-    private function startFpm(array $env, int $port): void
-    {
-        $fpm = is_executable('/usr/sbin/php-fpm8.2') ? '/usr/sbin/php-fpm8.2' : 'php-fpm8.2';
-        $vars = implode("\n", array_map(fn ($k, $v) => "env[$k] = $v", array_keys($env), $env));
-        file_put_contents("$this->dir/fpm.conf", <<<INI
-[global]
-pid = $this->dir/fpm.pid
-error_log = $this->dir/fpm.log
-daemonize = no
-[app]
-listen = 127.0.0.1:$port
-pm = static
-pm.max_children = 2
-clear_env = yes
-$vars
-INI);
-        $cmd = [$fpm, '-F', '-y', "$this->dir/fpm.conf"];
-        if (posix_getuid() === 0) {
-            $cmd[] = '-R';
-        }
-        $this->servers[] = proc_open($cmd, [0 => ['file', '/dev/null', 'r'], 1 => ['file', "$this->dir/fpm.out", 'a'], 2 => ['file', "$this->dir/fpm.err", 'a']], $pipes, null, ['PATH' => (string) getenv('PATH')]);
-        $this->waitFor('php-fpm to listen', 15, fn () => @fsockopen('127.0.0.1', $port) !== false);
     }
 }

@@ -58,6 +58,42 @@ abstract class WorkerTestCase extends TestCase
         proc_close($proc);
     }
 
+    /**
+     * Debian's PHP-FPM on 127.0.0.1:`$port` with a static pool of `$children`, its
+     * workers given `$env` and nothing else of this environment (no PHP_INI_SCAN_DIR
+     * of php-tests/run: no extension); `$noIni`: no php.ini either. Returns the master
+     * process once it listens.
+     *
+     * @param array<string, string> $env
+     * @return resource
+     */
+    protected function startFpm(int $port, int $children, array $env, bool $noIni = false)
+    {
+        $fpm = is_executable('/usr/sbin/php-fpm8.2') ? '/usr/sbin/php-fpm8.2' : 'php-fpm8.2';
+        $vars = implode("\n", array_map(fn ($k, $v) => "env[$k] = $v", array_keys($env), $env));
+        file_put_contents("$this->dir/fpm-$port.conf", <<<INI
+[global]
+pid = $this->dir/fpm-$port.pid
+error_log = $this->dir/fpm-$port.log
+daemonize = no
+[pool]
+listen = 127.0.0.1:$port
+pm = static
+pm.max_children = $children
+clear_env = yes
+$vars
+INI);
+        $cmd = [$fpm, ...($noIni ? ['-n'] : []), '-F', '-y', "$this->dir/fpm-$port.conf"];
+        if (posix_getuid() === 0) {
+            $cmd[] = '-R';
+        }
+        $out = ['file', "$this->dir/fpm-$port.out", 'a'];
+        $p = proc_open($cmd, [0 => ['file', '/dev/null', 'r'], 1 => $out, 2 => $out], $pipes, null, ['PATH' => (string) getenv('PATH')]);
+        $this->assertIsResource($p, 'php-fpm started');
+        $this->waitFor('php-fpm to listen', 15, fn () => @fsockopen('127.0.0.1', $port) !== false);
+        return $p;
+    }
+
     protected static function unique(string $prefix): string
     {
         return $prefix . '-' . bin2hex(random_bytes(5));

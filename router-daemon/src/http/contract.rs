@@ -76,16 +76,17 @@ pub fn request_headers(d: &DeliveryInfo<'_>, secrets: &[Vec<u8>]) -> Result<Head
         if (lower == "traceparent" && d.traceparent.is_none()) || lower == "tracestate" {
             put(&lower, v)?;
         }
-        if HeaderName::from_bytes(lower.as_bytes()).is_err() {
+        let plain = format!("{MESSAGE_HEADER_PREFIX}{lower}");
+        if HeaderName::from_bytes(plain.as_bytes()).is_err() {
             put(&format!("{MESSAGE_HEX_HEADER_PREFIX}{}", hex::encode(k)), v)?;
         } else if lower.starts_with("x-router-") {
             // The router's own bookkeeping from an earlier attempt (a retry copy's
             // last error may hold a handler's multi-line answer): informative, never
             // a reason to refuse the message. Control characters become spaces.
             let clean: String = v.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-            put(&format!("{MESSAGE_HEADER_PREFIX}{lower}"), &clean)?;
+            put(&plain, &clean)?;
         } else {
-            put(&format!("{MESSAGE_HEADER_PREFIX}{lower}"), v)?;
+            put(&plain, v)?;
         }
     }
     if !secrets.is_empty() {

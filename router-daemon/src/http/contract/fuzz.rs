@@ -19,7 +19,7 @@ use router_core::fuzz_support::run;
 use router_core::message::header;
 use router_core::{DeliveryInfo, Message, Outcome};
 
-use super::{outcome, parse_retry_after, request_headers, MESSAGE_HEADER_PREFIX};
+use super::{outcome, parse_retry_after, request_headers, MESSAGE_HEADER_PREFIX, MESSAGE_HEX_HEADER_PREFIX};
 
 /// Text that is sometimes not sendable: control characters, DEL, very long.
 fn text() -> BoxedStrategy<String> {
@@ -78,6 +78,8 @@ fn header_name() -> BoxedStrategy<String> {
         1 => select(&["traceparent", "TraceState", "content-type", "ce-id", ""][..]).prop_map(str::to_string),
         1 => any::<String>(),
         1 => "[a-z]{1,4}[ :()\"\u{0}\n][a-z]{0,4}",
+        // Symfony Messenger's stamp headers: a class name in the header name.
+        1 => "X-Message-Stamp-[A-Z][a-z]{1,6}(\\\\[A-Z][a-z]{1,6}){1,3}",
         1 => (65_530usize..65_540).prop_map(|n| "n".repeat(n)),
     ]
     .boxed()
@@ -164,9 +166,20 @@ fn attempted(c: &Case) -> Vec<(String, String)> {
         if lower == "traceparent" || lower == "tracestate" {
             out.push((lower.clone(), v.clone()));
         }
-        out.push((format!("{MESSAGE_HEADER_PREFIX}{lower}"), v.clone()));
+        out.push((http_name(k), v.clone()));
     }
     out
+}
+
+/// The HTTP header a message header travels as: its lower-cased name after the prefix
+/// when that is an HTTP token, else its bytes in hex after the hex prefix.
+fn http_name(k: &str) -> String {
+    let plain = format!("{MESSAGE_HEADER_PREFIX}{}", k.to_ascii_lowercase());
+    if HeaderName::from_bytes(plain.as_bytes()).is_ok() {
+        plain
+    } else {
+        format!("{MESSAGE_HEX_HEADER_PREFIX}{}", hex::encode(k))
+    }
 }
 
 fn check(c: &Case) -> TestCaseResult {
@@ -190,7 +203,7 @@ fn check(c: &Case) -> TestCaseResult {
             prop_assert_eq!(h.get("x-router-attempt").map(HeaderValue::as_bytes), Some(attempt.as_bytes()));
             prop_assert_eq!(h.contains_key("x-router-signature"), c.secret.is_some());
             for k in c.message.headers.keys() {
-                let name = format!("{MESSAGE_HEADER_PREFIX}{}", k.to_ascii_lowercase());
+                let name = http_name(k);
                 prop_assert!(h.contains_key(name.as_str()), "{} missing", name);
             }
         }

@@ -26,6 +26,7 @@ pub mod admin;
 pub mod brokers;
 pub mod fpm;
 pub mod grpc;
+pub mod metrics;
 pub mod netfault;
 pub mod otlp;
 pub mod webdriver;

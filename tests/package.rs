@@ -119,7 +119,7 @@ async fn the_debian_package_installs_runs_reloads_and_purges() {
     assert_eq!(ids.len(), 3, "each once: {ids:?}");
 
     let reload = keys["ExecReload"].replace("$MAINPID", &service.pid().to_string());
-    run(&mut Command::new("sh").arg("-c").arg(&reload));
+    run(Command::new("sh").arg("-c").arg(&reload));
     let service_log = || std::fs::read_to_string(dir.path("service.log")).unwrap_or_default();
     wait_for("the reload logged", Duration::from_secs(10), || async {
         service_log().contains("reload: the file is unchanged")

@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
+use e2e::metrics::{exported, metric_names};
 use e2e::*;
 use serde_json::Value;
 
@@ -21,29 +21,6 @@ fn promtool(args: &[&str], dir: &Path) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
     text
-}
-
-/// Every `router_*` name in `text`.
-fn metric_names(text: &str) -> BTreeSet<String> {
-    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|t| t.starts_with("router_"))
-        .map(str::to_string)
-        .collect()
-}
-
-/// What the daemon registers: the core's metrics and those of its targets.
-fn exported() -> BTreeSet<String> {
-    let yaml = r#"
-transports: { rabbit: { type: amqp, url: "amqp://127.0.0.1:5672/%2f" } }
-handlers: { php: { endpoints: ["http://127.0.0.1:8080/"] } }
-subscriptions: { orders: { transport: rabbit, queue: orders } }
-routes: [ { name: all, handler: php } ]
-"#;
-    let config = router_core::config::parse(yaml, "monitoring.yaml", &|_| None).expect("config");
-    let metrics = Arc::new(router_core::Metrics::new().expect("metrics"));
-    router_daemon::targets::build(&config, &metrics).expect("targets");
-    router_daemon::reload::register(&metrics).expect("reload metrics");
-    metrics.names().into_iter().collect()
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The metric names the daemon exports, and the `router_*` names a text mentions: what
-//! `tests/deploy.rs` checks the manifests and ScaledObjects against (`tests/monitoring.rs`
-//! holds its own copy of the same two helpers for the dashboard and alert rules).
+//! `tests/monitoring.rs` checks the dashboard and alert rules against, and
+//! `tests/deploy.rs` the manifests and ScaledObjects.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -47,19 +47,7 @@ $amqpUrl = getenv('AMQP_URL') ?: 'amqp://guest:guest@127.0.0.1:5672/%2f';
 $redisHost = '127.0.0.1';
 $redisPort = 6379;
 
-function amqp(): AMQPChannel
-{
-    static $c, $ch;
-    if (!$c) {
-        $c = new AMQPConnection(['host' => '127.0.0.1', 'login' => 'guest', 'password' => 'guest']);
-        $c->connect();
-    }
-    // A delete of something missing closes the channel: open another.
-    if (!$ch || !$ch->isConnected()) {
-        $ch = new AMQPChannel($c);
-    }
-    return $ch;
-}
+require_once __DIR__ . '/amqp.php';
 
 function redis(): Redis
 {

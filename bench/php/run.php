@@ -29,19 +29,7 @@ function sh(array $cmd): void
     }
 }
 
-function amqp(): AMQPChannel
-{
-    static $c, $ch;
-    if (!$c) {
-        $c = new AMQPConnection(['host' => '127.0.0.1', 'login' => 'guest', 'password' => 'guest']);
-        $c->connect();
-    }
-    // A delete of something missing closes the channel: open another.
-    if (!$ch || !$ch->isConnected()) {
-        $ch = new AMQPChannel($c);
-    }
-    return $ch;
-}
+require_once __DIR__ . '/amqp.php';
 
 function fill_amqp(string $q, int $n): void
 {
